@@ -1,0 +1,271 @@
+# Datasets in EDM's archive format: a folder or uncompressed zip of PNGs (or other images that
+# Pillow reads) plus an optional dataset.json with {"labels": [[name, label], ...]}.
+# Errors about the data are raised as IOError so that programs can report them in one line.
+
+import os
+import json
+import zipfile
+import numpy as np
+import PIL.Image
+import torch
+import dnnlib
+
+try:
+    import pyspng # optional: faster PNG decoding
+except ImportError:
+    pyspng = None
+
+#----------------------------------------------------------------------------
+# Abstract base class: index bookkeeping (max_size, x-flip), labels and caching.
+# Subclasses provide _load_raw_image(raw_idx) and _load_raw_labels().
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self,
+        name,                   # Name of the dataset.
+        raw_shape,              # Shape of the raw image data (NCHW).
+        max_size    = None,     # Artificially limit the size of the dataset. None = no limit.
+        use_labels  = False,    # Enable conditioning labels? False = label dimension is zero.
+        xflip       = False,    # Artificially double the size of the dataset via x-flips.
+        random_seed = 0,        # Random seed to use when applying max_size.
+        cache       = False,    # Cache images in CPU memory?
+    ):
+        self._name = name
+        self._raw_shape = list(raw_shape)
+        self._use_labels = use_labels
+        self._cache = cache
+        self._cached_images = dict() # {raw_idx: np.ndarray, ...}
+        self._raw_labels = None
+        self._label_shape = None
+
+        # Apply max_size: a random subset chosen by random_seed, kept in the original order.
+        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
+        if (max_size is not None) and (self._raw_idx.size > max_size):
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
+            self._raw_idx = np.sort(self._raw_idx[:max_size])
+
+        # Apply xflip: every image appears twice, the second time mirrored.
+        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
+        if xflip:
+            self._raw_idx = np.tile(self._raw_idx, 2)
+            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+    def _get_raw_labels(self):
+        if self._raw_labels is None:
+            self._raw_labels = self._load_raw_labels() if self._use_labels else None
+            if self._raw_labels is None:
+                self._raw_labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
+            assert isinstance(self._raw_labels, np.ndarray)
+            assert self._raw_labels.shape[0] == self._raw_shape[0]
+            assert self._raw_labels.dtype in [np.float32, np.int64]
+        return self._raw_labels
+
+    def close(self): # to be overridden by subclass
+        pass
+
+    def _load_raw_image(self, raw_idx): # to be overridden by subclass
+        raise NotImplementedError
+
+    def _load_raw_labels(self): # to be overridden by subclass
+        raise NotImplementedError
+
+    def __getstate__(self):
+        return dict(self.__dict__, _raw_labels=None)
+
+    def __del__(self):
+        try:
+            self.close()
+        except:
+            pass
+
+    def __len__(self):
+        return self._raw_idx.size
+
+    def __getitem__(self, idx):
+        raw_idx = self._raw_idx[idx]
+        image = self._cached_images.get(raw_idx, None)
+        if image is None:
+            image = self._load_raw_image(raw_idx)
+            if self._cache:
+                self._cached_images[raw_idx] = image
+        assert isinstance(image, np.ndarray) and image.dtype == np.uint8
+        if self._xflip[idx]:
+            image = image[:, :, ::-1]
+        return image.copy(), self.get_label(idx)
+
+    def get_label(self, idx):
+        label = self._get_raw_labels()[self._raw_idx[idx]]
+        if label.dtype == np.int64:
+            onehot = np.zeros(self.label_shape, dtype=np.float32)
+            onehot[label] = 1
+            label = onehot
+        return label.copy()
+
+    def get_details(self, idx):
+        d = dnnlib.EasyDict()
+        d.raw_idx = int(self._raw_idx[idx])
+        d.xflip = (int(self._xflip[idx]) != 0)
+        d.raw_label = self._get_raw_labels()[d.raw_idx].copy()
+        return d
+
+    @property
+    def name(self):
+        return self._name
+
+    @property
+    def image_shape(self): # [CHW]
+        return list(self._raw_shape[1:])
+
+    @property
+    def num_channels(self):
+        assert len(self.image_shape) == 3 # CHW
+        return self.image_shape[0]
+
+    @property
+    def resolution(self):
+        assert len(self.image_shape) == 3 # CHW
+        assert self.image_shape[1] == self.image_shape[2]
+        return self.image_shape[1]
+
+    @property
+    def label_shape(self):
+        if self._label_shape is None:
+            raw_labels = self._get_raw_labels()
+            if raw_labels.dtype == np.int64:
+                self._label_shape = [int(np.max(raw_labels)) + 1]
+            else:
+                self._label_shape = raw_labels.shape[1:]
+        return list(self._label_shape)
+
+    @property
+    def label_dim(self):
+        assert len(self.label_shape) == 1
+        return self.label_shape[0]
+
+    @property
+    def has_labels(self):
+        return any(x != 0 for x in self.label_shape)
+
+    @property
+    def has_onehot_labels(self):
+        return self._get_raw_labels().dtype == np.int64
+
+#----------------------------------------------------------------------------
+# Dataset subclass that loads images recursively from the specified directory or zip file.
+
+class ImageFolderDataset(Dataset):
+    def __init__(self,
+        path,                   # Path to directory or zip.
+        resolution      = None, # Ensure specific resolution, None = anything goes.
+        use_pyspng      = True, # Use pyspng if available?
+        **super_kwargs,         # Additional arguments for the Dataset base class.
+    ):
+        self._path = path
+        self._use_pyspng = use_pyspng
+        self._zipfile = None
+        self._zipfile_pid = None
+
+        if os.path.isdir(self._path):
+            self._type = 'dir'
+            self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=self._path).replace('\\', '/')
+                for root, _dirs, files in os.walk(self._path) for fname in files}
+        elif os.path.isfile(self._path) and self._file_ext(self._path) == '.zip':
+            self._type = 'zip'
+            self._all_fnames = set(self._get_zipfile().namelist())
+        elif os.path.exists(self._path):
+            raise IOError(f'{self._path}: not a directory or a .zip file; make one with dataset_tool.py')
+        else:
+            raise IOError(f'{self._path}: no such directory or zip file')
+
+        PIL.Image.init()
+        self._image_fnames = sorted(fname for fname in self._all_fnames if self._file_ext(fname) in PIL.Image.EXTENSION)
+        if len(self._image_fnames) == 0:
+            raise IOError(f'{self._path}: no image files found')
+
+        name = os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
+        self._image_shape = list(self._load_raw_image(0).shape)
+        raw_shape = [len(self._image_fnames)] + self._image_shape
+        if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
+            raise IOError(f'{self._path}: images are {raw_shape[3]}x{raw_shape[2]}, expected {resolution}x{resolution}')
+        super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
+        if self._use_labels:
+            self._get_raw_labels() # fail now, not in a DataLoader worker, when dataset.json is broken
+
+    @staticmethod
+    def _file_ext(fname):
+        return os.path.splitext(fname)[1].lower()
+
+    def _get_zipfile(self):
+        assert self._type == 'zip'
+        # Reopen in a forked worker: a handle shared between processes would interleave seeks.
+        if self._zipfile is None or self._zipfile_pid != os.getpid():
+            try:
+                self._zipfile = zipfile.ZipFile(self._path)
+            except zipfile.BadZipFile as err:
+                raise IOError(f'{self._path}: not a valid zip file ({err})') from err
+            self._zipfile_pid = os.getpid()
+        return self._zipfile
+
+    def _open_file(self, fname):
+        if self._type == 'dir':
+            return open(os.path.join(self._path, fname), 'rb')
+        if self._type == 'zip':
+            return self._get_zipfile().open(fname, 'r')
+        return None
+
+    def close(self):
+        try:
+            if self._zipfile is not None and self._zipfile_pid == os.getpid():
+                self._zipfile.close()
+        finally:
+            self._zipfile = None
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)
+
+    def _load_raw_image(self, raw_idx):
+        fname = self._image_fnames[raw_idx]
+        try:
+            with self._open_file(fname) as f:
+                if self._use_pyspng and pyspng is not None and self._file_ext(fname) == '.png':
+                    image = pyspng.load(f.read())
+                else:
+                    image = np.array(PIL.Image.open(f))
+        except Exception as err:
+            raise IOError(f'{self._path}: cannot decode image {fname} ({err})') from err
+        if image.ndim == 2:
+            image = image[:, :, np.newaxis] # HW => HWC
+        image = image.transpose(2, 0, 1) # HWC => CHW
+        if image.dtype != np.uint8:
+            raise IOError(f'{self._path}: image {fname} has {image.dtype} pixels, expected 8-bit; convert it with dataset_tool.py')
+        if hasattr(self, '_image_shape') and list(image.shape) != self._image_shape:
+            c, h, w = image.shape
+            ec, eh, ew = self._image_shape
+            raise IOError(f'{self._path}: image {fname} is {w}x{h}x{c}, other images are {ew}x{eh}x{ec}; '
+                f'make all images the same size with dataset_tool.py --resolution')
+        return image
+
+    def _load_raw_labels(self):
+        fname = 'dataset.json'
+        if fname not in self._all_fnames:
+            return None
+        try:
+            with self._open_file(fname) as f:
+                labels = json.load(f)['labels']
+        except Exception as err:
+            raise IOError(f'{self._path}: cannot read labels from {fname} ({err})') from err
+        if labels is None:
+            return None
+        labels = dict(labels)
+        missing = [name for name in self._image_fnames if name not in labels]
+        if missing:
+            raise IOError(f'{self._path}: {fname} has no label for {missing[0]} ({len(missing)} images without labels)')
+        labels = np.array([labels[name] for name in self._image_fnames])
+        if labels.ndim == 1:
+            if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+                raise IOError(f'{self._path}: {fname} labels must be non-negative integers or equal-length lists of numbers')
+            return labels.astype(np.int64)
+        if labels.ndim == 2 and np.issubdtype(labels.dtype, np.number):
+            return labels.astype(np.float32)
+        raise IOError(f'{self._path}: {fname} labels must be non-negative integers or equal-length lists of numbers')
+
+#----------------------------------------------------------------------------
