@@ -1,0 +1,136 @@
+"""AOT noise pairing (training/aot.py): reference pairings and optimality."""
+
+import importlib.util
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from training import aot
+
+GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'aot')
+HAVE_LAP = importlib.util.find_spec('lap') is not None
+
+def load_case(name):
+    data = np.load(os.path.join(GOLDEN, f'{name}.npz'), allow_pickle=False)
+    labels = torch.from_numpy(data['labels']) if 'labels' in data else None
+    return torch.from_numpy(data['images']), torch.from_numpy(data['noise']), labels, data['perm']
+
+def large_case():
+    with open(os.path.join(GOLDEN, 'large_512_seeded.json')) as f:
+        meta = json.load(f)
+    images = torch.rand([512, 3, 32, 32], generator=torch.Generator().manual_seed(meta['recipe']['seeds']['images'])) * 2 - 1
+    noise = torch.randn([512, 3, 32, 32], generator=torch.Generator().manual_seed(meta['recipe']['seeds']['noise']))
+    perm = np.load(os.path.join(GOLDEN, 'large_512_seeded.npz'), allow_pickle=False)['perm']
+    return images, noise, perm, meta
+
+def random_pool(num, classes=None, seed=0, shape=(3, 4, 4)):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand([num, *shape], generator=gen) * 2 - 1
+    noise = torch.randn([num, *shape], generator=gen)
+    labels = None if classes is None else torch.randint(classes, [num], generator=gen)
+    return images, noise, labels
+
+def solvers():
+    return ['scipy', pytest.param('lap', marks=pytest.mark.skipif(not HAVE_LAP, reason='lap not installed (pip install lap)'))]
+
+#----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('solver', solvers())
+@pytest.mark.parametrize('case', ['uncond_32', 'cond_32'])
+def test_golden_small(case, solver):
+    images, noise, labels, perm = load_case(case)
+    idx = aot.assign(images, noise, labels, solver=solver)
+    assert idx.dtype == torch.long
+    np.testing.assert_array_equal(idx.numpy(), perm)
+    with open(os.path.join(GOLDEN, 'README.json')) as f:
+        ref = json.load(f)['cases'][case]
+    np.testing.assert_allclose(aot.pairing_cost(images, noise, idx), ref['cost_assignment'], rtol=1e-9)
+    np.testing.assert_allclose(aot.pairing_cost(images, noise), ref['cost_identity'], rtol=1e-9)
+
+@pytest.mark.parametrize('solver', solvers())
+def test_golden_large(solver):
+    images, noise, perm, meta = large_case()
+    idx = aot.assign(images, noise, solver=solver)
+    np.testing.assert_array_equal(idx.numpy(), perm)
+    np.testing.assert_allclose(aot.pairing_cost(images, noise, idx), meta['cost_assignment'], rtol=1e-9)
+    np.testing.assert_allclose(aot.pairing_cost(images, noise), meta['cost_identity'], rtol=1e-9)
+
+def test_cond_golden_classes():
+    # The golden case has an empty class and a single-member class; the single member keeps its own noise.
+    images, noise, labels, perm = load_case('cond_32')
+    classes = labels.argmax(1)
+    counts = torch.bincount(classes, minlength=labels.shape[1])
+    assert 0 in counts.tolist() and 1 in counts.tolist()
+    idx = aot.assign(images, noise, labels)
+    single = torch.nonzero(counts[classes] == 1).flatten()
+    assert (idx[single] == single).all()
+    # Integer class indices give the same pairing as one-hot labels.
+    assert (aot.assign(images, noise, classes) == idx).all()
+
+#----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('classes', [None, 3])
+def test_permutation_and_cost(classes):
+    images, noise, labels = random_pool(64, classes, seed=1)
+    idx = aot.assign(images, noise, labels)
+    assert sorted(idx.tolist()) == list(range(64))
+    assert aot.pairing_cost(images, noise, idx) <= aot.pairing_cost(images, noise)
+    # A real improvement on a random pool, not just the identity.
+    assert (idx != torch.arange(64)).any()
+
+def test_classwise_never_crosses_and_equals_per_class_solution():
+    images, noise, labels = random_pool(60, classes=4, seed=2)
+    idx = aot.assign(images, noise, torch.nn.functional.one_hot(labels, 4).float())
+    assert (labels[idx] == labels).all()
+    for c in range(4):
+        members = torch.nonzero(labels == c).flatten()
+        alone = aot.assign(images[members], noise[members])
+        assert (idx[members] == members[alone]).all()
+
+@pytest.mark.parametrize('seed', range(8))
+def test_brute_force_optimum(seed):
+    num = 6
+    images, noise, _ = random_pool(num, seed=100 + seed, shape=(2,))
+    dist = torch.cdist(images.double(), noise.double())
+    best = min(sum(dist[i, p[i]].item() for i in range(num)) for p in itertools.permutations(range(num)))
+    idx = aot.assign(images, noise)
+    np.testing.assert_allclose(aot.pairing_cost(images, noise, idx), best, rtol=1e-6)
+
+@pytest.mark.skipif(not HAVE_LAP, reason='lap not installed (pip install lap)')
+@pytest.mark.parametrize('classes', [None, 5])
+def test_solvers_agree(classes):
+    images, noise, labels = random_pool(200, classes, seed=3, shape=(3, 8, 8))
+    assert (aot.assign(images, noise, labels, solver='scipy') == aot.assign(images, noise, labels, solver='lap')).all()
+
+def test_missing_lap_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(__import__('sys').modules, 'lap', None) # makes `import lap` raise ImportError
+    images, noise, _ = random_pool(4)
+    with pytest.raises(ImportError, match='pip install'):
+        aot.assign(images, noise, solver='lap')
+
+def test_empty_label_vector_means_unconditional():
+    images, noise, _ = random_pool(16, seed=4)
+    assert (aot.assign(images, noise, torch.zeros([16, 0])) == aot.assign(images, noise)).all()
+
+def test_bad_inputs():
+    images, noise, labels = random_pool(8, classes=2)
+    with pytest.raises(ValueError, match='same shape'):
+        aot.assign(images, noise[:7])
+    with pytest.raises(ValueError, match='same shape'):
+        aot.assign(images, noise[:, :2])
+    with pytest.raises(ValueError, match='one label per image'):
+        aot.assign(images, noise, labels[:7])
+    with pytest.raises(ValueError, match='integer class indices'):
+        aot.assign(images, noise, labels.float())
+    with pytest.raises(ValueError, match='one-hot'):
+        aot.assign(images, noise, torch.zeros([8, 2, 1]))
+    with pytest.raises(ValueError, match='Unknown AOT solver'):
+        aot.assign(images, noise, solver='hungarian')
+    with pytest.raises(TypeError):
+        aot.assign(images.numpy(), noise)
+
+#----------------------------------------------------------------------------
