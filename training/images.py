@@ -1,0 +1,34 @@
+"""Turning network outputs into image files: uint8 conversion, grids, atomic PNG writes."""
+
+import os
+import numpy as np
+import PIL.Image
+import torch
+
+def to_uint8(images):
+    """[-1, 1] float NCHW tensor -> uint8 NHWC numpy array, rounded exactly as EDM's generate.py."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+def save_png(image, path):
+    """Write one HWC uint8 image; a temporary name until complete so no partial PNG is left behind."""
+    image = image[:, :, 0] if image.shape[2] == 1 else image
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        PIL.Image.fromarray(image, 'L' if image.ndim == 2 else 'RGB').save(tmp, format='png')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def make_grid(images, cols=None):
+    """Tile NHWC uint8 images into one HWC image, as square as possible unless cols is given."""
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
+    for i, img in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
+    return grid
+
+def save_image_grid(images, path, cols=None):
+    save_png(make_grid(images, cols), path)

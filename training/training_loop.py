@@ -1,0 +1,312 @@
+"""Main training loop: EDM's, with noise paired to images by AOT pools, exact resume and
+snapshots in both EDM's pickle format and the safe format."""
+
+import copy
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils import training_stats
+from training import network_io
+from training import sampling
+from training.images import save_image_grid, to_uint8
+from training.pools import PoolStream, iterate_slices
+
+STATE_FORMAT = 'edm-aot-training-state/1'
+
+#----------------------------------------------------------------------------
+
+def _atomic_write(path, write):
+    """Run write(file) on a temporary name and rename it into place only when complete."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def _rng_state(device):
+    state = dict(cpu=torch.get_rng_state())
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state['cpu'])
+    if device.type == 'cuda' and 'cuda' in state:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+def _gather_objects(obj):
+    if dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+@torch.no_grad()
+def save_sample_grid(net, path, num_images=64, num_steps=18, device=torch.device('cpu')):
+    """A grid of EMA samples from fixed seeds, so successive snapshots can be compared by eye.
+    Uses its own generators: the trainer's RNG stream is left untouched."""
+    seeds = list(range(num_images))
+    rnd = sampling.StackedRandomGenerator(device, seeds)
+    latents, class_labels = sampling.latents_and_labels(net, seeds, device=device)
+    images = sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
+    save_image_grid(to_uint8(images), path)
+
+def load_training_state(path):
+    """Our own state dumps hold only tensors and plain values and load without running code;
+    EDM's hold the pickled network and need weights_only=False (a notice is printed)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        dist.print0(f'Loading EDM training state {path}: it contains pickled code; load only files you trust.')
+        return torch.load(path, map_location='cpu', weights_only=False)
+
+#----------------------------------------------------------------------------
+
+def training_loop(
+    run_dir             = '.',      # Output directory.
+    dataset_kwargs      = {},       # Options for training set.
+    data_loader_kwargs  = {},       # Options for torch.utils.data.DataLoader.
+    network_kwargs      = {},       # Options for model and preconditioning.
+    loss_kwargs         = {},       # Options for loss function.
+    optimizer_kwargs    = {},       # Options for optimizer.
+    augment_kwargs      = None,     # Options for augmentation pipeline, None = disable.
+    seed                = 0,        # Global random seed.
+    batch_size          = 512,      # Total batch size for one training iteration.
+    batch_gpu           = None,     # Limit batch size per GPU, None = no limit.
+    total_kimg          = 200000,   # Training duration, measured in thousands of training images.
+    ema_halflife_kimg   = 500,      # Half-life of the exponential moving average (EMA) of model weights.
+    ema_rampup_ratio    = 0.05,     # EMA ramp-up coefficient, None = no rampup.
+    lr_rampup_kimg      = 10000,    # Learning rate ramp-up duration.
+    loss_scaling        = 1,        # Loss scaling factor (fixed; fp16 on CUDA scales dynamically instead).
+    kimg_per_tick       = 50,       # Interval of progress prints.
+    snapshot_ticks      = 50,       # How often to save network snapshots, None = disable.
+    state_dump_ticks    = 500,      # How often to dump training state, None = disable.
+    resume_pkl          = None,     # Start from the given network snapshot, None = random initialization.
+    resume_state_dump   = None,     # Start from the given training state, None = reset training state.
+    resume_kimg         = 0,        # Start from the given training progress (EDM state dumps only).
+    cudnn_benchmark     = True,     # Enable torch.backends.cudnn.benchmark?
+    aot_pool            = 512,      # AOT pool per GPU: images paired with noise at once, 0 = plain EDM.
+    aot_solver          = 'scipy',  # Assignment solver for training.aot.assign.
+    grid_images         = 64,       # Images in the sample grid saved with each snapshot, 0 = none.
+    grid_steps          = 18,       # Heun steps for the sample grid.
+):
+    # Initialize.
+    start_time = time.time()
+    device = dist.device()
+    np.random.seed((seed * dist.get_world_size() + dist.get_rank()) % (1 << 31))
+    torch.manual_seed(np.random.randint(1 << 31))
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    # Select batch size per GPU; train.py has already explained any inconsistency to the user.
+    batch_gpu_total = batch_size // dist.get_world_size()
+    if batch_gpu is None or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    num_accumulation_rounds = batch_gpu_total // batch_gpu
+    assert batch_size == batch_gpu * num_accumulation_rounds * dist.get_world_size()
+    pool_size = aot_pool or batch_gpu
+    assert pool_size % batch_gpu == 0
+    slices_per_pool = pool_size // batch_gpu
+
+    # Load dataset.
+    dist.print0('Loading dataset...')
+    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+
+    # Construct network.
+    dist.print0('Constructing network...')
+    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    net.train().requires_grad_(True).to(device)
+    if dist.get_rank() == 0:
+        with torch.no_grad():
+            images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            sigma = torch.ones([batch_gpu], device=device)
+            labels = torch.zeros([batch_gpu, net.label_dim], device=device)
+            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+
+    # Setup optimizer.
+    dist.print0('Setting up optimizer...')
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
+    ddp = net
+    if dist.get_world_size() > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    # fp16 activations on CUDA get a dynamic loss scale; elsewhere EDM's fixed --ls applies.
+    scaler = torch.amp.GradScaler('cuda') if (net.use_fp16 and device.type == 'cuda') else None
+
+    # Resume training from previous snapshot or state.
+    cur_nimg = resume_kimg * 1000
+    cur_tick = 0
+    rng_states = None
+    if resume_pkl is not None:
+        dist.print0(f'Loading network weights from "{resume_pkl}"...')
+        src = network_io.load_network(resume_pkl, verbose=(dist.get_rank() == 0))
+        misc.copy_params_and_buffers(src_module=src, dst_module=net, require_all=False)
+        misc.copy_params_and_buffers(src_module=src, dst_module=ema, require_all=False)
+        del src
+    if resume_state_dump:
+        dist.print0(f'Loading training state from "{resume_state_dump}"...')
+        data = load_training_state(resume_state_dump)
+        if data.get('format') == STATE_FORMAT:
+            net.load_state_dict(data['net'])
+            ema.load_state_dict(data['ema'])
+            cur_nimg, cur_tick = data['cur_nimg'], data['cur_tick']
+            if scaler is not None and data.get('scaler') is not None:
+                scaler.load_state_dict(data['scaler'])
+            if len(data['rng_states']) == dist.get_world_size():
+                rng_states = data['rng_states'][dist.get_rank()]
+            else:
+                dist.print0('Note: GPU count differs from the interrupted run; random streams are re-seeded.')
+        else: # EDM's format: the network object itself; EMA comes from the matching snapshot pickle.
+            misc.copy_params_and_buffers(src_module=data['net'], dst_module=net, require_all=True)
+        optimizer.load_state_dict(data['optimizer_state'])
+        del data
+
+    # Setup the pool stream: pools are a pure function of (seed, rank, index), so resuming
+    # just starts at the right pool and slice.
+    slices_done = (cur_nimg // batch_size) * num_accumulation_rounds
+    pool_stream = PoolStream(dataset_obj, pool_size, seed=seed, rank=dist.get_rank(), num_replicas=dist.get_world_size(),
+        augment_pipe=augment_pipe, pair=aot_pool > 0, solver=aot_solver, start_pool=slices_done // slices_per_pool)
+    loader = torch.utils.data.DataLoader(pool_stream, batch_size=None, **data_loader_kwargs)
+    aot_wait = [0.0]
+    def on_wait(seconds):
+        aot_wait[0] += seconds
+        training_stats.report('Timing/aot_wait_sec', seconds)
+    # The iterator is made before restoring the RNG: creating it draws the workers' base seed.
+    slices = iterate_slices(iter(loader), batch_gpu, skip=slices_done % slices_per_pool, device=device, on_wait=on_wait)
+    if rng_states is not None:
+        _set_rng_state(rng_states, device)
+
+    # Train.
+    dist.print0(f'Training for {total_kimg} kimg: batch {batch_size} ({batch_gpu} per GPU x {num_accumulation_rounds} rounds x {dist.get_world_size()} GPUs), '
+                + (f'AOT pool {aot_pool} per GPU ({aot_solver})' if aot_pool else 'AOT off (plain EDM noise)'))
+    dist.print0()
+    tick_start_nimg = cur_nimg
+    tick_start_time = time.time()
+    maintenance_time = tick_start_time - start_time
+    dist.update_progress(cur_nimg // 1000, total_kimg)
+    stats_jsonl = None
+    while True:
+
+        # Accumulate gradients.
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(num_accumulation_rounds):
+            with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
+                part = next(slices)
+                loss = loss_fn(net=ddp, images=part['images'], labels=part['labels'], noise=part['noise'],
+                               augment_labels=part['augment_labels'])
+                training_stats.report('Loss/loss', loss)
+                loss = loss.sum().mul(loss_scaling / batch_gpu_total)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        # Update weights.
+        for g in optimizer.param_groups:
+            g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+        # Update EMA.
+        ema_halflife_nimg = ema_halflife_kimg * 1000
+        if ema_rampup_ratio is not None:
+            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+        for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+            p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+
+        # Perform maintenance tasks once per tick.
+        cur_nimg += batch_size
+        done = (cur_nimg >= total_kimg * 1000)
+        if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+            continue
+
+        # Print status line, accumulating the same information in training_stats.
+        tick_end_time = time.time()
+        tick_time = tick_end_time - tick_start_time
+        wait_frac = aot_wait[0] / max(tick_time, 1e-8)
+        fields = []
+        fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
+        fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.3f}"]
+        fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
+        fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_time):<7.1f}"]
+        fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', tick_time / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
+        fields += [f"aot_wait {training_stats.report0('Timing/aot_wait_frac', wait_frac) * 100:<5.1f}%"]
+        fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
+        fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
+        if device.type == 'cuda':
+            fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}"]
+            torch.cuda.reset_peak_memory_stats()
+        training_stats.default_collector.update()
+        fields.insert(2, f"loss {training_stats.default_collector['Loss/loss']:<8.4f}")
+        dist.print0(' '.join(fields))
+
+        # Save network snapshot: EDM's pickle, the safe format of the EMA weights, and a sample grid.
+        if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
+            data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+            for key, value in data.items():
+                if isinstance(value, torch.nn.Module):
+                    value = copy.deepcopy(value).eval().requires_grad_(False)
+                    misc.check_ddp_consistency(value)
+                    data[key] = value.cpu()
+                del value
+            if dist.get_rank() == 0:
+                name = f'network-snapshot-{cur_nimg//1000:06d}'
+                _atomic_write(os.path.join(run_dir, f'{name}.pkl'), lambda f: pickle.dump(data, f))
+                network_io.save_safe(data['ema'], os.path.join(run_dir, f'{name}.safetensors'))
+                if grid_images:
+                    save_sample_grid(ema, os.path.join(run_dir, f'samples-{cur_nimg//1000:06d}.png'), grid_images, grid_steps, device)
+            del data
+
+        # Save full dump of the training state: tensors and plain values only, so it loads safely.
+        if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
+            state = dict(format=STATE_FORMAT, net=net.state_dict(), ema=ema.state_dict(), optimizer_state=optimizer.state_dict(),
+                         seed=seed, cur_nimg=cur_nimg, cur_tick=cur_tick + 1, scaler=scaler.state_dict() if scaler is not None else None,
+                         rng_states=_gather_objects(_rng_state(device)))
+            if dist.get_rank() == 0:
+                _atomic_write(os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt'), lambda f: torch.save(state, f))
+            del state
+
+        # Update logs.
+        if dist.get_rank() == 0:
+            if stats_jsonl is None:
+                stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+            stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
+            stats_jsonl.flush()
+        dist.update_progress(cur_nimg // 1000, total_kimg)
+
+        # Update state.
+        cur_tick += 1
+        tick_start_nimg = cur_nimg
+        tick_start_time = time.time()
+        maintenance_time = tick_start_time - tick_end_time
+        aot_wait[0] = 0.0
+        if done:
+            break
+
+    # Done.
+    dist.print0()
+    dist.print0('Exiting...')
+
+#----------------------------------------------------------------------------
