@@ -58,3 +58,189 @@ def assert_shape(tensor, ref_shape):
                 torch._assert(torch.equal(size, torch.as_tensor(ref_size)), f'Wrong size for dimension {idx}: expected {ref_size}')
         elif size != ref_size:
             raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
+
+#----------------------------------------------------------------------------
+# Replace NaN/Inf, e.g. in gradients before the optimizer step (one bad batch must not poison the
+# weights). nan_to_num is kept under EDM's name for code that calls misc.nan_to_num.
+
+nan_to_num = torch.nan_to_num
+
+@torch.no_grad()
+def nan_to_num_grads_(module, nan=0.0, posinf=1e5, neginf=-1e5):
+    """Replace NaN/Inf in every parameter gradient of `module`, in place (EDM's training loop values)."""
+    for param in module.parameters():
+        if param.grad is not None:
+            torch.nan_to_num(param.grad, nan=nan, posinf=posinf, neginf=neginf, out=param.grad)
+
+#----------------------------------------------------------------------------
+# Name a function in the autograd profiler's trace.
+
+def profiled_function(fn):
+    def decorator(*args, **kwargs):
+        with torch.autograd.profiler.record_function(fn.__name__):
+            return fn(*args, **kwargs)
+    decorator.__name__ = fn.__name__
+    decorator.__doc__ = fn.__doc__
+    return decorator
+
+#----------------------------------------------------------------------------
+# Endless, ranked, seeded sampler with windowed shuffling (EDM's order for the same seed).
+# Each rank sees every num_replicas-th index of one shared sequence, so ranks are disjoint. After
+# the initial permutation, every visited position is swapped with a random position up to
+# `window_size * len(dataset)` behind it, so later passes keep being reshuffled without epochs.
+# `start` skips the first `start` indices this rank would yield, which makes resuming exact.
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, window_size=0.5, start=0):
+        if len(dataset) == 0:
+            raise ValueError('InfiniteSampler: the dataset is empty')
+        assert num_replicas > 0 and 0 <= rank < num_replicas
+        assert 0 <= window_size <= 1 and start >= 0
+        super().__init__()
+        self.dataset = dataset
+        self.rank = rank
+        self.num_replicas = num_replicas
+        self.shuffle = shuffle
+        self.seed = seed
+        self.window_size = window_size
+        self.start = start
+
+    def __iter__(self):
+        n = len(self.dataset)
+        order = np.arange(n)
+        rnd = None
+        window = 0
+        if self.shuffle:
+            rnd = np.random.RandomState(self.seed)
+            rnd.shuffle(order)
+            window = int(np.rint(n * self.window_size))
+        skip = self.start
+        chunk = 4096 # draw swap offsets in blocks: same numbers as one randint() per step, much faster
+        idx = 0
+        while True:
+            offsets = rnd.randint(window, size=chunk) if window >= 2 else None
+            for k in range(chunk):
+                i = idx % n
+                if idx % self.num_replicas == self.rank:
+                    if skip > 0:
+                        skip -= 1
+                    else:
+                        yield order[i]
+                if offsets is not None:
+                    j = (i - offsets[k]) % n
+                    order[i], order[j] = order[j], order[i]
+                idx += 1
+
+#----------------------------------------------------------------------------
+# Parameters and buffers.
+
+def params_and_buffers(module):
+    assert isinstance(module, torch.nn.Module)
+    return list(module.parameters()) + list(module.buffers())
+
+def named_params_and_buffers(module):
+    assert isinstance(module, torch.nn.Module)
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+@torch.no_grad()
+def copy_params_and_buffers(src_module, dst_module, require_all=False):
+    """Copy every parameter and buffer of `dst_module` that `src_module` has under the same name."""
+    assert isinstance(src_module, torch.nn.Module) and isinstance(dst_module, torch.nn.Module)
+    src_tensors = dict(named_params_and_buffers(src_module))
+    missing = []
+    for name, tensor in named_params_and_buffers(dst_module):
+        if name not in src_tensors:
+            missing.append(name)
+            continue
+        if src_tensors[name].shape != tensor.shape:
+            raise ValueError(f'copy_params_and_buffers: {name} has shape {tuple(src_tensors[name].shape)} in the source, {tuple(tensor.shape)} in the destination')
+        tensor.copy_(src_tensors[name])
+    if require_all and missing:
+        raise ValueError(f'copy_params_and_buffers: source lacks {len(missing)} tensor(s): {", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
+
+#----------------------------------------------------------------------------
+# DDP helpers.
+
+@contextlib.contextmanager
+def ddp_sync(module, sync):
+    """Skip DDP's gradient all-reduce when sync is False (gradient accumulation); no-op for plain modules."""
+    assert isinstance(module, torch.nn.Module)
+    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        yield
+    else:
+        with module.no_sync():
+            yield
+
+def check_ddp_consistency(module, ignore_regex=None):
+    """Assert that every parameter and buffer equals rank 0's (NaNs compare equal)."""
+    assert isinstance(module, torch.nn.Module)
+    for name, tensor in named_params_and_buffers(module):
+        fullname = type(module).__name__ + '.' + name
+        if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
+            continue
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            tensor = torch.nan_to_num(tensor)
+        other = tensor.clone()
+        torch.distributed.broadcast(tensor=other, src=0)
+        assert (tensor == other).all(), f'{fullname} differs from rank 0'
+
+#----------------------------------------------------------------------------
+# Table of submodules with parameter counts and output shapes, from one forward pass.
+
+@torch.no_grad()
+def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
+    assert isinstance(module, torch.nn.Module) and not isinstance(module, torch.jit.ScriptModule)
+    assert isinstance(inputs, (tuple, list))
+
+    entries = [] # (module, [output tensors]) in the order forward() returns
+    nesting = [0]
+    def pre_hook(_mod, _inputs):
+        nesting[0] += 1
+    def post_hook(mod, _inputs, outputs):
+        nesting[0] -= 1
+        if nesting[0] <= max_nesting:
+            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+            entries.append((mod, [t for t in outputs if isinstance(t, torch.Tensor)]))
+    hooks = [mod.register_forward_pre_hook(pre_hook) for mod in module.modules()]
+    hooks += [mod.register_forward_hook(post_hook) for mod in module.modules()]
+    try:
+        outputs = module(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    # Count each tensor once, at the first (innermost) module that reports it.
+    seen = set()
+    rows = [['Name', 'Parameters', 'Buffers', 'Output shape', 'Datatype'], ['---'] * 5]
+    names = {mod: name for name, mod in module.named_modules()}
+    total_params = total_buffers = 0
+    for mod, outs in entries:
+        params = [t for t in mod.parameters() if id(t) not in seen]
+        buffers = [t for t in mod.buffers() if id(t) not in seen]
+        seen.update(id(t) for t in params + buffers)
+        out_ids = {id(t) for t in outs}
+        if skip_redundant and not params and not buffers and out_ids <= seen:
+            continue # adds nothing to the table
+        seen.update(out_ids)
+        n_params = sum(t.numel() for t in params)
+        n_buffers = sum(t.numel() for t in buffers)
+        total_params += n_params
+        total_buffers += n_buffers
+        name = '<top-level>' if mod is module else names.get(mod, type(mod).__name__)
+        for k, t in enumerate(outs or [None]):
+            rows.append([name + (f':{k}' if len(outs) > 1 else ''),
+                str(n_params) if k == 0 and n_params else '-',
+                str(n_buffers) if k == 0 and n_buffers else '-',
+                str(list(t.shape)) if t is not None else '-',
+                str(t.dtype).split('.')[-1] if t is not None else '-'])
+    rows += [['---'] * 5, ['Total', str(total_params), str(total_buffers), '', '']]
+
+    widths = [max(len(row[c]) for row in rows) for c in range(5)]
+    print()
+    for row in rows:
+        print('  '.join(cell + ' ' * (w - len(cell)) for cell, w in zip(row, widths)).rstrip())
+    print()
+    return outputs
+
+#----------------------------------------------------------------------------
