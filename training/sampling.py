@@ -218,8 +218,8 @@ def edm_sampler(
 
 def ablation_default_sigmas(discretization, epsilon_s=1e-3):
     """EDM's default (sigma_min, sigma_max) per discretization; VP: the original VP SDE
-    (beta_d=19.1, beta_min=0.1) at t = epsilon_s and t = 1."""
-    vp = vp_sigma(beta_d=19.1, beta_min=0.1)
+    (beta_d=19.9, beta_min=0.1) at t = epsilon_s and t = 1."""
+    vp = vp_sigma(beta_d=19.9, beta_min=0.1)
     return {'vp': (vp(epsilon_s), vp(1)), 've': (0.02, 100), 'iddpm': (0.002, 81), 'edm': (0.002, 80)}[discretization]
 
 def ablation_sampler(
