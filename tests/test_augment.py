@@ -1,0 +1,132 @@
+"""EDM's non-leaking augmentation pipeline (training/augment.py)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from training import augment
+from training.augment import AugmentPipe
+
+# EDM train.py's setting for --augment (gives 9-dimensional augment_labels).
+EDM_KWARGS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+
+def images(n=16, c=3, h=16, w=16, seed=0):
+    return torch.randn([n, c, h, w], generator=torch.Generator().manual_seed(seed))
+
+def blob(n, h=16, w=16, x0=5.0, y0=9.0, radius=2.5):
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing='ij')
+    return torch.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * radius ** 2)).expand(n, 1, h, w).clone()
+
+#----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_edm_setting_shapes_and_finite(channels):
+    torch.manual_seed(0)
+    x = images(c=channels)
+    y, labels = AugmentPipe(p=0.1, **EDM_KWARGS)(x)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+    assert labels.shape == (16, 9) and labels.dtype == torch.float32
+    assert (labels != 0).any(dim=1).any() and (labels == 0).all(dim=1).any() # p=0.1: some augmented, some not
+
+def test_p0_is_identity_with_zero_labels():
+    # With p=0 the resampling still runs (as in EDM) with identity maps: the up/down filter pair is orthogonal.
+    x = images()
+    y, labels = AugmentPipe(p=0, **EDM_KWARGS)(x)
+    assert (labels == 0).all() and labels.shape == (16, 9)
+    torch.testing.assert_close(y, x, atol=1e-4, rtol=0)
+
+def test_no_augmentation_returns_empty_labels():
+    x = images()
+    y, labels = AugmentPipe()(x)
+    assert torch.equal(y, x) and labels.shape == (16, 0)
+
+def test_xflip_follows_labels():
+    torch.manual_seed(1)
+    x = images(n=32)
+    y, labels = AugmentPipe(xflip=1)(x)
+    assert labels.shape == (32, 1)
+    flipped = labels[:, 0] == 1
+    assert flipped.any() and (~flipped).any()
+    assert torch.equal(y[flipped], x[flipped].flip(3)) and torch.equal(y[~flipped], x[~flipped])
+
+def test_rotate_int_follows_labels():
+    torch.manual_seed(2)
+    x = images(n=32)
+    y, labels = AugmentPipe(rotate_int=1)(x)
+    quarter_turns = {(0, 0): 0, (1, 0): 1, (1, 1): 2, (0, 1): 3}
+    seen = set()
+    for i in range(32):
+        k = quarter_turns[tuple(int(v) for v in labels[i])]
+        seen.add(k)
+        assert torch.equal(y[i], torch.rot90(x[i], k, dims=(1, 2)))
+    assert len(seen) == 4
+
+def test_translate_int_follows_labels():
+    torch.manual_seed(3)
+    x = images(n=32, h=16, w=24)
+    pipe = AugmentPipe(translate_int=1, translate_int_max=0.125)
+    y, labels = pipe(x)
+    tx = (labels[:, 0] * 24 * 0.125).round().long()
+    ty = (labels[:, 1] * 16 * 0.125).round().long()
+    assert (tx != 0).any() and (ty != 0).any()
+    padded = np.pad(x.numpy(), [(0, 0), (0, 0), (2, 2), (3, 3)], mode='reflect') # max shift: 0.125 * size
+    for i in range(32):
+        # Content moves right by tx and up by ty (EDM's convention), mirrored at the border.
+        expect = padded[i, :, 2 + ty[i] : 2 + ty[i] + 16, 3 - tx[i] : 3 - tx[i] + 24]
+        np.testing.assert_array_equal(y[i].numpy(), expect)
+
+def test_fractional_translation_and_rotation_are_geometric():
+    n = 2
+    x = blob(n)
+    one = torch.ones([n])
+    # A shift by exactly one pixel reproduces the image one pixel further right.
+    y = augment._resample(x, augment._translate2d(-one, 0 * one, n, 'cpu'))
+    torch.testing.assert_close(y[..., 1:], x[..., :-1], atol=1e-4, rtol=0)
+    # A quarter turn of a smooth blob lands where torch.rot90 puts it.
+    y = augment._resample(x, augment._rotate2d(one * np.pi / 2, n, 'cpu'))
+    assert (y - torch.rot90(x, 1, dims=(2, 3))).abs().max() < 0.05
+
+def test_rotate_frac_labels_describe_the_rotation():
+    torch.manual_seed(4)
+    x = blob(8)
+    y, labels = AugmentPipe(rotate_frac=1)(x)
+    angle = torch.atan2(labels[:, 1], labels[:, 0] + 1)
+    expect = augment._resample(x, augment._rotate2d(angle, 8, 'cpu'))
+    torch.testing.assert_close(y, expect, atol=1e-5, rtol=0)
+    assert labels[:, 1].abs().max() > 0.1
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_color_transformations(channels):
+    torch.manual_seed(5)
+    x = images(c=channels)
+    y, labels = AugmentPipe(brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)(x)
+    assert y.shape == x.shape and torch.isfinite(y).all() and labels.shape == (16, 6)
+    # Brightness alone adds w * brightness_std to every pixel.
+    y, labels = AugmentPipe(brightness=1, brightness_std=0.2)(x)
+    torch.testing.assert_close(y, x + labels[:, 0].reshape(-1, 1, 1, 1) * 0.2)
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match=r'\[N, C, H, W\]'):
+        AugmentPipe(xflip=1)(torch.zeros([3, 8, 8]))
+    with pytest.raises(ValueError, match='1 or 3 channels'):
+        AugmentPipe(brightness=1)(torch.zeros([2, 2, 8, 8]))
+
+def test_pickles_with_constructor_args():
+    pipe = AugmentPipe(p=0.12, **EDM_KWARGS)
+    assert pipe.init_kwargs['p'] == 0.12 and pipe.init_kwargs['xflip'] == 1e8
+    clone = pickle.loads(pickle.dumps(pipe))
+    assert type(clone).__name__ == 'AugmentPipe' and clone.p == 0.12 and clone.aniso == 1
+    x = images(n=4)
+    torch.manual_seed(6); a = pipe(x)
+    torch.manual_seed(6); b = clone(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+def test_cuda_matches_cpu_labels():
+    if not torch.cuda.is_available():
+        pytest.skip('no CUDA device on this machine')
+    y, labels = AugmentPipe(**EDM_KWARGS)(images().cuda())
+    assert y.is_cuda and labels.is_cuda and labels.shape == (16, 9) and torch.isfinite(y).all()
+
+#----------------------------------------------------------------------------
