@@ -1,0 +1,390 @@
+"""Frechet Inception Distance (FID), compatible with EDM's fid.py, plus improved precision and recall.
+
+Reference statistics are EDM's .npz files (mu, sigma). Features come from StyleGAN3's Inception-v3
+detector, the one EDM uses, so the numbers are comparable with published ones. Any other detector
+(--detector) gives numbers that are labelled NOT comparable wherever they appear."""
+
+import os
+import re
+import json
+import pickle
+import hashlib
+import click
+import tqdm
+import numpy as np
+import scipy.linalg
+import torch
+import dnnlib
+from torch_utils import distributed as dist
+from training import dataset
+
+#----------------------------------------------------------------------------
+# The standard detector: a PyTorch translation of
+# http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz, published with StyleGAN3.
+# No public source states its sha256, so it is not verified; stats record the sha256 actually used.
+
+DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+DETECTOR_NAME = 'inception-2015-12-05' # id of the standard detector; EDM's ref files carry no id and mean this one
+NOT_COMPARABLE = 'NOT comparable to published FID'
+DOWNLOAD_ATTEMPTS = 3 # the files live on NVIDIA's CDNs; fail in seconds on machines without access
+
+def _one_line(err):
+    # Worker exceptions arrive with the worker's traceback in the message: keep its last line.
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', lines[-1]) if lines else repr(err)
+
+def _open_url(url, **kwargs):
+    try:
+        return dnnlib.util.open_url(url, num_attempts=DOWNLOAD_ATTEMPTS, **kwargs)
+    except IOError as err:
+        raise click.ClickException(_one_line(err))
+
+def _rank0_first(fn):
+    # Rank 0 downloads into the cache first; the other ranks then read the cached copy.
+    if dist.get_rank() != 0:
+        dist.barrier()
+    result = fn()
+    if dist.get_rank() == 0:
+        dist.barrier()
+    return result
+
+#----------------------------------------------------------------------------
+# Detector: a pickle in StyleGAN3's format (a persistent class that carries its source; unpickling
+# runs that code), called as net(images_uint8_NCHW, return_features=True) -> [N, D] features.
+
+def open_detector(detector=None, verbose=True):
+    url = DETECTOR_URL if detector is None else detector
+    with _open_url(url, verbose=verbose) as f:
+        data = f.read()
+    sha256 = hashlib.sha256(data).hexdigest()
+    standard = (url == DETECTOR_URL)
+    return dnnlib.EasyDict(url=url, data=data, sha256=sha256, standard=standard,
+        id=(DETECTOR_NAME if standard else f'sha256:{sha256}'))
+
+def build_detector(det, device):
+    dist.print0(f'Loading detector {det.url} (unpickling runs code stored in the file)...')
+    try:
+        net = pickle.loads(det.data)
+    except Exception as err:
+        raise click.ClickException(f'{det.url}: not a detector pickle ({_one_line(err)})')
+    return net.eval().requires_grad_(False).to(device)
+
+def _detector_note(det):
+    return '' if det.standard else f'  ({NOT_COMPARABLE}: detector {det.url} is not the standard {DETECTOR_NAME})'
+
+#----------------------------------------------------------------------------
+# Inception statistics of an image folder or zip. Images are split into batches as in EDM; each
+# rank runs its share, and the sums (and, if asked, the features in dataset order) are gathered.
+
+@torch.no_grad()
+def _features(net, images, device):
+    if images.shape[1] == 1:
+        images = images.repeat([1, 3, 1, 1])
+    features = net(images.to(device), return_features=True)
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != images.shape[0]:
+        raise click.ClickException(f'detector returned {getattr(features, "shape", type(features))}, expected [N, D] features for return_features=True')
+    return features
+
+def stats_from_sums(num, total, total_outer):
+    # EDM's formula, in float64: sigma = (sum f f^T - n mu mu^T) / (n - 1), the unbiased covariance (np.cov).
+    mu = total / num
+    sigma = (total_outer - torch.outer(mu, mu) * num) / (num - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+def calculate_inception_stats(image_path, num_expected=None, seed=0, max_batch_size=64, num_workers=3,
+        prefetch_factor=2, device=None, detector_net=None, return_features=False):
+    """Returns mu, sigma (float64 numpy) and, with return_features, all features on rank 0 ([N, D] float32, dataset order)."""
+    device = dist.device() if device is None else device
+    if detector_net is None:
+        det = _rank0_first(lambda: open_detector(verbose=(dist.get_rank() == 0)))
+        detector_net = build_detector(det, device)
+
+    dist.print0(f'Loading images from "{image_path}"...')
+    try:
+        dataset_obj = dataset.ImageFolderDataset(path=image_path, max_size=num_expected, random_seed=seed)
+    except IOError as err:
+        raise click.ClickException(_one_line(err))
+    if num_expected is not None and len(dataset_obj) < num_expected:
+        raise click.ClickException(f'{image_path}: found {len(dataset_obj)} images, need --num={num_expected}; generate more or lower --num')
+    if len(dataset_obj) < 2:
+        raise click.ClickException(f'{image_path}: found {len(dataset_obj)} images, need at least 2 to compute statistics')
+
+    # Same split as EDM: a multiple of world_size batches, dealt out round-robin.
+    num_images, world, rank = len(dataset_obj), dist.get_world_size(), dist.get_rank()
+    num_batches = ((num_images - 1) // (max_batch_size * world) + 1) * world
+    all_batches = [b.tolist() for b in torch.arange(num_images).tensor_split(num_batches)]
+    rank_batches = all_batches[rank :: world]
+    data_loader = torch.utils.data.DataLoader(dataset_obj, batch_sampler=rank_batches, num_workers=num_workers,
+        prefetch_factor=(prefetch_factor if num_workers > 0 else None))
+
+    # The first image tells the feature dimension (a rank may get only empty batches).
+    feature_dim = _features(detector_net, torch.as_tensor(dataset_obj[0][0][np.newaxis]), device).shape[1]
+    total = torch.zeros([feature_dim], dtype=torch.float64, device=device)
+    total_outer = torch.zeros([feature_dim, feature_dim], dtype=torch.float64, device=device)
+    kept = []
+    dist.print0(f'Calculating statistics for {num_images} images...')
+    try:
+        for images, _labels in tqdm.tqdm(data_loader, unit='batch', disable=(rank != 0)):
+            if images.shape[0] == 0:
+                continue
+            features = _features(detector_net, images, device)
+            f64 = features.to(torch.float64)
+            total += f64.sum(0)
+            total_outer += f64.T @ f64
+            if return_features:
+                kept.append(features.to(torch.float32))
+    except IOError as err: # e.g. an image of another size, reported by the dataset (maybe from a worker)
+        raise click.ClickException(_one_line(err))
+
+    if world > 1:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(total_outer)
+    mu, sigma = stats_from_sums(num_images, total, total_outer)
+    if not return_features:
+        return mu, sigma
+
+    # Gather features; every rank knows every rank's batches, so rows go back to dataset order.
+    local = torch.cat(kept) if kept else torch.zeros([0, feature_dim], device=device)
+    if world == 1:
+        return mu, sigma, local
+    counts = [sum(len(b) for b in all_batches[r :: world]) for r in range(world)]
+    padded = torch.zeros([max(counts), feature_dim], device=device)
+    padded[:local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    features = None
+    if rank == 0:
+        features = torch.empty([num_images, feature_dim], device=device)
+        for r in range(world):
+            idx = [i for b in all_batches[r :: world] for i in b]
+            features[idx] = gathered[r][:counts[r]]
+    return mu, sigma, features
+
+#----------------------------------------------------------------------------
+# Frechet distance between two Gaussians, as EDM. sqrtm of a (near-)singular product may come
+# back complex with tiny imaginary parts; the real part is the answer.
+
+def calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref):
+    m = np.square(mu - mu_ref).sum()
+    s = scipy.linalg.sqrtm(np.dot(sigma, sigma_ref))
+    fid = m + np.trace(sigma + sigma_ref - s * 2)
+    return float(np.real(fid))
+
+#----------------------------------------------------------------------------
+# Improved precision and recall (Kynkaanniemi et al. 2019): each sample's k-NN ball in its own set
+# (k-th nearest other sample) approximates that set's manifold. Precision = fraction of generated
+# samples inside some real ball; recall = fraction of real samples inside some generated ball.
+# Distances are computed in row blocks of at most max_block entries, so 50k x 50k fits in memory.
+
+def _row_blocks(num_rows, num_cols, max_block):
+    rows = max(1, max_block // max(num_cols, 1))
+    return [slice(i, min(i + rows, num_rows)) for i in range(0, num_rows, rows)]
+
+def _knn_radii(x, k, max_block, bar):
+    radii = torch.empty([x.shape[0]], dtype=x.dtype, device=x.device)
+    for rows in _row_blocks(x.shape[0], x.shape[0], max_block):
+        radii[rows] = torch.cdist(x[rows], x).kthvalue(k + 1, dim=1).values # +1: the sample itself is at 0
+        bar.update(1)
+    return radii
+
+def compute_precision_recall(real_features, gen_features, k=3, max_block=1<<26, progress=False):
+    real, gen = real_features.to(torch.float32), gen_features.to(real_features.device, torch.float32)
+    if min(real.shape[0], gen.shape[0]) <= k:
+        raise click.ClickException(f'precision/recall with k={k} needs more than {k} samples in each set')
+    blocks = [_row_blocks(n, c, max_block) for n, c in [(len(real), len(real)), (len(gen), len(gen)), (len(gen), len(real))]]
+    with tqdm.tqdm(total=sum(len(b) for b in blocks), unit='block', desc='precision/recall', disable=not progress) as bar:
+        real_radii = _knn_radii(real, k, max_block, bar)
+        gen_radii = _knn_radii(gen, k, max_block, bar)
+        gen_inside = torch.zeros([gen.shape[0]], dtype=torch.bool, device=real.device)
+        real_inside = torch.zeros([real.shape[0]], dtype=torch.bool, device=real.device)
+        for rows in blocks[2]:
+            dist_rows = torch.cdist(gen[rows], real)
+            gen_inside[rows] = (dist_rows <= real_radii[np.newaxis]).any(dim=1)
+            real_inside |= (dist_rows <= gen_radii[rows, np.newaxis]).any(dim=0)
+            bar.update(1)
+    return gen_inside.float().mean().item(), real_inside.float().mean().item()
+
+#----------------------------------------------------------------------------
+# Statistics files. mu and sigma keep EDM's format; extra keys say how they were made.
+
+def load_stats(path, what='--ref'):
+    try:
+        with _open_url(path, verbose=(dist.get_rank() == 0)) as f:
+            stats = dict(np.load(f))
+    except click.ClickException:
+        raise
+    except Exception as err:
+        raise click.ClickException(f'{path}: cannot read {what} as .npz ({_one_line(err)})')
+    missing = [key for key in ['mu', 'sigma'] if key not in stats]
+    if missing:
+        raise click.ClickException(f'{path}: no {"/".join(missing)} in the file (keys: {", ".join(sorted(stats)) or "none"}); '
+            f'make reference statistics with "fid.py ref"')
+    stats['detector'] = str(stats.get('detector', DETECTOR_NAME))
+    return stats
+
+def save_stats(path, **stats):
+    # Written to a temporary name and renamed, so an interrupted save never leaves a truncated file.
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = f'{path}.tmp.{os.getpid()}'
+    try:
+        with open(temp, 'wb') as f:
+            np.savez(f, **stats)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+def detector_fields(det):
+    return dict(detector=det.id, detector_url=det.url, detector_sha256=det.sha256, comparable=det.standard)
+
+def images_fingerprint(path, exclude=()):
+    # Identifies the image set by its file list, sizes and modification times (no reading of contents).
+    exclude = {os.path.abspath(p) for p in exclude}
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, name) for root, _dirs, names in os.walk(path) for name in names)
+        files = [f for f in files if os.path.abspath(f) not in exclude]
+    else:
+        files = [path]
+    entries = [(os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(entries).encode('utf-8')).hexdigest()
+
+def default_stats_path(image_path):
+    return os.path.normpath(image_path) + '.fid-stats.npz'
+
+#----------------------------------------------------------------------------
+
+@click.group()
+def main():
+    """Calculate Frechet Inception Distance (FID) and improved precision/recall.
+
+    Examples:
+
+    \b
+    # Generate 50000 images and save them as fid-tmp/*/*.png
+    torchrun --standalone --nproc_per_node=1 generate.py --outdir=fid-tmp --seeds=0-49999 --subdirs \\
+        --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
+
+    \b
+    # Calculate FID
+    torchrun --standalone --nproc_per_node=1 fid.py calc --images=fid-tmp \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+
+    \b
+    # Compute dataset reference statistics (with features, for --pr)
+    python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset.npz --save-features
+    """
+
+#----------------------------------------------------------------------------
+
+detector_option = click.option('--detector', help='Feature detector other than the standard Inception-v3; results are NOT comparable to published FID', metavar='PATH|URL', type=str, default=None)
+workers_option = click.option('--workers', help='Data loader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+
+@main.command()
+@click.option('--images', 'image_path', help='Path to the images', metavar='PATH|ZIP',              type=str, required=True)
+@click.option('--ref', 'ref_path',      help='Dataset reference statistics ', metavar='NPZ|URL',    type=str, required=True)
+@click.option('--num', 'num_expected',  help='Number of images to use', metavar='INT',              type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed',                 help='Random seed for selecting the images', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--batch',                help='Maximum batch size', metavar='INT',                   type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--pr',                   help='Also report precision and recall (k=3); --ref needs features', is_flag=True)
+@click.option('--save-stats', 'stats_path', help='Where to keep the statistics of the images  [default: IMAGES.fid-stats.npz]', metavar='NPZ', type=str, default=None)
+@detector_option
+@workers_option
+
+def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detector, workers):
+    """Calculate FID for a given set of images."""
+    torch.multiprocessing.set_start_method('spawn', force=True)
+    dist.init()
+    rank, device = dist.get_rank(), dist.device()
+    stats_path = default_stats_path(image_path) if stats_path is None else stats_path
+
+    # Fail early: reference file, detector, and whether they belong together.
+    ref = None
+    if rank == 0:
+        dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
+        ref = load_stats(ref_path)
+        if pr and 'features' not in ref:
+            raise click.ClickException(f'{ref_path}: no features for --pr; make the reference with "fid.py ref --save-features"')
+    det = _rank0_first(lambda: open_detector(detector, verbose=(rank == 0)))
+    if rank == 0 and ref['detector'] != det.id:
+        raise click.ClickException(f'{ref_path} was computed with detector {ref["detector"]}, this run uses {det.id}; '
+            f'use the same --detector for "fid.py ref" and "fid.py calc"')
+
+    # Reuse the statistics of these images if nothing changed since they were saved.
+    gen = None
+    if rank == 0:
+        key = dict(images=images_fingerprint(image_path, exclude=[stats_path]), num=num_expected, seed=seed, detector=det.id)
+        if os.path.isfile(stats_path):
+            try:
+                saved = dict(np.load(stats_path))
+                if all(str(saved.get(k)) == str(v) for k, v in key.items()) and (not pr or 'features' in saved):
+                    gen = saved
+                    dist.print0(f'Reusing statistics from "{stats_path}" (images unchanged)')
+            except Exception: # unreadable or foreign file: recompute and overwrite
+                pass
+    reuse = torch.tensor([gen is not None], device=device)
+    if dist.get_world_size() > 1:
+        torch.distributed.broadcast(reuse, src=0)
+
+    if not reuse.item():
+        result = calculate_inception_stats(image_path=image_path, num_expected=num_expected, seed=seed, max_batch_size=batch,
+            num_workers=workers, device=device, detector_net=build_detector(det, device), return_features=pr)
+        if rank == 0:
+            gen = dict(mu=result[0], sigma=result[1], **detector_fields(det), **{k: v for k, v in key.items() if k != 'detector'})
+            if pr:
+                gen['features'] = result[2].cpu().numpy()
+            try:
+                save_stats(stats_path, **gen)
+                dist.print0(f'Saved statistics of the images to "{stats_path}"')
+            except OSError as err:
+                dist.print0(f'Warning: cannot save statistics to "{stats_path}" ({_one_line(err)}); continuing')
+
+    if rank == 0:
+        if ref['mu'].shape != gen['mu'].shape or ref['sigma'].shape != gen['sigma'].shape:
+            raise click.ClickException(f'{ref_path} has {ref["mu"].shape[0]}-d statistics, the detector gives {gen["mu"].shape[0]}-d')
+        if pr:
+            precision, recall = compute_precision_recall(torch.as_tensor(ref['features'], device=device),
+                torch.as_tensor(gen['features'], device=device), k=3, progress=True)
+            print(f'precision {precision:g}{_detector_note(det)}')
+            print(f'recall {recall:g}{_detector_note(det)}')
+        dist.print0('Calculating FID...')
+        fid = calculate_fid_from_inception_stats(gen['mu'], gen['sigma'], ref['mu'], ref['sigma'])
+        print(f'{fid:g}{_detector_note(det)}')
+    dist.barrier()
+
+#----------------------------------------------------------------------------
+
+@main.command()
+@click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', type=str, required=True)
+@click.option('--dest', 'dest_path',    help='Destination .npz file', metavar='NPZ',    type=str, required=True)
+@click.option('--batch',                help='Maximum batch size', metavar='INT',       type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--save-features',        help='Also store the features (for calc --pr)', is_flag=True)
+@detector_option
+@workers_option
+
+def ref(dataset_path, dest_path, batch, save_features, detector, workers):
+    """Calculate dataset reference statistics needed by 'calc'."""
+    torch.multiprocessing.set_start_method('spawn', force=True)
+    dist.init()
+    device = dist.device()
+
+    det = _rank0_first(lambda: open_detector(detector, verbose=(dist.get_rank() == 0)))
+    result = calculate_inception_stats(image_path=dataset_path, max_batch_size=batch, num_workers=workers, device=device,
+        detector_net=build_detector(det, device), return_features=save_features)
+    dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
+    if dist.get_rank() == 0:
+        stats = dict(mu=result[0], sigma=result[1], **detector_fields(det))
+        if save_features:
+            stats['features'] = result[2].cpu().numpy()
+        save_stats(dest_path, **stats)
+        if not det.standard:
+            print(f'Warning: {dest_path} is {NOT_COMPARABLE}: detector {det.url} is not the standard {DETECTOR_NAME}')
+    dist.barrier()
+    dist.print0('Done.')
+
+#----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    main()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+"""fid.py: Frechet distance against EDM's golden values, precision/recall on known answers, and the
+ref/calc commands end to end with a small stand-in detector (the real one cannot be downloaded here)."""
+
+import os
+import re
+import sys
+import json
+import zipfile
+import pickle
+import importlib.util
+import subprocess
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, 'tests', 'golden', 'fid')
+sys.path.insert(0, ROOT)
+import fid # pylint: disable=wrong-import-position
+
+#----------------------------------------------------------------------------
+# Math against the reference.
+
+@pytest.mark.parametrize('case, rtol', [('pair_64d', 1e-9), ('pair_256d_near_singular', 1e-6)])
+def test_fid_matches_reference(case, rtol):
+    d = np.load(os.path.join(GOLDEN, f'{case}.npz'))
+    value = fid.calculate_fid_from_inception_stats(d['mu_1'], d['sigma_1'], d['mu_2'], d['sigma_2'])
+    assert isinstance(value, float)
+    np.testing.assert_allclose(value, float(d['fid']), rtol=rtol)
+    meta = json.load(open(os.path.join(GOLDEN, 'README.json')))['cases'][case]
+    self_fid = fid.calculate_fid_from_inception_stats(d['mu_1'], d['sigma_1'], d['mu_1'], d['sigma_1'])
+    assert abs(self_fid) <= max(10 * abs(meta['fid_reference_of_set1_against_itself']), 1e-9)
+
+@pytest.mark.parametrize('case', ['pair_64d', 'pair_256d_near_singular'])
+def test_stats_from_batched_sums_match_numpy(case):
+    # The pipeline sums features batch by batch (and over ranks); the result must be np.mean / np.cov.
+    d = np.load(os.path.join(GOLDEN, f'{case}.npz'))
+    for k in '12':
+        features = torch.as_tensor(d[f'features_{k}'])
+        total = sum(b.sum(0) for b in features.split(64))
+        total_outer = sum(b.T @ b for b in features.split(64))
+        mu, sigma = fid.stats_from_sums(features.shape[0], total, total_outer)
+        np.testing.assert_allclose(mu, d[f'mu_{k}'], rtol=1e-12)
+        # Elementwise, near-zero covariances differ by summation order; relative to the matrix scale they agree to 1e-12.
+        np.testing.assert_allclose(sigma, d[f'sigma_{k}'], rtol=1e-12, atol=1e-12 * np.abs(d[f'sigma_{k}']).max())
+        np.testing.assert_allclose(d[f'sigma_{k}'], np.cov(d[f'features_{k}'], rowvar=False), rtol=1e-12)
+
+#----------------------------------------------------------------------------
+# Precision and recall.
+
+def brute_force_precision_recall(real, gen, k):
+    # Independent check: the full distance matrices, sorted.
+    dist = lambda a, b: np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    real_radii = np.sort(dist(real, real), axis=1)[:, k]
+    gen_radii = np.sort(dist(gen, gen), axis=1)[:, k]
+    d = dist(gen, real)
+    precision = (d <= real_radii[None, :]).any(axis=1).mean()
+    recall = (d <= gen_radii[:, None]).any(axis=0).mean()
+    return precision, recall
+
+def test_precision_recall_known_answers():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn([200, 16], generator=g)
+    b = torch.randn([200, 16], generator=g)
+    assert fid.compute_precision_recall(a, a.clone()) == (1.0, 1.0)
+    assert fid.compute_precision_recall(a, b + 100) == (0.0, 0.0)
+    # Real = clusters A and B; generated = copies of A and a far cluster C: half of each side is covered.
+    real = torch.cat([a, b + 50])
+    gen = torch.cat([a, b - 50])
+    assert fid.compute_precision_recall(real, gen) == (0.5, 0.5)
+
+def test_precision_recall_blocked_equals_brute_force():
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn([150, 8], generator=g, dtype=torch.float64)
+    gen = torch.randn([120, 8], generator=g, dtype=torch.float64) * 1.3 + 0.4
+    expected = brute_force_precision_recall(real.numpy(), gen.numpy(), k=3)
+    assert 0.1 < expected[0] < 0.95 and 0.1 < expected[1] < 0.95 # a case with something to get wrong
+    for max_block in [1, 1000, 1 << 26]: # one row per block, a few rows, everything at once
+        np.testing.assert_allclose(fid.compute_precision_recall(real, gen, k=3, max_block=max_block), expected)
+
+#----------------------------------------------------------------------------
+# End to end with a stand-in detector.
+
+# Written to its own module so that the pickle embeds only this source (the standard detector is a
+# pickle of the same kind: a persistent class whose source travels in the file).
+STANDIN_SRC = """
+import torch
+from torch_utils import persistence
+
+@persistence.persistent_class
+class StandInDetector(torch.nn.Module):
+    # Fixed random conv + pooling to 64-d: uint8 NCHW of any size in, features out. Not Inception.
+    def __init__(self, seed=0):
+        super().__init__()
+        self.register_buffer('weight', torch.randn([32, 3, 3, 3], generator=torch.Generator().manual_seed(seed)) / 3)
+
+    def forward(self, x, return_features=False):
+        assert x.dtype == torch.uint8 and return_features
+        y = torch.nn.functional.conv2d(x.to(torch.float32) / 127.5 - 1, self.weight, padding=1).relu()
+        return torch.cat([y.mean(dim=[2, 3]), y.amax(dim=[2, 3])], dim=1)
+"""
+
+def write_standin_detectors(folder, seeds):
+    spec = importlib.util.spec_from_file_location('fid_standin_detector', os.path.join(folder, 'fid_standin_detector.py'))
+    with open(spec.origin, 'w') as f:
+        f.write(STANDIN_SRC)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    paths = []
+    for seed in seeds:
+        paths.append(os.path.join(folder, f'standin-{seed}.pkl'))
+        with open(paths[-1], 'wb') as f:
+            pickle.dump(module.StandInDetector(seed=seed), f)
+    return paths
+
+def write_images(folder, num, seed, brightness=0, size=16):
+    os.makedirs(folder, exist_ok=True)
+    rnd = np.random.RandomState(seed)
+    for i in range(num):
+        base = rnd.randint(0, 200, size=[1, 1, 3])
+        img = np.clip(base + rnd.randint(0, 56, size=[size, size, 3]) + brightness, 0, 255).astype(np.uint8)
+        PIL.Image.fromarray(img).save(os.path.join(folder, f'{i:06d}.png'))
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('fid')
+    e = dict(tmp=str(tmp), a=str(tmp / 'a'), b=str(tmp / 'b'))
+    e['det'], e['det2'] = write_standin_detectors(e['tmp'], seeds=[0, 1])
+    write_images(e['a'], 80, seed=0)
+    write_images(e['b'], 80, seed=1, brightness=40)
+    e['ref'] = str(tmp / 'ref-a.npz')
+    r = run('ref', f'--data={e["a"]}', f'--dest={e["ref"]}', f'--detector={e["det"]}', '--save-features', '--workers=0', tmp=e['tmp'])
+    assert r.returncode == 0, r.stderr
+    assert 'NOT comparable' in r.stdout
+    return e
+
+def run(*args, tmp, torchrun=False):
+    env = dict(os.environ, DNNLIB_CACHE_DIR=os.path.join(tmp, 'cache'), OMP_NUM_THREADS='1')
+    prefix = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--'] if torchrun else [sys.executable]
+    return subprocess.run(prefix + [os.path.join(ROOT, 'fid.py'), *args], capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
+
+def calc(e, images, *args, torchrun=False):
+    workers = [] if any(a.startswith('--workers') for a in args) else ['--workers=0']
+    return run('calc', f'--images={images}', *args, *workers, tmp=e['tmp'], torchrun=torchrun)
+
+def fid_line(r):
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    return float(line.split()[0]), line
+
+def test_ref_file_keeps_edm_format_and_labels_detector(env):
+    ref = np.load(env['ref'], allow_pickle=False)
+    assert ref['mu'].shape == (64,) and ref['sigma'].shape == (64, 64) and ref['mu'].dtype == np.float64
+    assert ref['features'].shape == (80, 64)
+    np.testing.assert_allclose(ref['mu'], ref['features'].astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(ref['sigma'], np.cov(ref['features'].astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
+    assert str(ref['detector']).startswith('sha256:') and not bool(ref['comparable'])
+
+def test_calc_against_own_ref_is_zero_and_labelled(env):
+    stats = os.path.join(env['tmp'], 'a.fid-stats.npz')
+    r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}', '--pr')
+    value, line = fid_line(r)
+    assert abs(value) < 1e-6
+    assert 'NOT comparable to published FID' in line
+    assert re.search(r'^precision 1 ', r.stdout, re.M) and re.search(r'^recall 1 ', r.stdout, re.M)
+    assert os.path.isfile(stats) and not bool(np.load(stats)['comparable'])
+
+    # Unchanged images: statistics are reused; a changed file: recomputed.
+    r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}')
+    assert 'Reusing statistics' in r.stdout and fid_line(r)[0] == value
+    os.utime(os.path.join(env['a'], '000003.png'))
+    r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}')
+    assert 'Reusing statistics' not in r.stdout and 'Calculating statistics' in r.stdout and abs(fid_line(r)[0]) < 1e-6
+
+def test_calc_other_set_and_two_process_torchrun(env):
+    single = calc(env, env['b'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}', '--pr',
+        '--save-stats=' + os.path.join(env['tmp'], 'b1.npz'))
+    value, line = fid_line(single)
+    assert value > 1 and 'NOT comparable' in line
+    multi = calc(env, env['b'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}', '--pr',
+        '--save-stats=' + os.path.join(env['tmp'], 'b2.npz'), torchrun=True)
+    assert fid_line(multi)[0] == pytest.approx(value, rel=1e-6)
+    assert re.findall(r'^(precision|recall) (\S+)', multi.stdout, re.M) == re.findall(r'^(precision|recall) (\S+)', single.stdout, re.M)
+    s1, s2 = np.load(os.path.join(env['tmp'], 'b1.npz')), np.load(os.path.join(env['tmp'], 'b2.npz'))
+    np.testing.assert_allclose(s2['mu'], s1['mu'], rtol=1e-9)
+    np.testing.assert_allclose(s2['sigma'], s1['sigma'], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(s2['features'], s1['features']) # gathered back in dataset order
+
+def test_golden_cifar_zip_against_own_ref(env):
+    zip_path = os.path.join(ROOT, 'tests', 'golden', 'dataset', 'cifar10-32x32.zip')
+    ref_path = os.path.join(env['tmp'], 'cifar-ref.npz')
+    r = run('ref', f'--data={zip_path}', f'--dest={ref_path}', f'--detector={env["det"]}', '--workers=1', tmp=env['tmp'])
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(zip_path) as z:
+        num = len([name for name in z.namelist() if name.endswith('.png')])
+    r = calc(env, zip_path, f'--ref={ref_path}', f'--num={num}', f'--detector={env["det"]}',
+        '--save-stats=' + os.path.join(env['tmp'], 'cifar-stats.npz'), '--workers=1')
+    value, line = fid_line(r)
+    assert abs(value) < 1e-4 and 'NOT comparable' in line
+
+#----------------------------------------------------------------------------
+# Errors: non-zero exit and a one-line message naming the problem.
+
+def assert_error(r, *patterns):
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.strip().splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1 and 'Traceback' not in r.stderr, r.stderr
+    for pattern in patterns:
+        assert re.search(pattern, errors[0]), errors[0]
+
+def test_error_too_few_images(env):
+    assert_error(calc(env, env['a'], f'--ref={env["ref"]}', '--num=100', f'--detector={env["det"]}'), r'found 80 images, need --num=100')
+
+def test_error_mixed_sizes(env):
+    folder = os.path.join(env['tmp'], 'mixed')
+    write_images(folder, 6, seed=2)
+    write_images(os.path.join(folder, 'sub'), 1, seed=3, size=8)
+    assert_error(calc(env, folder, f'--ref={env["ref"]}', '--num=7', f'--detector={env["det"]}', '--workers=1'), r'8x8x3, other images are 16x16x3')
+
+def test_error_ref_without_mu_sigma(env):
+    bad = os.path.join(env['tmp'], 'bad.npz')
+    np.savez(bad, foo=np.zeros(3))
+    assert_error(calc(env, env['a'], f'--ref={bad}', '--num=80', f'--detector={env["det"]}'), r'no mu/sigma', r'fid.py ref')
+
+def test_error_unreachable_ref_url_names_cache_path(env):
+    r = calc(env, env['a'], '--ref=http://127.0.0.1:9/ref.npz', '--num=80', f'--detector={env["det"]}')
+    assert_error(r, r'http://127.0.0.1:9/ref.npz', re.escape(os.path.join(env['tmp'], 'cache', 'downloads')))
+
+def test_standard_detector_is_the_default_and_stand_in_needs_the_flag(env):
+    # Without --detector the standard Inception is fetched (unreachable here): the stand-in is never used by accident.
+    r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80')
+    assert_error(r, re.escape(fid.DETECTOR_URL), r'place it at .*inception-2015-12-05\.pkl')
+
+def test_error_detector_mismatch_with_ref(env):
+    r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det2"]}')
+    assert_error(r, r'computed with detector sha256:', r'same --detector')
+
+def test_error_pr_needs_ref_features(env):
+    ref = os.path.join(env['tmp'], 'ref-nofeat.npz')
+    r = run('ref', f'--data={env["a"]}', f'--dest={ref}', f'--detector={env["det"]}', '--workers=0', tmp=env['tmp'])
+    assert r.returncode == 0, r.stderr
+    assert 'features' not in np.load(ref)
+    assert_error(calc(env, env['a'], f'--ref={ref}', '--num=80', f'--detector={env["det"]}', '--pr'), r'--save-features')
+
+#----------------------------------------------------------------------------
