@@ -159,3 +159,165 @@ def test_open_url_not_found_is_not_retried(server, tmp_path):
     with pytest.raises(IOError, match='404'):
         util.open_url(f'{base}/nope.pkl', cache_dir=str(tmp_path), verbose=False, num_attempts=5)
     assert len(hits) == 1
+
+#----------------------------------------------------------------------------
+# torch_utils.misc
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+
+from torch_utils import misc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _edm_sampler_order(n, rank, num_replicas, seed, window_size, count):
+    """EDM's InfiniteSampler loop, one randint() per step, written out as the reference."""
+    order = np.arange(n)
+    rnd = np.random.RandomState(seed)
+    rnd.shuffle(order)
+    window = int(np.rint(n * window_size))
+    out, idx = [], 0
+    while len(out) < count:
+        i = idx % n
+        if idx % num_replicas == rank:
+            out.append(int(order[i]))
+        if window >= 2:
+            j = (i - rnd.randint(window)) % n
+            order[i], order[j] = order[j], order[i]
+        idx += 1
+    return out
+
+def _take(sampler, count):
+    it = iter(sampler)
+    return [int(next(it)) for _ in range(count)]
+
+def test_infinite_sampler_matches_reference_and_is_disjoint():
+    n, replicas = 37, 3
+    per_rank = [_take(misc.InfiniteSampler(range(n), rank=r, num_replicas=replicas, seed=5), 5000) for r in range(replicas)]
+    for r in range(replicas):
+        assert per_rank[r] == _edm_sampler_order(n, r, replicas, 5, 0.5, 5000)
+    # Ranks take turns on one shared sequence: interleaving them gives the single-process order.
+    whole = _take(misc.InfiniteSampler(range(n), seed=5), replicas * 5000)
+    assert [per_rank[k % replicas][k // replicas] for k in range(replicas * 5000)] == whole
+    # Another seed gives another order; no shuffle gives the plain sequence.
+    assert _take(misc.InfiniteSampler(range(n), seed=6), 50) != _take(misc.InfiniteSampler(range(n), seed=5), 50)
+    assert _take(misc.InfiniteSampler(range(5), rank=1, num_replicas=2, shuffle=False), 6) == [1, 3, 0, 2, 4, 1]
+
+@pytest.mark.parametrize('start', [0, 1, 13, 4096, 9001])
+def test_infinite_sampler_start_is_exact(start):
+    full = _take(misc.InfiniteSampler(range(50), rank=1, num_replicas=2, seed=3), start + 100)
+    resumed = _take(misc.InfiniteSampler(range(50), rank=1, num_replicas=2, seed=3, start=start), 100)
+    assert resumed == full[start:]
+
+def test_infinite_sampler_empty_dataset():
+    with pytest.raises(ValueError, match='empty'):
+        misc.InfiniteSampler([])
+
+def test_constant_and_assert_shape():
+    a = misc.constant([1, 2], dtype=torch.float32)
+    assert a is misc.constant([1, 2], dtype=torch.float32) # cached
+    assert misc.constant(3.0, shape=[2, 2]).tolist() == [[3.0, 3.0], [3.0, 3.0]]
+    assert misc.constant([1, 2], dtype=torch.int64).dtype == torch.int64
+    misc.assert_shape(torch.zeros(2, 3), [None, 3])
+    with pytest.raises(AssertionError, match='dimension 1'):
+        misc.assert_shape(torch.zeros(2, 3), [2, 4])
+    with pytest.raises(AssertionError, match='dimensions'):
+        misc.assert_shape(torch.zeros(2, 3), [2])
+
+def test_params_copy_and_nan_to_num():
+    src = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    dst = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    src[1].running_mean.fill_(7)
+    misc.copy_params_and_buffers(src, dst, require_all=True)
+    for (n1, t1), (n2, t2) in zip(misc.named_params_and_buffers(src), misc.named_params_and_buffers(dst)):
+        assert n1 == n2 and torch.equal(t1, t2)
+    assert len(misc.params_and_buffers(src)) == 4 + 3
+    with pytest.raises(ValueError, match='lacks'):
+        misc.copy_params_and_buffers(torch.nn.Sequential(torch.nn.Linear(3, 4)), dst, require_all=True)
+    with pytest.raises(ValueError, match='shape'):
+        misc.copy_params_and_buffers(torch.nn.Sequential(torch.nn.Linear(3, 5)), dst)
+    lin = torch.nn.Linear(2, 1)
+    lin.weight.grad = torch.tensor([[float('nan'), float('inf')]])
+    misc.nan_to_num_grads_(lin)
+    assert lin.weight.grad.tolist() == [[0.0, 1e5]]
+
+def test_print_module_summary(capsys):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    out = misc.print_module_summary(net, [torch.zeros(5, 4)])
+    assert out.shape == (5, 2)
+    text = capsys.readouterr().out
+    assert '[5, 8]' in text and '[5, 2]' in text
+    assert text.strip().splitlines()[-1].split()[:2] == ['Total', str(4 * 8 + 8 + 8 * 2 + 2)]
+
+#----------------------------------------------------------------------------
+# torch_utils.distributed + training_stats with two real processes (torchrun, gloo on CPU).
+
+WORKER = '''
+import json, sys, torch
+from torch_utils import distributed as dist, training_stats, misc
+dist.init()
+rank, world = dist.get_rank(), dist.get_world_size()
+assert world == 2 and dist.device() == torch.device('cpu')
+stats = training_stats.Collector(regex='Test/.*')
+# Ranks report different values, in different orders: rank 0 -> [1], rank 1 -> [2, 2].
+if rank == 0:
+    training_stats.report('Test/a', [1.0]); training_stats.report0('Test/b', 10.0)
+else:
+    training_stats.report0('Test/b', 99.0); training_stats.report('Test/a', torch.tensor([2.0, 2.0]))
+stats.update()
+torch.manual_seed(0)
+same = torch.nn.Linear(3, 3)
+misc.check_ddp_consistency(same)
+torch.manual_seed(rank)
+differs = torch.nn.Linear(3, 3)
+try:
+    misc.check_ddp_consistency(differs)
+    ddp_caught = False
+except AssertionError:
+    ddp_caught = True
+dist.barrier()
+result = dict(rank=rank, a_num=stats.num('Test/a'), a_mean=stats.mean('Test/a'), a_std=stats.std('Test/a'),
+    b_num=stats.num('Test/b'), b_mean=stats.mean('Test/b'), ddp_caught=ddp_caught)
+with open(sys.argv[1] + f'.{rank}', 'w') as f:
+    json.dump(result, f)
+'''
+
+def test_distributed_training_stats_two_processes(tmp_path):
+    script = tmp_path / 'worker.py'
+    script.write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+        str(script), str(tmp_path / 'result')], env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        r = json.loads((tmp_path / f'result.{rank}').read_text())
+        assert r['rank'] == rank
+        assert r['a_num'] == 3 and r['a_mean'] == pytest.approx(5 / 3)
+        assert r['a_std'] == pytest.approx(np.std([1, 2, 2]))
+        assert r['b_num'] == 1 and r['b_mean'] == 10.0 # report0: only rank 0 counts
+        assert r['ddp_caught'] == (rank == 1) # rank 1's differing weights are detected, and nobody hangs
+
+def test_distributed_single_process_without_torchrun(tmp_path):
+    code = textwrap.dedent('''
+        import torch
+        from torch_utils import distributed as dist, training_stats
+        dist.init()
+        assert (dist.get_rank(), dist.get_world_size()) == (0, 1)
+        t = torch.ones(2); torch.distributed.all_reduce(t); assert t.tolist() == [1.0, 1.0]
+        c = training_stats.Collector()
+        training_stats.report('x', [1.0, 3.0]); c.update()
+        assert c.mean('x') == 2.0 and c.num('x') == 2
+        dist.print0('ok'); dist.barrier()
+    ''')
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    env['PYTHONPATH'] = REPO
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == 'ok'
+
+#----------------------------------------------------------------------------

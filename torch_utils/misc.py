@@ -172,8 +172,10 @@ def ddp_sync(module, sync):
             yield
 
 def check_ddp_consistency(module, ignore_regex=None):
-    """Assert that every parameter and buffer equals rank 0's (NaNs compare equal)."""
+    """Assert that every parameter and buffer equals rank 0's (NaNs compare equal). Every rank runs
+    all broadcasts before raising, so a mismatch cannot leave the other ranks waiting forever."""
     assert isinstance(module, torch.nn.Module)
+    mismatches = []
     for name, tensor in named_params_and_buffers(module):
         fullname = type(module).__name__ + '.' + name
         if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
@@ -183,7 +185,9 @@ def check_ddp_consistency(module, ignore_regex=None):
             tensor = torch.nan_to_num(tensor)
         other = tensor.clone()
         torch.distributed.broadcast(tensor=other, src=0)
-        assert (tensor == other).all(), f'{fullname} differs from rank 0'
+        if not (tensor == other).all():
+            mismatches.append(fullname)
+    assert not mismatches, f'DDP inconsistency: {", ".join(mismatches)} differ(s) from rank 0'
 
 #----------------------------------------------------------------------------
 # Table of submodules with parameter counts and output shapes, from one forward pass.

@@ -1,0 +1,58 @@
+"""torch.distributed set-up from torchrun's environment, and rank-aware helpers.
+
+Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set), init() joins the
+process group with NCCL on CUDA and gloo otherwise. Started as a plain `python prog.py`, it creates
+a one-process gloo group on an in-memory store (no port, no network), so code that calls
+torch.distributed collectives works unchanged in both cases.
+"""
+
+import os
+
+import torch
+
+from . import training_stats
+
+#----------------------------------------------------------------------------
+
+def init():
+    if torch.distributed.is_initialized():
+        return
+    if 'WORLD_SIZE' in os.environ and 'RANK' in os.environ:
+        backend = 'nccl' if torch.cuda.is_available() and torch.distributed.is_nccl_available() else 'gloo'
+        if backend == 'nccl':
+            torch.cuda.set_device(device())
+        torch.distributed.init_process_group(backend=backend, init_method='env://')
+    else:
+        store = torch.distributed.HashStore()
+        torch.distributed.init_process_group(backend='gloo', store=store, rank=0, world_size=1)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device())
+    sync_device = device() if get_world_size() > 1 else None
+    training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+#----------------------------------------------------------------------------
+
+def get_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+def get_world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+def get_local_rank():
+    return int(os.environ.get('LOCAL_RANK', '0'))
+
+def device():
+    """This process's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device('cuda', get_local_rank() % torch.cuda.device_count())
+    return torch.device('cpu')
+
+def barrier():
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        torch.distributed.barrier()
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+#----------------------------------------------------------------------------
