@@ -29,7 +29,7 @@ def constant(value, shape=None, dtype=None, device=None, memory_format=None):
     if tensor is None:
         tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
         if shape is not None:
-            tensor, _ = torch.broadcast_tensors(tensor, torch.empty(shape))
+            tensor = tensor.expand(torch.broadcast_shapes(tensor.shape, shape))
         tensor = tensor.contiguous(memory_format=memory_format)
         _constant_cache[key] = tensor
     return tensor
