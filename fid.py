@@ -29,9 +29,13 @@ NOT_COMPARABLE = 'NOT comparable to published FID'
 DOWNLOAD_ATTEMPTS = 3 # the files live on NVIDIA's CDNs; fail in seconds on machines without access
 
 def _one_line(err):
-    # Worker exceptions arrive with the worker's traceback in the message: keep its last line.
+    # Data loader workers' exceptions arrive with the worker's traceback in the message: keep its last line.
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', lines[-1]) if lines else repr(err)
+    if not lines:
+        return repr(err)
+    if 'Traceback' in str(err):
+        return re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', lines[-1])
+    return ' '.join(lines)
 
 def _open_url(url, **kwargs):
     try:
@@ -67,7 +71,7 @@ def build_detector(det, device):
         net = pickle.loads(det.data)
     except Exception as err:
         raise click.ClickException(f'{det.url}: not a detector pickle ({_one_line(err)})')
-    return net.eval().requires_grad_(False).to(device)
+    return net.to(device) # as EDM: the pickle's own mode; features are computed under no_grad
 
 def _detector_note(det):
     return '' if det.standard else f'  ({NOT_COMPARABLE}: detector {det.url} is not the standard {DETECTOR_NAME})'
@@ -202,7 +206,7 @@ def compute_precision_recall(real_features, gen_features, k=3, max_block=1<<26, 
             gen_inside[rows] = (dist_rows <= real_radii[np.newaxis]).any(dim=1)
             real_inside |= (dist_rows <= gen_radii[rows, np.newaxis]).any(dim=0)
             bar.update(1)
-    return gen_inside.float().mean().item(), real_inside.float().mean().item()
+    return gen_inside.double().mean().item(), real_inside.double().mean().item()
 
 #----------------------------------------------------------------------------
 # Statistics files. mu and sigma keep EDM's format; extra keys say how they were made.
@@ -241,6 +245,8 @@ def detector_fields(det):
 def images_fingerprint(path, exclude=()):
     # Identifies the image set by its file list, sizes and modification times (no reading of contents).
     exclude = {os.path.abspath(p) for p in exclude}
+    if not os.path.exists(path):
+        raise click.ClickException(f'{path}: no such directory or zip file')
     if os.path.isdir(path):
         files = sorted(os.path.join(root, name) for root, _dirs, names in os.walk(path) for name in names)
         files = [f for f in files if os.path.abspath(f) not in exclude]

@@ -136,10 +136,19 @@ def env(tmp_path_factory):
     assert 'NOT comparable' in r.stdout
     return e
 
-def run(*args, tmp, torchrun=False):
+def start(*args, tmp, torchrun=False):
+    # A cache of our own, so that no real detector file can be picked up. Under torchrun, "--" keeps
+    # torchrun from taking --num for its own --numa-binding.
     env = dict(os.environ, DNNLIB_CACHE_DIR=os.path.join(tmp, 'cache'), OMP_NUM_THREADS='1')
     prefix = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--'] if torchrun else [sys.executable]
-    return subprocess.run(prefix + [os.path.join(ROOT, 'fid.py'), *args], capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
+    return subprocess.Popen(prefix + [os.path.join(ROOT, 'fid.py'), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp, env=env)
+
+def finish(proc):
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+def run(*args, tmp, torchrun=False):
+    return finish(start(*args, tmp=tmp, torchrun=torchrun))
 
 def calc(e, images, *args, torchrun=False):
     workers = [] if any(a.startswith('--workers') for a in args) else ['--workers=0']
@@ -191,17 +200,41 @@ def test_calc_other_set_and_two_process_torchrun(env):
 def test_golden_cifar_zip_against_own_ref(env):
     zip_path = os.path.join(ROOT, 'tests', 'golden', 'dataset', 'cifar10-32x32.zip')
     ref_path = os.path.join(env['tmp'], 'cifar-ref.npz')
-    r = run('ref', f'--data={zip_path}', f'--dest={ref_path}', f'--detector={env["det"]}', '--workers=1', tmp=env['tmp'])
+    r = run('ref', f'--data={zip_path}', f'--dest={ref_path}', f'--detector={env["det"]}', '--workers=0', tmp=env['tmp'])
     assert r.returncode == 0, r.stderr
     with zipfile.ZipFile(zip_path) as z:
         num = len([name for name in z.namelist() if name.endswith('.png')])
     r = calc(env, zip_path, f'--ref={ref_path}', f'--num={num}', f'--detector={env["det"]}',
-        '--save-stats=' + os.path.join(env['tmp'], 'cifar-stats.npz'), '--workers=1')
+        '--save-stats=' + os.path.join(env['tmp'], 'cifar-stats.npz'))
     value, line = fid_line(r)
     assert abs(value) < 1e-4 and 'NOT comparable' in line
 
 #----------------------------------------------------------------------------
 # Errors: non-zero exit and a one-line message naming the problem.
+
+# The error cases run as concurrent processes: most of their time is start-up and download retries.
+
+@pytest.fixture(scope='module')
+def errors(env):
+    tmp, det = env['tmp'], f'--detector={env["det"]}'
+    mixed = os.path.join(tmp, 'mixed')
+    write_images(mixed, 6, seed=2)
+    write_images(os.path.join(mixed, 'sub'), 1, seed=3, size=8)
+    np.savez(os.path.join(tmp, 'bad.npz'), foo=np.zeros(3))
+    ref = dict(np.load(env['ref']))
+    del ref['features']
+    np.savez(os.path.join(tmp, 'ref-nofeat.npz'), **ref)
+    cases = {
+        'too_few':      [env['a'], f'--ref={env["ref"]}', '--num=100', det],
+        'mixed':        [mixed, f'--ref={env["ref"]}', '--num=7', det, '--workers=1'], # error raised in a loader worker
+        'no_mu_sigma':  [env['a'], f'--ref={os.path.join(tmp, "bad.npz")}', '--num=80', det],
+        'url':          [env['a'], '--ref=http://127.0.0.1:9/ref.npz', '--num=80', det],
+        'default_det':  [env['a'], f'--ref={env["ref"]}', '--num=80'],
+        'mismatch':     [env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det2"]}'],
+        'pr_features':  [env['a'], f'--ref={os.path.join(tmp, "ref-nofeat.npz")}', '--num=80', det, '--pr'],
+    }
+    procs = {name: start('calc', f'--images={args[0]}', *args[1:], *([] if '--workers=1' in args else ['--workers=0']), tmp=tmp) for name, args in cases.items()}
+    return {name: finish(proc) for name, proc in procs.items()}
 
 def assert_error(r, *patterns):
     assert r.returncode != 0
@@ -210,38 +243,26 @@ def assert_error(r, *patterns):
     for pattern in patterns:
         assert re.search(pattern, errors[0]), errors[0]
 
-def test_error_too_few_images(env):
-    assert_error(calc(env, env['a'], f'--ref={env["ref"]}', '--num=100', f'--detector={env["det"]}'), r'found 80 images, need --num=100')
+def test_error_too_few_images(errors):
+    assert_error(errors['too_few'], r'found 80 images, need --num=100')
 
-def test_error_mixed_sizes(env):
-    folder = os.path.join(env['tmp'], 'mixed')
-    write_images(folder, 6, seed=2)
-    write_images(os.path.join(folder, 'sub'), 1, seed=3, size=8)
-    assert_error(calc(env, folder, f'--ref={env["ref"]}', '--num=7', f'--detector={env["det"]}', '--workers=1'), r'8x8x3, other images are 16x16x3')
+def test_error_mixed_sizes(errors):
+    assert_error(errors['mixed'], r'8x8x3, other images are 16x16x3')
 
-def test_error_ref_without_mu_sigma(env):
-    bad = os.path.join(env['tmp'], 'bad.npz')
-    np.savez(bad, foo=np.zeros(3))
-    assert_error(calc(env, env['a'], f'--ref={bad}', '--num=80', f'--detector={env["det"]}'), r'no mu/sigma', r'fid.py ref')
+def test_error_ref_without_mu_sigma(errors):
+    assert_error(errors['no_mu_sigma'], r'no mu/sigma', r'fid.py ref')
 
-def test_error_unreachable_ref_url_names_cache_path(env):
-    r = calc(env, env['a'], '--ref=http://127.0.0.1:9/ref.npz', '--num=80', f'--detector={env["det"]}')
-    assert_error(r, r'http://127.0.0.1:9/ref.npz', re.escape(os.path.join(env['tmp'], 'cache', 'downloads')))
+def test_error_unreachable_ref_url_names_cache_path(errors, env):
+    assert_error(errors['url'], r'http://127.0.0.1:9/ref.npz', r'place it at ' + re.escape(os.path.join(env['tmp'], 'cache', 'downloads')))
 
-def test_standard_detector_is_the_default_and_stand_in_needs_the_flag(env):
+def test_standard_detector_is_the_default_and_stand_in_needs_the_flag(errors):
     # Without --detector the standard Inception is fetched (unreachable here): the stand-in is never used by accident.
-    r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80')
-    assert_error(r, re.escape(fid.DETECTOR_URL), r'place it at .*inception-2015-12-05\.pkl')
+    assert_error(errors['default_det'], re.escape(fid.DETECTOR_URL), r'place it at .*inception-2015-12-05\.pkl')
 
-def test_error_detector_mismatch_with_ref(env):
-    r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det2"]}')
-    assert_error(r, r'computed with detector sha256:', r'same --detector')
+def test_error_detector_mismatch_with_ref(errors):
+    assert_error(errors['mismatch'], r'computed with detector sha256:', r'same --detector')
 
-def test_error_pr_needs_ref_features(env):
-    ref = os.path.join(env['tmp'], 'ref-nofeat.npz')
-    r = run('ref', f'--data={env["a"]}', f'--dest={ref}', f'--detector={env["det"]}', '--workers=0', tmp=env['tmp'])
-    assert r.returncode == 0, r.stderr
-    assert 'features' not in np.load(ref)
-    assert_error(calc(env, env['a'], f'--ref={ref}', '--num=80', f'--detector={env["det"]}', '--pr'), r'--save-features')
+def test_error_pr_needs_ref_features(errors):
+    assert_error(errors['pr_features'], r'no features for --pr', r'--save-features')
 
 #----------------------------------------------------------------------------
