@@ -321,3 +321,20 @@ def test_distributed_single_process_without_torchrun(tmp_path):
     assert proc.stdout.strip() == 'ok'
 
 #----------------------------------------------------------------------------
+
+def test_training_stats_in_process():
+    from torch_utils import training_stats
+    c = training_stats.Collector(regex='InProc/.*', keep_previous=False)
+    training_stats.report('InProc/x', torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    training_stats.report('InProc/x', [])
+    training_stats.report('Other/y', 5.0)
+    c.update()
+    assert c.names() == ['InProc/x'] and c.num('InProc/x') == 4 and c['InProc/x'] == 3.0
+    assert c.std('InProc/x') == pytest.approx(np.std([1, 2, 3, 6]))
+    assert c.as_dict() == {'InProc/x': dict(num=4, mean=3.0, std=pytest.approx(np.std([1, 2, 3, 6])))}
+    c.update() # nothing new reported: without keep_previous the statistic is empty
+    assert c.num('InProc/x') == 0 and np.isnan(c.mean('InProc/x'))
+    # A repeated single-process set-up after syncing is allowed; switching to multi-process is not.
+    training_stats.init_multiprocessing(rank=0, sync_device=None)
+    with pytest.raises(AssertionError):
+        training_stats.init_multiprocessing(rank=1, sync_device=torch.device('cpu'))

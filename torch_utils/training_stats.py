@@ -37,7 +37,10 @@ def init_multiprocessing(rank, sync_device):
     """Set this process's rank and the device to all_reduce on (None for a single process).
     gloo needs a CPU device, NCCL a CUDA one."""
     global _rank, _sync_device
-    assert not _sync_called, 'init_multiprocessing() must be called before the first Collector.update()'
+    # Changing the set-up after statistics were synced would mix single- and multi-process sums.
+    # Setting the same values again (e.g. a second single-process init in one interpreter) is fine.
+    assert not _sync_called or (rank, sync_device) == (_rank, _sync_device), \
+        'init_multiprocessing() must be called before the first Collector.update()'
     _rank = rank
     _sync_device = sync_device
 
