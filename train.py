@@ -154,7 +154,7 @@ def main(**kwargs):
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
 
     # Training options.
-    c.total_kimg = max(int(opts.duration * 1000), 1)
+    c.total_kimg = opts.duration * 1000 # fractional kimg allowed: short CPU runs
     c.ema_halflife_kimg = int(opts.ema * 1000)
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)

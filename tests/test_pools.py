@@ -1,29 +1,13 @@
 """AOT pool stream: determinism per (seed, rank, pool), pairing, ordering across workers, resume."""
 
-import json
-import os
-
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 from training import aot
 from training.dataset import ImageFolderDataset
 from training.pools import PoolStream, iterate_slices
-
-def make_dataset(path, n=40, res=8, channels=3, num_classes=4):
-    os.makedirs(path, exist_ok=True)
-    rng = np.random.RandomState(0)
-    labels = []
-    for i in range(n):
-        img = rng.randint(0, 256, size=[res, res, channels], dtype=np.uint8)
-        name = f'img{i:04d}.png'
-        PIL.Image.fromarray(img[:, :, 0] if channels == 1 else img).save(os.path.join(path, name))
-        labels.append([name, i % num_classes])
-    with open(os.path.join(path, 'dataset.json'), 'w') as f:
-        json.dump({'labels': labels}, f)
-    return path
+from tests.datagen import make_dataset
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):

@@ -2,6 +2,7 @@
 snapshots in both EDM's pickle format and the safe format."""
 
 import copy
+import hashlib
 import json
 import os
 import pickle
@@ -58,8 +59,7 @@ def save_sample_grid(net, path, num_images=64, num_steps=18, device=torch.device
     """A grid of EMA samples from fixed seeds, so successive snapshots can be compared by eye.
     Uses its own generators: the trainer's RNG stream is left untouched."""
     seeds = list(range(num_images))
-    rnd = sampling.StackedRandomGenerator(device, seeds)
-    latents, class_labels = sampling.latents_and_labels(net, seeds, device=device)
+    latents, class_labels, rnd = sampling.latents_for_seeds(net, seeds, device=device)
     images = sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
     save_image_grid(to_uint8(images), path)
 
@@ -199,8 +199,8 @@ def training_loop(
     tick_start_nimg = cur_nimg
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
-    dist.update_progress(cur_nimg // 1000, total_kimg)
     stats_jsonl = None
+    seen_images = hashlib.sha1() # which images this rank trained on, compared across ranks at the end
     while True:
 
         # Accumulate gradients.
@@ -208,6 +208,7 @@ def training_loop(
         for round_idx in range(num_accumulation_rounds):
             with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
                 part = next(slices)
+                seen_images.update(part['indices'].cpu().numpy().tobytes())
                 loss = loss_fn(net=ddp, images=part['images'], labels=part['labels'], noise=part['noise'],
                                augment_labels=part['augment_labels'])
                 training_stats.report('Loss/loss', loss)
@@ -252,7 +253,7 @@ def training_loop(
         fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
         fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_time):<7.1f}"]
         fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', tick_time / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
-        fields += [f"aot_wait {training_stats.report0('Timing/aot_wait_frac', wait_frac) * 100:<5.1f}%"]
+        fields += [f"aot_wait {training_stats.report0('Timing/aot_wait_frac', wait_frac):<6.1%}"]
         fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
         fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
         if device.type == 'cuda':
@@ -294,7 +295,6 @@ def training_loop(
                 stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
             stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
             stats_jsonl.flush()
-        dist.update_progress(cur_nimg // 1000, total_kimg)
 
         # Update state.
         cur_tick += 1
@@ -304,6 +304,16 @@ def training_loop(
         aot_wait[0] = 0.0
         if done:
             break
+
+    # All ranks must end with the same weights, each having trained on its own images.
+    if dist.get_world_size() > 1:
+        weights = hashlib.sha1(b''.join(t.detach().cpu().numpy().tobytes() for t in net.state_dict().values())).hexdigest()
+        fingerprints = _gather_objects((weights, seen_images.hexdigest()))
+        if len({w for w, _ in fingerprints}) != 1:
+            raise RuntimeError('Weights differ between ranks after training; DDP synchronisation failed')
+        distinct = len({s for _, s in fingerprints}) == len(fingerprints)
+        dist.print0(f'Rank check: weights identical on all {len(fingerprints)} ranks; '
+                    + ('each rank trained on its own images.' if distinct else 'WARNING: ranks trained on the same images.'))
 
     # Done.
     dist.print0()
