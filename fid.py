@@ -82,6 +82,8 @@ def _detector_note(det):
 
 @torch.no_grad()
 def _features(net, images, device):
+    if images.shape[1] not in [1, 3]:
+        raise click.ClickException(f'images have {images.shape[1]} channels, the detector takes RGB or grayscale; convert them with dataset_tool.py')
     if images.shape[1] == 1:
         images = images.repeat([1, 3, 1, 1])
     features = net(images.to(device), return_features=True)
@@ -328,7 +330,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
                     dist.print0(f'Reusing statistics from "{stats_path}" (images unchanged)')
             except Exception: # unreadable or foreign file: recompute and overwrite
                 pass
-    reuse = torch.tensor([gen is not None], device=device)
+    reuse = torch.tensor([int(gen is not None)], device=device)
     if dist.get_world_size() > 1:
         torch.distributed.broadcast(reuse, src=0)
 

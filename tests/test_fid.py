@@ -212,7 +212,27 @@ def test_golden_cifar_zip_against_own_ref(env):
 #----------------------------------------------------------------------------
 # Errors: non-zero exit and a one-line message naming the problem.
 
-# The error cases run as concurrent processes: most of their time is start-up and download retries.
+# The error cases run one after another in a single process (start-up is most of their cost), each
+# through click's normal entry point: exit code and stderr as a user sees them.
+
+ERROR_RUNNER = '''
+import sys, io, json, contextlib, traceback
+sys.path.insert(0, sys.argv[1])
+import fid
+results = {}
+for name, args in json.loads(sys.stdin.read()).items():
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            fid.main(args, prog_name='fid.py')
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        except BaseException:
+            code, _ = 'uncaught', traceback.print_exc()
+    results[name] = [code, out.getvalue(), err.getvalue()]
+print(json.dumps(results))
+'''
 
 @pytest.fixture(scope='module')
 def errors(env):
@@ -220,6 +240,10 @@ def errors(env):
     mixed = os.path.join(tmp, 'mixed')
     write_images(mixed, 6, seed=2)
     write_images(os.path.join(mixed, 'sub'), 1, seed=3, size=8)
+    rgba = os.path.join(tmp, 'rgba')
+    os.makedirs(rgba)
+    for i in range(3):
+        PIL.Image.fromarray(np.full([8, 8, 4], 60 * i, dtype=np.uint8)).save(os.path.join(rgba, f'{i}.png'))
     np.savez(os.path.join(tmp, 'bad.npz'), foo=np.zeros(3))
     ref = dict(np.load(env['ref']))
     del ref['features']
@@ -227,17 +251,21 @@ def errors(env):
     cases = {
         'too_few':      [env['a'], f'--ref={env["ref"]}', '--num=100', det],
         'mixed':        [mixed, f'--ref={env["ref"]}', '--num=7', det, '--workers=1'], # error raised in a loader worker
+        'rgba':         [rgba, f'--ref={env["ref"]}', '--num=3', det],
         'no_mu_sigma':  [env['a'], f'--ref={os.path.join(tmp, "bad.npz")}', '--num=80', det],
         'url':          [env['a'], '--ref=http://127.0.0.1:9/ref.npz', '--num=80', det],
         'default_det':  [env['a'], f'--ref={env["ref"]}', '--num=80'],
         'mismatch':     [env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det2"]}'],
         'pr_features':  [env['a'], f'--ref={os.path.join(tmp, "ref-nofeat.npz")}', '--num=80', det, '--pr'],
     }
-    procs = {name: start('calc', f'--images={args[0]}', *args[1:], *([] if '--workers=1' in args else ['--workers=0']), tmp=tmp) for name, args in cases.items()}
-    return {name: finish(proc) for name, proc in procs.items()}
+    cases = {name: ['calc', f'--images={args[0]}', *args[1:], *([] if '--workers=1' in args else ['--workers=0'])] for name, args in cases.items()}
+    env = dict(os.environ, DNNLIB_CACHE_DIR=os.path.join(tmp, 'cache'), OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, '-c', ERROR_RUNNER, ROOT], input=json.dumps(cases), capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return {name: subprocess.CompletedProcess(cases[name], *result) for name, result in json.loads(r.stdout.strip().splitlines()[-1]).items()}
 
 def assert_error(r, *patterns):
-    assert r.returncode != 0
+    assert r.returncode not in [0, 'uncaught'], r.stderr
     errors = [line for line in r.stderr.strip().splitlines() if line.startswith('Error:')]
     assert len(errors) == 1 and 'Traceback' not in r.stderr, r.stderr
     for pattern in patterns:
@@ -248,6 +276,9 @@ def test_error_too_few_images(errors):
 
 def test_error_mixed_sizes(errors):
     assert_error(errors['mixed'], r'8x8x3, other images are 16x16x3')
+
+def test_error_four_channels(errors):
+    assert_error(errors['rgba'], r'images have 4 channels')
 
 def test_error_ref_without_mu_sigma(errors):
     assert_error(errors['no_mu_sigma'], r'no mu/sigma', r'fid.py ref')
