@@ -55,8 +55,6 @@ class Logger:
     def write(self, text):
         if isinstance(text, bytes):
             text = text.decode()
-        if len(text) == 0:
-            return
         if self.file is not None:
             self.file.write(text)
         self.stdout.write(text)
@@ -93,23 +91,6 @@ def format_time(seconds) -> str:
         return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
     return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
 
-def format_time_brief(seconds) -> str:
-    """Two most significant units only: '42s', '3m 05s', '2h 07m', '1d 04h'."""
-    s = int(round(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02d}s'
-    if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02d}m'
-    return f'{s // 86400}d {(s // 3600) % 24:02d}h'
-
-def ask_yes_no(question: str) -> bool:
-    while True:
-        answer = input(f'{question} [y/n]: ').strip().lower()
-        if answer in ('y', 'yes', 'n', 'no'):
-            return answer.startswith('y')
-
 def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
     """True for strings like 'https://host/path' (and 'file://...' when allow_file_urls)."""
     if not isinstance(obj, str) or '://' not in obj:
@@ -136,7 +117,7 @@ def get_module_from_obj_name(obj_name: str):
         except ModuleNotFoundError as err:
             # Only "this very module does not exist" means keep looking; a missing import *inside*
             # an existing module is a real error the user has to see.
-            if err.name is None or not module_name.startswith(err.name):
+            if err.name is None or not (module_name == err.name or module_name.startswith(err.name + '.')):
                 raise
             continue
         try:
@@ -174,18 +155,6 @@ def call_func_by_name(*args, func_name: str = None, **kwargs) -> Any:
 def construct_class_by_name(*args, class_name: str = None, **kwargs) -> Any:
     assert class_name is not None, 'construct_class_by_name: class_name is required'
     return call_func_by_name(*args, func_name=class_name, **kwargs)
-
-def get_module_dir_by_obj_name(obj_name: str) -> str:
-    module, _ = get_module_from_obj_name(obj_name)
-    return os.path.dirname(os.path.abspath(module.__file__))
-
-def get_top_level_function_name(obj: Any) -> str:
-    """Dotted name of a top-level function, suitable for call_func_by_name."""
-    assert callable(obj) and obj.__name__ in sys.modules[obj.__module__].__dict__
-    module = obj.__module__
-    if module == '__main__':
-        module = os.path.splitext(os.path.basename(sys.modules[module].__file__))[0]
-    return module + '.' + obj.__name__
 
 #----------------------------------------------------------------------------
 # Cache directory for downloads: set_cache_dir(), else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib

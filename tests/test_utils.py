@@ -30,6 +30,16 @@ def test_format_time():
     assert util.format_time(2 * 3600 + 7 * 60 + 3) == '2h 07m 03s'
     assert util.format_time(86400 + 4 * 3600 + 60) == '1d 04h 01m'
 
+def test_logger_tees_and_restores(tmp_path, capsys):
+    import sys
+    before = sys.stdout
+    with util.Logger(file_name=str(tmp_path / 'log.txt'), file_mode='a'):
+        print('hello')
+        print('to stderr', file=sys.stderr)
+    assert sys.stdout is before
+    assert (tmp_path / 'log.txt').read_text() == 'hello\nto stderr\n'
+    assert 'hello' in capsys.readouterr().out
+
 def test_is_url():
     assert util.is_url('https://example.com/a.pkl')
     assert util.is_url('http://127.0.0.1:8000/x')
@@ -54,6 +64,11 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path))
     assert util.make_cache_dir_path('downloads') == os.path.join(str(tmp_path), 'downloads')
     assert util.url_cache_path('https://h.org/dir/file.pkl').startswith(os.path.join(str(tmp_path), 'downloads'))
+    util.set_cache_dir(str(tmp_path / 'explicit'))
+    try:
+        assert util.make_cache_dir_path('x') == os.path.join(str(tmp_path / 'explicit'), 'x')
+    finally:
+        util.set_cache_dir(None)
 
 #----------------------------------------------------------------------------
 # open_url against a local HTTP server.
