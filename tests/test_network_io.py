@@ -205,3 +205,26 @@ def test_convert_network_cli(tmp_path):
     assert missing.returncode != 0 and 'nope.pkl' in missing.stderr and not (tmp_path / 'o.safetensors').exists()
 
 #----------------------------------------------------------------------------
+
+def test_load_network_from_url(small_module, tmp_path, monkeypatch):
+    import functools, http.server, threading
+    net = small_module.SmallNet(3)
+    served = tmp_path / 'served'
+    served.mkdir()
+    with open(served / 'network-snapshot-000001.pkl', 'wb') as f:
+        pickle.dump(dict(ema=net), f)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    try:
+        url = f'http://127.0.0.1:{httpd.server_address[1]}/network-snapshot-000001.pkl'
+        loaded = network_io.load_network(url, verbose=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    x = torch.randn(2, 3)
+    assert torch.equal(loaded(x, 1.0), net(x, 1.0))
+    assert len(os.listdir(tmp_path / 'cache' / 'downloads')) == 1 # cached for next time
