@@ -41,8 +41,10 @@ def constant(value, shape=None, dtype=None, device=None, memory_format=None):
 def suppress_tracer_warnings():
     flt = ('ignore', None, torch.jit.TracerWarning, None, 0)
     warnings.filters.insert(0, flt)
-    yield
-    warnings.filters.remove(flt)
+    try:
+        yield
+    finally:
+        warnings.filters.remove(flt)
 
 def assert_shape(tensor, ref_shape):
     if tensor.ndim != len(ref_shape):
@@ -51,7 +53,7 @@ def assert_shape(tensor, ref_shape):
         if ref_size is None:
             pass
         elif isinstance(ref_size, torch.Tensor):
-            with suppress_tracer_warnings():  # as_tensor results are registered as constants
+            with suppress_tracer_warnings(): # the tracer warns about comparing traced sizes; the check is intended
                 torch._assert(torch.equal(torch.as_tensor(size), ref_size), f'Wrong size for dimension {idx}')
         elif isinstance(size, torch.Tensor):
             with suppress_tracer_warnings():
