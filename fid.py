@@ -119,7 +119,7 @@ def calculate_inception_stats(image_path, num_expected=None, seed=0, max_batch_s
     num_images, world, rank = len(dataset_obj), dist.get_world_size(), dist.get_rank()
     num_batches = ((num_images - 1) // (max_batch_size * world) + 1) * world
     all_batches = [b.tolist() for b in torch.arange(num_images).tensor_split(num_batches)]
-    rank_batches = all_batches[rank :: world]
+    rank_batches = [b for b in all_batches[rank :: world] if len(b) > 0]
     data_loader = torch.utils.data.DataLoader(dataset_obj, batch_sampler=rank_batches, num_workers=num_workers,
         prefetch_factor=(prefetch_factor if num_workers > 0 else None))
 
@@ -131,8 +131,6 @@ def calculate_inception_stats(image_path, num_expected=None, seed=0, max_batch_s
     dist.print0(f'Calculating statistics for {num_images} images...')
     try:
         for images, _labels in tqdm.tqdm(data_loader, unit='batch', disable=(rank != 0)):
-            if images.shape[0] == 0:
-                continue
             features = _features(detector_net, images, device)
             f64 = features.to(torch.float64)
             total += f64.sum(0)
