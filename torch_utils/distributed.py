@@ -6,6 +6,7 @@ a one-process gloo group on an in-memory store (no port, no network), so code th
 torch.distributed collectives works unchanged in both cases.
 """
 
+import atexit
 import os
 
 import torch
@@ -27,8 +28,15 @@ def init():
         torch.distributed.init_process_group(backend='gloo', store=store, rank=0, world_size=1)
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
+    # Leave the group cleanly at exit: otherwise gloo's threads can abort the interpreter on the
+    # way out ("terminate called without an active exception") and turn success into a crash.
+    atexit.register(_shutdown)
     sync_device = device() if get_world_size() > 1 else None
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+def _shutdown():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 #----------------------------------------------------------------------------
 
