@@ -172,8 +172,13 @@ class _EDMStylePickle:
     def __reduce__(self):
         return (persistence._reconstruct_persistent_obj, (self.meta,))
 
-@pytest.mark.parametrize('meta_type', [dict, dnnlib.EasyDict])
-def test_hand_built_edm_pickle_loads(tmp_path, meta_type):
+# nn.Module attributes of torch 1.12, which EDM's published pickles were written with; newer ones
+# (e.g. _forward_hooks_with_kwargs) are missing from such files and must be filled in on loading.
+TORCH_1_12_MODULE_KEYS = {'training', '_parameters', '_buffers', '_non_persistent_buffers_set', '_backward_hooks',
+    '_is_full_backward_hook', '_forward_hooks', '_forward_pre_hooks', '_state_dict_hooks', '_load_state_dict_pre_hooks', '_modules'}
+
+@pytest.mark.parametrize('meta_type,old_torch', [(dict, False), (dnnlib.EasyDict, False), (dict, True)])
+def test_hand_built_edm_pickle_loads(tmp_path, meta_type, old_torch):
     # Take the state of a TinyNet built from the source (in a throwaway module); pickle only its state.
     scratch = persistence._src_to_module(MODULE_SRC)
     torch.manual_seed(1)
@@ -182,6 +187,8 @@ def test_hand_built_edm_pickle_loads(tmp_path, meta_type):
     y = src_net(x).detach()
     def meta_of(obj, class_name):
         state = dict(obj.__dict__)
+        if old_torch:
+            state = {k: v for k, v in state.items() if not k.startswith('_') or k in TORCH_1_12_MODULE_KEYS or k.startswith('_init_')}
         state['_modules'] = {k: _EDMStylePickle(meta_of(v, type(v).__name__)) if persistence.is_persistent(v) else v
             for k, v in state['_modules'].items()}
         return meta_type(type='class', version=6, module_src=MODULE_SRC, class_name=class_name, state=state)
