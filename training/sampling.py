@@ -91,6 +91,26 @@ class NFECounter:
         self.sigmas.append(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)[0].item())
         return torch.zeros_like(x) if self.dry_run else self.net(x, sigma, *args, **kwargs)
 
+class MinBatchNet:
+    """Evaluates the network on at least min_batch samples, padding with copies of the last one.
+    CPU BLAS libraries switch to other kernels, with other rounding, for batches of one or two;
+    padding keeps every sample on the same kernels, so an image does not depend on how many
+    others share its batch (measured on CPU, see docs/sampling.md; GPU libraries make no such promise)."""
+
+    def __init__(self, net, min_batch=4):
+        self.net = net
+        self.min_batch = min_batch
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__['net'], name)
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        n = x.shape[0]
+        if n >= self.min_batch:
+            return self.net(x, sigma, class_labels, **kwargs)
+        pad = lambda t: t if t is None or torch.as_tensor(t).ndim == 0 else torch.cat([t, t[-1:].expand(self.min_batch - n, *t.shape[1:])])
+        return self.net(pad(x), pad(sigma), pad(class_labels), **{k: pad(v) for k, v in kwargs.items()})[:n]
+
 def trace_sampler(net, sampler_fn, device='cpu', **sampler_kwargs):
     """(nfe, sigmas): how often and at which noise levels sampler_fn would evaluate net."""
     probe = NFECounter(net, dry_run=True)

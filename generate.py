@@ -1,0 +1,180 @@
+"""Generate images with the samplers of "Elucidating the Design Space of Diffusion-Based
+Generative Models" (EDM): one PNG per seed, the same image for a seed whatever the batch size or
+number of processes, and the same image as EDM's generate.py for the same network and options."""
+
+import os
+import re
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+from torch_utils import distributed as dist
+from training import sampling
+from training.images import to_uint8, save_png, save_image_grid
+from training.network_io import load_network
+
+GRID_MAX_IMAGES = 256 # --grid shows the first images in seed order; a 50k-image grid helps nobody
+
+#----------------------------------------------------------------------------
+
+def parse_seeds(text):
+    """'0-49999,100,5-7' -> [0, ..., 49999, 100, 5, 6, 7]. Raises ValueError naming the bad part."""
+    seeds = []
+    for part in text.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if m is None:
+            raise ValueError(f'"{part}" is neither a seed nor a range like 5-7')
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else int(m.group(2))
+        if hi < lo:
+            raise ValueError(f'range "{part}" is empty; write it low-high')
+        seeds.extend(range(lo, hi + 1))
+    repeated = len(seeds) - len(set(seeds))
+    if repeated:
+        raise ValueError(f'{repeated} seed(s) appear more than once; each seed names one image')
+    return seeds
+
+class SeedList(click.ParamType):
+    name = 'list'
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return parse_seeds(value)
+        except ValueError as e:
+            self.fail(f'{e} (example: --seeds=0-49999 or --seeds=1,2,5-10)', param, ctx)
+
+def fail_together(error):
+    """Make every rank stop if any rank hit an error (else the others would wait at a barrier forever).
+    Rank 0 reports the first error as a one-line message; the other ranks exit quietly."""
+    errors = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        if dist.get_rank() == 0:
+            raise click.ClickException(first)
+        raise SystemExit(1)
+
+def one_line(e):
+    return f'{type(e).__name__}: {" ".join(str(e).split())}'.rstrip(': ')
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--network', 'network_pkl',  help='Network snapshot pickle, URL or .safetensors file', metavar='PATH|URL', type=str, required=True)
+@click.option('--outdir',                  help='Where to save the output images', metavar='DIR',                   type=str, required=True)
+@click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)', metavar='LIST',                     type=SeedList(), default='0-63', show_default=True)
+@click.option('--subdirs',                 help='Create subdirectory for every 1000 seeds',                         is_flag=True)
+@click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT',                    type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',                                type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--grid',                    help=f'Also save a grid of the first {GRID_MAX_IMAGES} images', metavar='PATH', type=str, default=None)
+@click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='STR',   type=str, default=None)
+
+@click.option('--steps', 'num_steps',      help='Number of sampling steps', metavar='INT',                          type=click.IntRange(min=2), default=18, show_default=True)
+@click.option('--sigma_min',               help='Lowest noise level  [default: varies]', metavar='FLOAT',           type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max',               help='Highest noise level  [default: varies]', metavar='FLOAT',          type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho',                     help='Time step exponent', metavar='FLOAT',                              type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--S_churn', 'S_churn',      help='Stochasticity strength', metavar='FLOAT',                          type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min',          help='Stoch. min noise level', metavar='FLOAT',                          type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max',          help='Stoch. max noise level', metavar='FLOAT',                          type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise',      help='Stoch. noise inflation', metavar='FLOAT',                          type=float, default=1, show_default=True)
+
+@click.option('--solver',                  help='Ablate ODE solver', metavar='euler|heun',                          type=click.Choice(['euler', 'heun']))
+@click.option('--disc', 'discretization',  help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(['vp', 've', 'iddpm', 'edm']))
+@click.option('--schedule',                help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',           type=click.Choice(['vp', 've', 'linear']))
+@click.option('--scaling',                 help='Ablate signal scaling s(t)', metavar='vp|none',                    type=click.Choice(['vp', 'none']))
+
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, **sampler_kwargs):
+    """Generate random images using the techniques described in the paper
+    "Elucidating the Design Space of Diffusion-Based Generative Models".
+
+    Examples:
+
+    \b
+    # Generate 64 images and save them as out/*.png
+    python generate.py --outdir=out --seeds=0-63 --batch=64 \\
+        --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
+
+    \b
+    # 50k images for FID with the EDM-AOT paper's unconditional setting (27 NFE), 2 GPUs
+    torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-49999 --subdirs \\
+        --batch=200 --rho=90 --steps=14 --network=network-snapshot.pkl
+    """
+    # Check the options that need no network before anything else.
+    sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    if sampler_kwargs.get('sigma_min', 0) >= sampler_kwargs.get('sigma_max', float('inf')):
+        raise click.BadParameter(f'--sigma_min {sampler_kwargs["sigma_min"]} must be below --sigma_max {sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
+    try:
+        device = dist.device() if device is None else torch.device(device)
+        torch.empty([], device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise click.BadParameter(f'device "{device}" is not usable here ({one_line(e)}); try --device=cpu', param_hint='--device')
+
+    dist.init()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
+    rank_batches = torch.as_tensor(seeds).tensor_split(num_batches)[rank :: world_size]
+
+    # Load the network; rank 0 first, so that a download lands in the cache once.
+    if rank != 0:
+        dist.barrier()
+    net, error = None, None
+    try:
+        net = load_network(network_pkl, device=device, verbose=(rank == 0))
+    except Exception as e: # any failure to read or unpickle: report it, do not hang the other ranks
+        reason = ' '.join(str(e).split()) if isinstance(e, OSError) else one_line(e)
+        error = f'{reason} (--network takes a network-snapshot-*.pkl, a .safetensors file or a URL to one)'
+    if rank == 0:
+        dist.barrier()
+    fail_together(error)
+
+    # Check the network-dependent options: the class, and the noise levels (a dry run, no evaluation).
+    if class_idx is not None and not net.label_dim:
+        error = f'--class {class_idx} given, but the network is unconditional; drop --class'
+    elif class_idx is not None and class_idx >= net.label_dim:
+        error = f'--class {class_idx} is out of range: the network has classes 0-{net.label_dim - 1}'
+    have_ablation_kwargs = any(x in sampler_kwargs for x in ['solver', 'discretization', 'schedule', 'scaling'])
+    sampler_fn = sampling.ablation_sampler if have_ablation_kwargs else sampling.edm_sampler
+    try:
+        nfe, sigmas = sampling.trace_sampler(net, sampler_fn, device=device, **sampler_kwargs)
+        if not np.isfinite(sigmas).all():
+            raise ValueError('they give noise levels that are not finite numbers; check --sigma_min, --sigma_max and --disc')
+        if not sigmas[0] > sigmas[-1] > 0:
+            raise ValueError(f'noise levels {sigmas[0]:g} -> {sigmas[-1]:g} do not decrease; choose --sigma_min/--sigma_max '
+                             f'inside the network\'s range [{float(net.sigma_min):g}, {float(net.sigma_max):g}]')
+    except ValueError as e:
+        error = error or f'Invalid sampler options: {e}'
+    fail_together(error)
+    levels = [f'{s:.4g}' for s in dict.fromkeys(sigmas)] # distinct noise levels in order
+    dist.print0(f'Sampler: {sampler_fn.__name__}, {sampler_kwargs["num_steps"]} steps, {nfe} NFE per image; '
+                f'sigma {", ".join(levels if len(levels) <= 8 else levels[:4] + ["..."] + levels[-2:])}, 0')
+
+    # Generate; each batch's latents come from its seeds only.
+    dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
+    for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(rank != 0)):
+        if len(batch_seeds) == 0:
+            continue
+        latents, class_labels, rnd = sampling.latents_for_seeds(net, batch_seeds.tolist(), device=device, class_idx=class_idx)
+        with torch.no_grad():
+            images = sampler_fn(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+        for seed, image in zip(batch_seeds.tolist(), to_uint8(images)):
+            image_dir = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+            os.makedirs(image_dir, exist_ok=True)
+            save_png(image, os.path.join(image_dir, f'{seed:06d}.png'))
+    dist.barrier()
+
+    # The grid is read back from the written files, so it holds every rank's images.
+    if grid is not None and rank == 0:
+        paths = [os.path.join(outdir, f'{s - s % 1000:06d}' if subdirs else '', f'{s:06d}.png') for s in seeds[:GRID_MAX_IMAGES]]
+        os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
+        save_image_grid(np.stack([np.array(PIL.Image.open(p)).reshape(net.img_resolution, net.img_resolution, -1) for p in paths]), grid)
+        print(f'Saved grid of {len(paths)} images to "{grid}"')
+    dist.print0('Done.')
+
+#----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    main()
+
+#----------------------------------------------------------------------------

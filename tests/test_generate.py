@@ -1,0 +1,167 @@
+"""generate.py end to end: seed-exact PNGs across batch sizes, processes and network formats; errors."""
+
+import os
+import pickle
+import subprocess
+import sys
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from training import sampling
+from training.images import to_uint8
+from training.network_io import save_safe
+from tests.test_sampling import load_golden_network
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ['--steps=4'] # 7 NFE: fast, and enough to go through every part of the sampler
+
+# One thread per process (as torchrun sets it): several runs go in parallel on a small machine,
+# and idle OpenMP threads spinning against each other cost more than the sampling itself.
+ENV = dict(os.environ, OMP_NUM_THREADS='1')
+
+def start(args):
+    return subprocess.Popen([sys.executable, 'generate.py', *args], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+def start_torchrun(args, nproc=2):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'generate.py', *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+def finish(proc):
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+def pngs(outdir):
+    """{relative path: pixels} of every PNG under outdir; also fails on leftover temporary files."""
+    found = {}
+    for dirpath, _, files in os.walk(outdir):
+        for name in files:
+            assert name.endswith('.png'), f'unexpected file {name} in {dirpath}'
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, outdir)] = np.array(PIL.Image.open(path))
+    return found
+
+@pytest.fixture(scope='module')
+def nets(tmp_path_factory):
+    """The conditional golden network as an EDM-style snapshot pickle and in the safe format,
+    and the unconditional one as a pickle."""
+    d = tmp_path_factory.mktemp('nets')
+    cond = load_golden_network('networks/ddpmpp_edm_cond.npz', 'networks/ddpmpp_edm_cond.json')
+    uncond = load_golden_network('networks/ddpmpp_edm_uncond.npz', 'networks/ddpmpp_edm_uncond.json')
+    for name, net in [('cond', cond), ('uncond', uncond)]:
+        with open(d / f'{name}.pkl', 'wb') as f:
+            pickle.dump(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}), f)
+    save_safe(cond, d / 'cond.safetensors')
+    return dict(net=cond, pkl=str(d / 'cond.pkl'), safe=str(d / 'cond.safetensors'), uncond=str(d / 'uncond.pkl'))
+
+def expected_images(net, seeds, **kwargs):
+    """What generate.py must write: the sampler run in this process on the same seeds."""
+    latents, class_labels, rnd = sampling.latents_for_seeds(net, seeds, **kwargs)
+    with torch.no_grad():
+        return to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
+
+#----------------------------------------------------------------------------
+
+def test_same_pngs_for_any_batch_process_count_and_format(nets, tmp_path):
+    seeds = list(range(10))
+    runs = {
+        'batch1': start(['--network', nets['pkl'], '--outdir', str(tmp_path / 'batch1'), '--seeds=0-9', '--batch=1', *STEPS]),
+        'batch7': start(['--network', nets['pkl'], '--outdir', str(tmp_path / 'batch7'), '--seeds=0-4,5-9', '--batch=7',
+                         '--grid', str(tmp_path / 'grids' / 'grid.png'), *STEPS]),
+        'torchrun': start_torchrun(['--network', nets['pkl'], '--outdir', str(tmp_path / 'torchrun'), '--seeds=0-9', '--batch=3', *STEPS]),
+        'safe_subdirs': start(['--network', nets['safe'], '--outdir', str(tmp_path / 'safe'), '--seeds=0-4,998-1001', '--subdirs',
+                               '--batch=4', *STEPS]),
+    }
+    results = {name: finish(proc) for name, proc in runs.items()}
+    for name, (code, out, err) in results.items():
+        assert code == 0, f'{name} failed:\n{out}\n{err}'
+
+    # The sampler summary is printed once, also with two processes.
+    for name, (code, out, err) in results.items():
+        assert out.count('7 NFE per image') == 1, out
+        assert 'sigma 80, 9.723, 0.47, 0.002, 0' in out
+
+    expected = dict(zip(seeds, expected_images(nets['net'], seeds)))
+    for name in ['batch1', 'batch7', 'torchrun']:
+        images = pngs(tmp_path / name)
+        assert sorted(images) == [f'{s:06d}.png' for s in seeds], name
+        for s in seeds:
+            assert np.array_equal(images[f'{s:06d}.png'], expected[s]), f'{name}: seed {s} differs'
+
+    # Safe format gives the same images; --subdirs puts seed s in folder s - s % 1000.
+    safe = pngs(tmp_path / 'safe')
+    layout = {s: f'{s - s % 1000:06d}/{s:06d}.png' for s in [0, 1, 2, 3, 4, 998, 999, 1000, 1001]}
+    assert sorted(safe) == sorted(layout.values())
+    assert layout[1000] == '001000/001000.png' and layout[999] == '000000/000999.png'
+    for s in range(5):
+        assert np.array_equal(safe[layout[s]], expected[s])
+    for s, image in zip([998, 999, 1000, 1001], expected_images(nets['net'], [998, 999, 1000, 1001])):
+        assert np.array_equal(safe[layout[s]], image)
+
+    # The grid tiles the images in seed order: 10 images -> 4 columns, 3 rows of 16x16.
+    grid = np.array(PIL.Image.open(tmp_path / 'grids' / 'grid.png'))
+    assert grid.shape == (3 * 16, 4 * 16, 3)
+    assert np.array_equal(grid[16:32, 16:32], expected[5]) and np.array_equal(grid[32:48, 16:32], expected[9])
+    assert not grid[32:48, 32:].any() # empty cells
+
+def test_forced_class_with_ablation_sampler(nets, tmp_path):
+    args = ['--seeds=3-5', '--class=2', '--solver=euler', '--disc=vp', '--schedule=vp', '--scaling=vp', *STEPS]
+    code, out, err = finish(start(['--network', nets['pkl'], '--outdir', str(tmp_path), *args]))
+    assert code == 0, f'{out}\n{err}'
+    assert 'Sampler: ablation_sampler, 4 steps, 4 NFE per image' in out
+    net = nets['net']
+    latents, class_labels, rnd = sampling.latents_for_seeds(net, [3, 4, 5], class_idx=2)
+    assert class_labels.argmax(1).tolist() == [2, 2, 2]
+    with torch.no_grad():
+        expected = to_uint8(sampling.ablation_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4,
+                                                      solver='euler', discretization='vp', schedule='vp', scaling='vp'))
+    images = pngs(tmp_path)
+    for s, image in zip([3, 4, 5], expected):
+        assert np.array_equal(images[f'{s:06d}.png'], image)
+
+BAD_INPUTS = {
+    # name: (arguments, text the error line must contain)
+    'missing network': (['--network={tmp}/nope.pkl'], 'nope.pkl'),
+    'corrupt network': (['--network={tmp}/garbage.pkl'], 'garbage.pkl'),
+    'malformed seeds': (['--network={pkl}', '--seeds=0-x'], '--seeds'),
+    'reversed range':  (['--network={pkl}', '--seeds=7-5'], 'empty'),
+    'repeated seed':   (['--network={pkl}', '--seeds=0-3,2'], 'more than once'),
+    'class uncond':    (['--network={uncond}', '--class=1'], 'unconditional'),
+    'class range':     (['--network={pkl}', '--class=10'], 'out of range'),
+    'unknown solver':  (['--network={pkl}', '--solver=rk4'], '--solver'),
+    'unknown disc':    (['--network={pkl}', '--disc=cosine'], '--disc'),
+    'one step':        (['--network={pkl}', '--steps=1'], '--steps'),
+    'sigma order':     (['--network={pkl}', '--sigma_min=5', '--sigma_max=1'], '--sigma_min'),
+    'sigma range':     (['--network={uncond}', '--sigma_min=100', '--sigma_max=200', '--disc=vp'], 'not finite'),
+    'bad device':      (['--network={pkl}', '--device=tpu7'], '--device'),
+}
+SUBPROCESS_CASES = ['missing network', 'class uncond'] # the rest run in this process, which is faster
+
+@pytest.fixture
+def bad_input_env(nets, tmp_path):
+    (tmp_path / 'garbage.pkl').write_bytes(b'this is not a pickle')
+    yield dict(tmp=tmp_path, pkl=nets['pkl'], uncond=nets['uncond'])
+    if torch.distributed.is_initialized(): # generate.main joined a one-process group in this process
+        torch.distributed.destroy_process_group()
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_input_fails_cleanly(case, bad_input_env):
+    from click.testing import CliRunner
+    import generate
+    args, expected = BAD_INPUTS[case]
+    outdir = bad_input_env['tmp'] / 'out'
+    args = [a.format(**bad_input_env) for a in args] + ['--outdir', str(outdir)]
+    args += [] if any(a.startswith('--seeds') for a in args) else ['--seeds=0-1']
+    args += [] if any(a.startswith('--steps') for a in args) else STEPS
+    if case in SUBPROCESS_CASES:
+        code, out, err = finish(start(args))
+    else:
+        result = CliRunner().invoke(generate.main, args)
+        assert isinstance(result.exception, SystemExit), f'{case}: {result.exception!r}'
+        code, err = result.exit_code, result.stderr
+    lines = err.strip().splitlines()
+    assert code != 0, f'{case}: exit code 0'
+    assert 'Traceback' not in err, f'{case}: traceback instead of a message:\n{err}'
+    assert lines and lines[-1].startswith('Error:') and expected in lines[-1], f'{case}: {err}'
+    assert not outdir.exists(), f'{case}: output directory created'
