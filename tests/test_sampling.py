@@ -203,3 +203,19 @@ def test_ablation_rejects_bad_options():
                             (dict(alpha=0), 'alpha'), (dict(num_steps=1), 'at least 2')]:
         with pytest.raises(ValueError, match=message):
             ablation_sampler(net, latents, **kwargs)
+
+def test_min_batch_net_pads_and_keeps_results_batch_independent():
+    net = load_golden_network('networks/ddpmpp_edm_cond.npz', 'networks/ddpmpp_edm_cond.json')
+    padded = sampling.MinBatchNet(net, min_batch=4)
+    assert padded.label_dim == 10 and padded.sigma_max == net.sigma_max # attributes pass through
+    latents, labels, _ = latents_for_seeds(net, list(range(6)))
+    sigma = torch.tensor(2.5, dtype=torch.float64)
+    with torch.no_grad():
+        whole = net(latents, sigma, labels)
+        for n in [1, 2, 3]:
+            out = padded(latents[:n], sigma, labels[:n])
+            assert out.shape[0] == n
+            # Same kernels as in the batch of six, so the very same numbers.
+            assert torch.equal(out, whole[:n]), n
+        per_sample = padded(latents[:2], torch.full([2], 2.5), labels[:2], augment_labels=torch.zeros([2, 9]))
+        assert torch.equal(per_sample, whole[:2])
