@@ -105,13 +105,13 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
     if sampler_kwargs.get('sigma_min', 0) >= sampler_kwargs.get('sigma_max', float('inf')):
         raise click.BadParameter(f'--sigma_min {sampler_kwargs["sigma_min"]} must be below --sigma_max {sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
+
+    dist.init() # before touching the device: under torchrun it selects this process's GPU, which 'cuda' then means
     try:
         device = dist.device() if device is None else torch.device(device)
         torch.empty([], device=device)
     except (RuntimeError, AssertionError) as e:
         raise click.BadParameter(f'device "{device}" is not usable here ({one_line(e)}); try --device=cpu', param_hint='--device')
-
-    dist.init()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
     rank_batches = torch.as_tensor(seeds).tensor_split(num_batches)[rank :: world_size]
@@ -168,7 +168,11 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
     if grid is not None and rank == 0:
         paths = [os.path.join(outdir, f'{s - s % 1000:06d}' if subdirs else '', f'{s:06d}.png') for s in seeds[:GRID_MAX_IMAGES]]
         os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
-        save_image_grid(np.stack([np.array(PIL.Image.open(p)).reshape(net.img_resolution, net.img_resolution, -1) for p in paths]), grid)
+        images = []
+        for path in paths:
+            with PIL.Image.open(path) as image:
+                images.append(np.array(image).reshape(net.img_resolution, net.img_resolution, -1))
+        save_image_grid(np.stack(images), grid)
         print(f'Saved grid of {len(paths)} images to "{grid}"')
     dist.print0('Done.')
 
