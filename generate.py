@@ -1,6 +1,7 @@
-"""Generate images with the samplers of "Elucidating the Design Space of Diffusion-Based
-Generative Models" (EDM): one PNG per seed, the same image for a seed whatever the batch size or
-number of processes, and the same image as EDM's generate.py for the same network and options."""
+"""generate.py: images from a trained network with EDM's samplers (training/sampling.py).
+
+One PNG per seed; a seed gives the same image whatever the batch size or number of processes,
+and the same image as EDM's generate.py for the same network and options."""
 
 import os
 import re
@@ -62,44 +63,43 @@ def one_line(e):
 #----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--network', 'network_pkl',  help='Network snapshot pickle, URL or .safetensors file', metavar='PATH|URL', type=str, required=True)
-@click.option('--outdir',                  help='Where to save the output images', metavar='DIR',                   type=str, required=True)
-@click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)', metavar='LIST',                     type=SeedList(), default='0-63', show_default=True)
-@click.option('--subdirs',                 help='Create subdirectory for every 1000 seeds',                         is_flag=True)
-@click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT',                    type=click.IntRange(min=0), default=None)
-@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',                                type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--grid',                    help=f'Also save a grid of the first {GRID_MAX_IMAGES} images', metavar='PATH', type=str, default=None)
-@click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='STR',   type=str, default=None)
+@click.option('--network', 'network_pkl',  help='Snapshot pickle, .safetensors file, or URL of either', metavar='PATH|URL', type=str, required=True)
+@click.option('--outdir',                  help='Output folder for the PNGs', metavar='DIR',                         type=str, required=True)
+@click.option('--seeds',                   help='Seeds and ranges, e.g. 0-49999 or 1,2,5-10', metavar='LIST',       type=SeedList(), default='0-63', show_default=True)
+@click.option('--subdirs',                 help='One folder per 1000 seeds',                                        is_flag=True)
+@click.option('--class', 'class_idx',      help='Class of every image  [default: random per seed]', metavar='INT',  type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Images per network call and process, at most', metavar='INT',     type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--grid',                    help=f'Also write a grid of the first {GRID_MAX_IMAGES} images', metavar='PATH', type=str, default=None)
+@click.option('--device',                  help='Torch device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 
-@click.option('--steps', 'num_steps',      help='Number of sampling steps', metavar='INT',                          type=click.IntRange(min=2), default=18, show_default=True)
-@click.option('--sigma_min',               help='Lowest noise level  [default: varies]', metavar='FLOAT',           type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max',               help='Highest noise level  [default: varies]', metavar='FLOAT',          type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho',                     help='Time step exponent', metavar='FLOAT',                              type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--S_churn', 'S_churn',      help='Stochasticity strength', metavar='FLOAT',                          type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min',          help='Stoch. min noise level', metavar='FLOAT',                          type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max',          help='Stoch. max noise level', metavar='FLOAT',                          type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise',      help='Stoch. noise inflation', metavar='FLOAT',                          type=float, default=1, show_default=True)
+@click.option('--steps', 'num_steps',      help='Noise levels N (Heun: 2N-1 network calls)', metavar='INT',          type=click.IntRange(min=2), default=18, show_default=True)
+@click.option('--sigma_min',               help='Smallest noise level  [default: per sampler]', metavar='FLOAT',    type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max',               help='Largest noise level  [default: per sampler]', metavar='FLOAT',     type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho',                     help='Exponent of the noise level spacing', metavar='FLOAT',             type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--S_churn', 'S_churn',      help='Amount of added noise (0: deterministic)', metavar='FLOAT',       type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min',          help='Add noise only above this level', metavar='FLOAT',                 type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max',          help='Add noise only below this level', metavar='FLOAT',                 type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise',      help='Scale of the added noise', metavar='FLOAT',                        type=float, default=1, show_default=True)
 
-@click.option('--solver',                  help='Ablate ODE solver', metavar='euler|heun',                          type=click.Choice(['euler', 'heun']))
-@click.option('--disc', 'discretization',  help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(['vp', 've', 'iddpm', 'edm']))
-@click.option('--schedule',                help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',           type=click.Choice(['vp', 've', 'linear']))
-@click.option('--scaling',                 help='Ablate signal scaling s(t)', metavar='vp|none',                    type=click.Choice(['vp', 'none']))
+@click.option('--solver',                  help='Ablation: ODE solver', metavar='euler|heun',                        type=click.Choice(['euler', 'heun']))
+@click.option('--disc', 'discretization',  help='Ablation: time step discretization', metavar='vp|ve|iddpm|edm',    type=click.Choice(['vp', 've', 'iddpm', 'edm']))
+@click.option('--schedule',                help='Ablation: noise schedule sigma(t)', metavar='vp|ve|linear',        type=click.Choice(['vp', 've', 'linear']))
+@click.option('--scaling',                 help='Ablation: signal scaling s(t)', metavar='vp|none',                 type=click.Choice(['vp', 'none']))
 
 def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, **sampler_kwargs):
-    """Generate random images using the techniques described in the paper
-    "Elucidating the Design Space of Diffusion-Based Generative Models".
+    """Sample images from a trained EDM / EDM-AOT network, one PNG per seed.
 
-    Examples:
-
-    \b
-    # Generate 64 images and save them as out/*.png
-    python generate.py --outdir=out --seeds=0-63 --batch=64 \\
-        --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
+    Without --solver/--disc/--schedule/--scaling this is EDM's Heun sampler; with any of them, the
+    generalized ablation sampler. See docs/sampling.md.
 
     \b
-    # 50k images for FID with the EDM-AOT paper's unconditional setting (27 NFE), 2 GPUs
-    torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-49999 --subdirs \\
-        --batch=200 --rho=90 --steps=14 --network=network-snapshot.pkl
+    # 64 images on one GPU or the CPU, with a grid of them
+    python generate.py --network=network-snapshot.pkl --outdir=out --seeds=0-63 --grid=grid.png
+
+    \b
+    # 50,000 images for FID, EDM-AOT's unconditional setting (27 NFE), 2 GPUs
+    torchrun --standalone --nproc_per_node=2 generate.py --network=network-snapshot.pkl \\
+        --outdir=out --seeds=0-49999 --subdirs --batch=200 --rho=90 --steps=14
     """
     # Check the options that need no network before anything else.
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}

@@ -42,6 +42,14 @@ def pngs(outdir):
             found[os.path.relpath(path, outdir)] = np.array(PIL.Image.open(path))
     return found
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """This process computes the expected images while the runs above use the cores (see ENV)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope='module')
 def nets(tmp_path_factory):
     """The conditional golden network as an EDM-style snapshot pickle and in the safe format,
