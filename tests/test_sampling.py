@@ -219,3 +219,17 @@ def test_min_batch_net_pads_and_keeps_results_batch_independent():
             assert torch.equal(out, whole[:n]), n
         per_sample = padded(latents[:2], torch.full([2], 2.5), labels[:2], augment_labels=torch.zeros([2, 9]))
         assert torch.equal(per_sample, whole[:2])
+
+@pytest.mark.parametrize('sampler_fn', [edm_sampler, ablation_sampler])
+def test_noise_draws(sampler_fn):
+    # With churn, one draw per step even where no noise is added (EDM's stream); without, none.
+    calls = []
+    def randn_like(x):
+        calls.append(x.shape)
+        return torch.randn_like(x)
+    latents = torch.randn([2, 3, 4, 4], generator=torch.Generator().manual_seed(3))
+    sampler_fn(GaussianDenoiser(), latents, randn_like=randn_like, num_steps=6, S_churn=10, S_min=1, S_max=10)
+    assert len(calls) == 6 and calls[0] == (2, 3, 4, 4)
+    calls.clear()
+    sampler_fn(GaussianDenoiser(), latents, randn_like=randn_like, num_steps=6)
+    assert calls == []

@@ -203,10 +203,13 @@ def edm_sampler(
 ):
     """Heun's 2nd order method on EDM's noise levels; 2*num_steps-1 network evaluations.
     S_churn > 0 adds noise (gamma = min(S_churn/num_steps, sqrt(2)-1)) at noise levels in [S_min, S_max].
-    randn_like is called once per step, also when no noise is added (as EDM does)."""
+    With S_churn > 0, randn_like is called once every step, also where gamma = 0, as EDM does, so
+    the noise stream stays EDM's; with S_churn = 0 it is not called (the noise would be multiplied by 0)."""
     sigma_min = max(sigma_min, net.sigma_min) # the network's supported range
     sigma_max = min(sigma_max, net.sigma_max)
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, round_sigma=net.round_sigma, device=latents.device)
+
+    churn_noise = lambda x: randn_like(x) if S_churn > 0 else 0 # unused without churn: skip the per-seed draws
 
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -215,7 +218,7 @@ def edm_sampler(
         # Churn: raise the noise level from t_cur to t_hat by adding fresh noise.
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
         t_hat = net.round_sigma(t_cur + gamma * t_cur)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * churn_noise(x_cur)
 
         # Euler step from t_hat to t_next.
         denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
@@ -278,6 +281,8 @@ def ablation_sampler(
     # dx/dt of the probability flow ODE with schedule sigma(t) and scaling s(t) (EDM eq. 4).
     slope = lambda x, t, denoised: (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(t) * denoised
 
+    churn_noise = lambda x: randn_like(x) if S_churn > 0 else 0 # unused without churn: skip the per-seed draws
+
     t_next = t_steps[0]
     x_next = latents.to(torch.float64) * (sigma(t_next) * s(t_next))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -286,7 +291,7 @@ def ablation_sampler(
         # Churn: raise the noise level from sigma(t_cur) to sigma(t_hat).
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= sigma(t_cur) <= S_max else 0
         t_hat = sigma_inv(net.round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
-        x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)
+        x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * churn_noise(x_cur)
 
         # Euler step.
         h = t_next - t_hat
