@@ -53,6 +53,7 @@ def fail(msg):
 @click.option('--cbase',         help='Channel multiplier  [default: varies]', metavar='INT',       type=int)
 @click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
 @click.option('--lr',            help='Learning rate', metavar='FLOAT',                             type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--lr-rampup',     help='Learning rate ramp-up duration', metavar='KIMG',           type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',           help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--dropout',       help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
 @click.option('--augment',       help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
@@ -87,8 +88,8 @@ def main(**kwargs):
 
     \b
     # The bundled digits on a CPU, a few minutes
-    python train.py --outdir=runs --data=datasets/uci-digits-16x16.zip --cond=1 \\
-        --arch=ddpmpp --cbase=32 --cres=1,2 --batch=64 --aot=256 --duration=0.1
+    python train.py --outdir=runs --data=datasets/uci-digits-16x16.zip --cond=1 --arch=ddpmpp \\
+        --cbase=16 --cres=1,2 --batch=64 --aot=256 --lr-rampup=1 --duration=0.02 --tick=2
     """
     opts = dnnlib.EasyDict(kwargs)
     torch.multiprocessing.set_start_method('spawn', force=True)
@@ -156,6 +157,7 @@ def main(**kwargs):
     # Training options.
     c.total_kimg = opts.duration * 1000 # fractional kimg allowed: short CPU runs
     c.ema_halflife_kimg = int(opts.ema * 1000)
+    c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
