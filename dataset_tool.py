@@ -45,11 +45,14 @@ def decode_image(file, name):
         img = img.convert('RGB') # palette, RGBA, CMYK, ...
     return np.array(img)
 
-def labels_for_files(arch_fnames, meta):
+def labels_for_files(arch_fnames, meta, source):
     """Labels from dataset.json when present, else from top-level folder names (when there are several)."""
     if meta is not None:
-        labels = json.loads(meta).get('labels')
-        return dict(labels) if labels is not None else {}
+        try:
+            labels = json.loads(meta)['labels']
+            return dict(labels) if labels is not None else {}
+        except (ValueError, KeyError, TypeError) as err:
+            raise click.ClickException(f'{source}: dataset.json must hold {{"labels": [[name, label], ...]}} ({err!r})')
     toplevel = {f: f.split('/')[0] if '/' in f else '' for f in arch_fnames}
     classes = {name: idx for idx, name in enumerate(sorted(set(toplevel.values())))}
     if len(classes) > 1:
@@ -76,7 +79,7 @@ def open_image_folder(source_dir, *, max_images):
     arch_fnames = {f: f.relative_to(source_dir).as_posix() for f in input_images}
     meta_path = os.path.join(source_dir, 'dataset.json')
     meta = Path(meta_path).read_text(encoding='utf8') if os.path.isfile(meta_path) else None
-    labels = labels_for_files(arch_fnames.values(), meta)
+    labels = labels_for_files(arch_fnames.values(), meta, source_dir)
     input_images = input_images[:max_images]
 
     def iterate_images():
@@ -94,7 +97,7 @@ def open_image_zip(source, *, max_images):
             meta = z.read('dataset.json').decode('utf8') if 'dataset.json' in z.namelist() else None
     except zipfile.BadZipFile as err:
         raise click.ClickException(f'--source {source}: not a valid zip file ({err})')
-    labels = labels_for_files(input_images, meta)
+    labels = labels_for_files(input_images, meta, source)
     input_images = input_images[:max_images]
 
     def iterate_images():
