@@ -1,0 +1,159 @@
+# training/dataset.py: EDM-format archives (folder or zip), labels, max_size, x-flip, cache,
+# pickling and DataLoader workers, and clear errors for broken archives.
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from training.dataset import ImageFolderDataset
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / 'tests' / 'golden' / 'dataset'
+CIFAR_ZIP = str(GOLDEN / 'cifar10-32x32.zip')
+CIFAR_LABELS = [l for _, l in json.loads((GOLDEN / 'README.json').read_text())['files']['cifar10-32x32.zip']['dataset_json']['labels']]
+CIFAR_IMAGES = np.load(GOLDEN / 'decoded.npz')['cifar_train_images'] # NHWC
+
+def test_bundled_digits():
+    ds = ImageFolderDataset(str(ROOT / 'datasets' / 'uci-digits-16x16.zip'), use_labels=True)
+    assert ds.name == 'uci-digits-16x16'
+    assert len(ds) == 1797
+    assert ds.image_shape == [1, 16, 16] and ds.resolution == 16 and ds.num_channels == 1
+    assert ds.has_labels and ds.label_dim == 10 and ds.has_onehot_labels
+    img, label = ds[5]
+    assert img.dtype == np.uint8 and img.shape == (1, 16, 16)
+    assert label.dtype == np.float32 and label.sum() == 1 and label.argmax() == 5 # the file cycles 0..9 at first
+    counts = np.bincount([int(ds.get_details(i).raw_label) for i in range(len(ds))], minlength=10)
+    assert counts.min() >= 170 and counts.sum() == 1797
+    # White ink on black: borders mostly dark, some pixels at full ink.
+    assert img[0, 0].mean() < 64 and img.max() >= 200
+
+@pytest.fixture(scope='module')
+def cifar_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cifar') / 'cifar10-32x32'
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        z.extractall(root)
+    return str(root)
+
+@pytest.mark.parametrize('kind', ['zip', 'dir'])
+def test_reads_golden_archive(kind, cifar_dir):
+    ds = ImageFolderDataset(CIFAR_ZIP if kind == 'zip' else cifar_dir, use_labels=True, resolution=32)
+    assert ds.name == 'cifar10-32x32' and len(ds) == 30
+    assert ds.image_shape == [3, 32, 32] and ds.label_shape == [10]
+    for i in range(30):
+        img, label = ds[i]
+        np.testing.assert_array_equal(img, CIFAR_IMAGES[i].transpose(2, 0, 1))
+        assert label.argmax() == CIFAR_LABELS[i] and label.sum() == 1
+
+def test_without_labels():
+    ds = ImageFolderDataset(CIFAR_ZIP)
+    assert ds.label_shape == [0] and ds.label_dim == 0 and not ds.has_labels
+    assert ds[0][1].shape == (0,) and ds[0][1].dtype == np.float32
+
+def test_max_size_and_xflip():
+    ds = ImageFolderDataset(CIFAR_ZIP, use_labels=True, max_size=10, random_seed=3, xflip=True)
+    assert len(ds) == 20
+    # EDM's subset: shuffle all indices with RandomState(seed), keep the first max_size, in order.
+    expected = np.arange(30)
+    np.random.RandomState(3).shuffle(expected)
+    expected = np.sort(expected[:10])
+    raw = [ds.get_details(i).raw_idx for i in range(20)]
+    assert raw == expected.tolist() * 2
+    assert [ds.get_details(i).xflip for i in range(20)] == [False] * 10 + [True] * 10
+    for i in range(10):
+        a, la = ds[i]
+        b, lb = ds[i + 10]
+        np.testing.assert_array_equal(b, a[:, :, ::-1])
+        np.testing.assert_array_equal(a, CIFAR_IMAGES[raw[i]].transpose(2, 0, 1))
+        np.testing.assert_array_equal(la, lb)
+        assert la.argmax() == CIFAR_LABELS[raw[i]]
+    assert len(ImageFolderDataset(CIFAR_ZIP, max_size=100)) == 30
+
+def test_cache_and_pickle():
+    ds = ImageFolderDataset(CIFAR_ZIP, use_labels=True, cache=True)
+    first = ds[4][0]
+    assert 4 in ds._cached_images
+    ds._cached_images[4][:] = 7 # the cached copy is what is served next time
+    assert (ds[4][0] == 7).all() and not (first == 7).all()
+
+    ds = ImageFolderDataset(CIFAR_ZIP, use_labels=True)
+    ds[0] # opens the zip
+    state = ds.__getstate__()
+    assert state['_zipfile'] is None and state['_raw_labels'] is None
+    clone = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(clone[9][0], ds[9][0])
+    np.testing.assert_array_equal(clone[9][1], ds[9][1])
+
+def test_dataloader_workers_share_nothing():
+    ds = ImageFolderDataset(CIFAR_ZIP, use_labels=True)
+    ds[0] # parent opens the zip before forking workers
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
+    images = torch.cat([x for x, _ in loader]).numpy()
+    labels = torch.cat([y for _, y in loader]).numpy()
+    np.testing.assert_array_equal(images, CIFAR_IMAGES.transpose(0, 3, 1, 2))
+    assert labels.argmax(1).tolist() == CIFAR_LABELS
+
+def test_float_labels(tmp_path):
+    for i in range(3):
+        PIL.Image.fromarray(np.full((4, 4), i, np.uint8)).save(tmp_path / f'{i}.png')
+    (tmp_path / 'dataset.json').write_text(json.dumps({'labels': [[f'{i}.png', [i, 0.5]] for i in range(3)]}))
+    ds = ImageFolderDataset(str(tmp_path), use_labels=True)
+    assert ds.label_shape == [2] and not ds.has_onehot_labels
+    np.testing.assert_array_equal(ds[2][1], np.array([2, 0.5], np.float32))
+    assert ds[2][0].shape == (1, 4, 4) and ds[2][0].max() == 2
+
+#----------------------------------------------------------------------------
+# Broken archives: IOError (which train.py and fid.py report in one line) naming the file.
+
+def make_folder(path, sizes, labels=None):
+    path.mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(sizes):
+        PIL.Image.fromarray(np.zeros((s, s, 3), np.uint8)).save(path / f'img{i}.png')
+    if labels is not None:
+        (path / 'dataset.json').write_text(json.dumps({'labels': labels}))
+    return path
+
+def test_errors(tmp_path):
+    with pytest.raises(IOError, match='no such directory or zip'):
+        ImageFolderDataset(str(tmp_path / 'missing.zip'))
+    (tmp_path / 'garbage.zip').write_bytes(b'this is not a zip')
+    with pytest.raises(IOError, match='garbage.zip: not a valid zip'):
+        ImageFolderDataset(str(tmp_path / 'garbage.zip'))
+    (tmp_path / 'data.npz').write_bytes(b'x')
+    with pytest.raises(IOError, match='not a directory or a .zip'):
+        ImageFolderDataset(str(tmp_path / 'data.npz'))
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'readme.txt').write_text('no images')
+    with pytest.raises(IOError, match='no image files'):
+        ImageFolderDataset(str(tmp_path / 'empty'))
+
+    ds = ImageFolderDataset(str(make_folder(tmp_path / 'mixed', [8, 8, 16])))
+    ds[1]
+    with pytest.raises(IOError, match=r'img2\.png is 16x16x3, other images are 8x8x3'):
+        ds[2]
+    with pytest.raises(IOError, match='expected 16x16'):
+        ImageFolderDataset(str(tmp_path / 'mixed'), resolution=16)
+
+    bad = make_folder(tmp_path / 'badpng', [8, 8])
+    (bad / 'img1.png').write_bytes(b'\x89PNG\r\n\x1a\nbroken')
+    with pytest.raises(IOError, match=r'cannot decode image img1\.png'):
+        ImageFolderDataset(str(bad))[1]
+
+    partial = make_folder(tmp_path / 'partial', [8, 8, 8], labels=[['img0.png', 0], ['img2.png', 1]])
+    with pytest.raises(IOError, match=r'dataset.json has no label for img1\.png'):
+        ImageFolderDataset(str(partial), use_labels=True)
+    assert len(ImageFolderDataset(str(partial))) == 3 # labels are not read unless asked for
+
+    negative = make_folder(tmp_path / 'negative', [8], labels=[['img0.png', -1]])
+    with pytest.raises(IOError, match='non-negative integers'):
+        ImageFolderDataset(str(negative), use_labels=True)
+    broken = make_folder(tmp_path / 'brokenjson', [8])
+    (broken / 'dataset.json').write_text('{"labels": [')
+    with pytest.raises(IOError, match='cannot read labels from dataset.json'):
+        ImageFolderDataset(str(broken), use_labels=True)
