@@ -39,7 +39,11 @@ def decode_image(file, name):
         img.load()
     except Exception as err:
         raise click.ClickException(f'Cannot decode image {name}: {err}')
-    if img.mode in ('1', 'LA', 'I', 'I;16', 'F'):
+    if img.mode == 'I' or img.mode.startswith('I;16'): # 16-bit grayscale: rescale (Pillow's convert would clip)
+        return ((np.array(img).astype(np.int64).clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+    if img.mode == 'F':
+        raise click.ClickException(f'Image {name} has floating-point pixels; save it as 8- or 16-bit PNG first')
+    if img.mode in ('1', 'LA'):
         img = img.convert('L')
     elif img.mode not in ('L', 'RGB'):
         img = img.convert('RGB') # palette, RGBA, CMYK, ...

@@ -171,6 +171,27 @@ def test_labels_from_toplevel_folders_and_max_images(tmp_path):
     assert [l for _, l in meta['labels']] == [0, 0, 1, 1, 2]
     np.testing.assert_array_equal(out[2], np.array(PIL.Image.open(tmp_path / 'src' / 'dogs' / '0.png')))
 
+def test_other_image_modes(tmp_path):
+    """Palette and RGBA images become RGB, 16-bit grayscale is rescaled to 8 bits (not clipped)."""
+    rgb = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    PIL.Image.fromarray(rgb).convert('RGBA').save(tmp_path / 'a.png')
+    PIL.Image.fromarray(rgb).convert('P').save(tmp_path / 'b.png')
+    (tmp_path / 'src').mkdir()
+    for name in ['a.png', 'b.png']:
+        os.replace(tmp_path / name, tmp_path / 'src' / name)
+    res = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'rgb.zip')
+    assert res.exit_code == 0, res.output
+    _, _, out = read_archive(tmp_path / 'rgb.zip')
+    np.testing.assert_array_equal(out[0], rgb)
+    np.testing.assert_array_equal(out[1], np.array(PIL.Image.fromarray(rgb).convert('P').convert('RGB')))
+
+    (tmp_path / 'src16').mkdir()
+    PIL.Image.fromarray(np.array([[0, 257], [32896, 65535]], np.uint16)).save(tmp_path / 'src16' / 'a.png')
+    res = run_tool('--source', tmp_path / 'src16', '--dest', tmp_path / 'gray.zip')
+    assert res.exit_code == 0, res.output
+    _, _, out = read_archive(tmp_path / 'gray.zip')
+    np.testing.assert_array_equal(out[0], [[0, 1], [128, 255]])
+
 def test_round_trip_into_dataset(tmp_path, image_folder):
     for dest in [tmp_path / 'out.zip', tmp_path / 'outdir']:
         res = run_tool('--source', image_folder, '--dest', dest, '--resolution=16x16', '--transform=center-crop')
