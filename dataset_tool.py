@@ -275,13 +275,25 @@ def check_output_size(width, height):
 
 def open_dest(dest):
     """Returns (save_bytes(archive_fname, data), commit(), abort())."""
-    parent = os.path.dirname(os.path.abspath(dest))
+    is_zip = dest.lower().endswith('.zip')
+    if is_zip and os.path.exists(dest):
+        raise click.ClickException(f'--dest {dest} already exists; delete it or choose another name')
+    if not is_zip and os.path.exists(dest) and not (os.path.isdir(dest) and len(os.listdir(dest)) == 0):
+        raise click.ClickException(f'--dest {dest} already exists and is not an empty folder; delete it or choose another name')
     umask = os.umask(0)
     os.umask(umask)
+    parent = os.path.dirname(os.path.abspath(dest))
+    new_dirs = [] # parent folders this run creates, removed again on failure
+    d = parent
+    while not os.path.isdir(d):
+        new_dirs.append(d)
+        d = os.path.dirname(d)
     os.makedirs(parent, exist_ok=True)
-    if dest.lower().endswith('.zip'):
-        if os.path.exists(dest):
-            raise click.ClickException(f'--dest {dest} already exists; delete it or choose another name')
+    def remove_new_dirs():
+        for d in new_dirs:
+            os.rmdir(d)
+
+    if is_zip:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=os.path.basename(dest) + '.', suffix='.tmp')
         os.close(fd)
         zf = zipfile.ZipFile(tmp, mode='w', compression=zipfile.ZIP_STORED)
@@ -297,10 +309,9 @@ def open_dest(dest):
         def abort():
             zf.close()
             os.remove(tmp)
+            remove_new_dirs()
         return save_bytes, commit, abort
 
-    if os.path.exists(dest) and not (os.path.isdir(dest) and len(os.listdir(dest)) == 0):
-        raise click.ClickException(f'--dest {dest} already exists and is not an empty folder; delete it or choose another name')
     tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(os.path.abspath(dest)) + '.', suffix='.tmp')
     def save_bytes(fname, data):
         path = os.path.join(tmp, fname)
@@ -312,7 +323,10 @@ def open_dest(dest):
         if os.path.isdir(dest):
             os.rmdir(dest)
         os.replace(tmp, dest)
-    return save_bytes, commit, functools.partial(shutil.rmtree, tmp, ignore_errors=True)
+    def abort():
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_new_dirs()
+    return save_bytes, commit, abort
 
 #----------------------------------------------------------------------------
 
@@ -351,12 +365,12 @@ def main(source, dest, max_images, transform, resolution):
     if width is not None:
         check_output_size(width, width if transform == 'center-crop-wide' else height)
     transform_image = make_transform(transform, width, height)
-    num_files, input_iter = open_dataset(source, max_images=max_images)
-    if num_files == 0:
-        raise click.ClickException(f'--source {source}: no images found')
     save_bytes, commit, abort = open_dest(dest)
 
     try:
+        num_files, input_iter = open_dataset(source, max_images=max_images)
+        if num_files == 0:
+            raise click.ClickException(f'--source {source}: no images found')
         dataset_attrs = None
         labels = []
         for idx, image in tqdm(enumerate(input_iter), total=num_files, unit='img'):

@@ -229,6 +229,8 @@ def bad_inputs(tmp_path, image_folder):
     cifar = GOLDEN / 'cifar-10-python.tar.gz'
     return {
         'missing source':    (['--source', tmp_path / 'nope', '--dest', tmp_path / 'o.zip'], 'no such file'),
+        'no images':         (['--source', tmp_path / 'evil', '--dest', tmp_path / 'new' / 'sub' / 'o.zip'], 'no images found'),
+        'bad png, new dirs': (['--source', tmp_path / 'badpng', '--dest', tmp_path / 'new' / 'sub' / 'out'], 'b.png'),
         'unknown source':    (['--source', tmp_path / 'notes.txt', '--dest', tmp_path / 'o.zip'], 'unknown source type'),
         'not a zip':         (['--source', tmp_path / 'broken.zip', '--dest', tmp_path / 'o.zip'], 'not a valid zip'),
         'not square':        (['--source', cifar, '--dest', tmp_path / 'o.zip', '--resolution=32x16'], 'square'),
