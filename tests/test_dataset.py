@@ -2,7 +2,6 @@
 # pickling and DataLoader workers, and clear errors for broken archives.
 
 import json
-import os
 import pickle
 import zipfile
 from pathlib import Path

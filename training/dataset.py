@@ -159,7 +159,7 @@ class ImageFolderDataset(Dataset):
         use_pyspng      = True, # Use pyspng if available?
         **super_kwargs,         # Additional arguments for the Dataset base class.
     ):
-        self._path = path
+        self._path = os.fspath(path)
         self._use_pyspng = use_pyspng
         self._zipfile = None
         self._zipfile_pid = None
