@@ -1,6 +1,6 @@
 """Approximated Optimal Transport (AOT) noise pairing from the paper
-"Improved Training Techniques for Diffusion Models through Approximated
-Optimal Transport" (Kim et al., arXiv 2403.05069).
+"Improving Diffusion-Based Generative Models via Approximated Optimal
+Transport" (Kim et al., arXiv 2403.05069).
 
 A pool of images and an equally sized pool of standard-normal noises are
 paired so that the summed Euclidean distance between each image and its noise
