@@ -139,7 +139,7 @@ def env(tmp_path_factory):
 def start(*args, tmp, torchrun=False):
     # A cache of our own, so that no real detector file can be picked up. Under torchrun, "--" keeps
     # torchrun from taking --num for its own --numa-binding.
-    env = dict(os.environ, DNNLIB_CACHE_DIR=os.path.join(tmp, 'cache'), OMP_NUM_THREADS='1')
+    env = dict(os.environ, DNNLIB_CACHE_DIR=os.path.join(tmp, 'cache'))
     prefix = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--'] if torchrun else [sys.executable]
     return subprocess.Popen(prefix + [os.path.join(ROOT, 'fid.py'), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp, env=env)
 
@@ -259,7 +259,7 @@ def errors(env):
         'pr_features':  [env['a'], f'--ref={os.path.join(tmp, "ref-nofeat.npz")}', '--num=80', det, '--pr'],
     }
     cases = {name: ['calc', f'--images={args[0]}', *args[1:], *([] if '--workers=1' in args else ['--workers=0'])] for name, args in cases.items()}
-    env = dict(os.environ, DNNLIB_CACHE_DIR=os.path.join(tmp, 'cache'), OMP_NUM_THREADS='1')
+    env = dict(os.environ, DNNLIB_CACHE_DIR=os.path.join(tmp, 'cache'))
     r = subprocess.run([sys.executable, '-c', ERROR_RUNNER, ROOT], input=json.dumps(cases), capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     return {name: subprocess.CompletedProcess(cases[name], *result) for name, result in json.loads(r.stdout.strip().splitlines()[-1]).items()}

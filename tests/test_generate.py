@@ -18,15 +18,14 @@ STEPS = ['--steps=4'] # 7 NFE: fast, and enough to go through every part of the 
 
 # One thread per process (as torchrun sets it): several runs go in parallel on a small machine,
 # and idle OpenMP threads spinning against each other cost more than the sampling itself.
-ENV = dict(os.environ, OMP_NUM_THREADS='1')
 
 def start(args):
-    return subprocess.Popen([sys.executable, 'generate.py', *args], cwd=ROOT, env=ENV, text=True,
+    return subprocess.Popen([sys.executable, 'generate.py', *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 def start_torchrun(args, nproc=2):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'generate.py', *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 def finish(proc):
     out, err = proc.communicate(timeout=300)
@@ -41,14 +40,6 @@ def pngs(outdir):
             path = os.path.join(dirpath, name)
             found[os.path.relpath(path, outdir)] = np.array(PIL.Image.open(path))
     return found
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """This process computes the expected images while the runs above use the cores (see ENV)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope='module')
 def nets(tmp_path_factory):

@@ -14,15 +14,6 @@ GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
 SAMPLER_README = json.load(open(os.path.join(GOLDEN, 'sampler', 'README.json')))
 CONFIGS = SAMPLER_README['configs']
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Small tensors: more threads only add synchronisation, which costs a lot on a busy machine.
-    (The golden networks give bit-identical results for 1 and 2 threads.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def load_golden_network(npz_path, json_path):
     from training import networks
     meta = json.load(open(os.path.join(GOLDEN, json_path)))

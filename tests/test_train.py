@@ -19,8 +19,7 @@ TINY = ['--cbase=8', '--cres=1,1', '--batch=16', '--tick=0.032', '--seed=0', '--
 
 def run(args, torchrun=0, check=True):
     cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else [])
-    proc = subprocess.run(cmd + ['train.py'] + args, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    proc = subprocess.run(cmd + ['train.py'] + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f'train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc

@@ -305,7 +305,7 @@ with open(sys.argv[1] + f'.{rank}', 'w') as f:
 def test_distributed_training_stats_two_processes(tmp_path):
     script = tmp_path / 'worker.py'
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+    env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
         str(script), str(tmp_path / 'result')], env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -47,6 +47,10 @@ def _set_rng_state(state, device):
     if device.type == 'cuda' and 'cuda' in state:
         torch.cuda.set_rng_state(state['cuda'], device)
 
+def _single_thread_worker(worker_id):
+    # Pool workers run beside the trainer: one thread each keeps them from competing with it.
+    torch.set_num_threads(1)
+
 def _gather_objects(obj):
     if dist.get_world_size() == 1:
         return [obj]
@@ -182,7 +186,7 @@ def training_loop(
     slices_done = (cur_nimg // batch_size) * num_accumulation_rounds
     pool_stream = PoolStream(dataset_obj, pool_size, seed=seed, rank=dist.get_rank(), num_replicas=dist.get_world_size(),
         augment_pipe=augment_pipe, pair=aot_pool > 0, solver=aot_solver, start_pool=slices_done // slices_per_pool)
-    loader = torch.utils.data.DataLoader(pool_stream, batch_size=None, **data_loader_kwargs)
+    loader = torch.utils.data.DataLoader(pool_stream, batch_size=None, worker_init_fn=_single_thread_worker, **data_loader_kwargs)
     aot_wait = [0.0]
     def on_wait(seconds):
         aot_wait[0] += seconds
