@@ -20,8 +20,10 @@ def save_png(image, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-def make_grid(images, cols=None):
-    """Tile NHWC uint8 images into one HWC image, as square as possible unless cols is given."""
+def make_grid(images, cols=None, scale=1):
+    """Tile NHWC uint8 images into one HWC image, as square as possible unless cols is given;
+    scale > 1 enlarges each pixel to a scale x scale block so small images stay visible."""
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
@@ -30,5 +32,5 @@ def make_grid(images, cols=None):
         grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
     return grid
 
-def save_image_grid(images, path, cols=None):
-    save_png(make_grid(images, cols), path)
+def save_image_grid(images, path, cols=None, scale=1):
+    save_png(make_grid(images, cols, scale), path)
