@@ -230,14 +230,8 @@ def save_stats(path, **stats):
     # Written to a temporary name and renamed, so an interrupted save never leaves a truncated file.
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = f'{path}.tmp.{os.getpid()}'
-    try:
-        with open(temp, 'wb') as f:
-            np.savez(f, **stats)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    with dnnlib.util.atomic_write(path) as temp, open(temp, 'wb') as f:
+        np.savez(f, **stats)
 
 def detector_fields(det):
     return dict(detector=det.id, detector_url=det.url, detector_sha256=det.sha256, comparable=det.standard)

@@ -1,6 +1,7 @@
 """Small utilities the programs share: EasyDict, time formatting, construct-by-name, logging,
 and URL opening with a download cache."""
 
+import contextlib
 import glob
 import hashlib
 import importlib
@@ -15,6 +16,21 @@ import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
+
+#----------------------------------------------------------------------------
+# Files that appear complete or not at all.
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yields a temporary path beside `path`; it is renamed to `path` only when the block completes,
+    and removed otherwise, so an interrupted write never leaves a file that looks valid."""
+    temp = f'{path}.tmp-{uuid.uuid4().hex}'
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
 
 #----------------------------------------------------------------------------
 # Dictionary with attribute-style access.

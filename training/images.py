@@ -1,9 +1,10 @@
 """Turning network outputs into image files: uint8 conversion, grids, atomic PNG writes."""
 
-import os
 import numpy as np
 import PIL.Image
 import torch
+
+import dnnlib
 
 def to_uint8(images):
     """[-1, 1] float NCHW tensor -> uint8 NHWC numpy array, rounded exactly as EDM's generate.py."""
@@ -12,13 +13,8 @@ def to_uint8(images):
 def save_png(image, path):
     """Write one HWC uint8 image; a temporary name until complete so no partial PNG is left behind."""
     image = image[:, :, 0] if image.shape[2] == 1 else image
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
+    with dnnlib.util.atomic_write(path) as tmp:
         PIL.Image.fromarray(image, 'L' if image.ndim == 2 else 'RGB').save(tmp, format='png')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 def make_grid(images, cols=None, scale=1):
     """Tile NHWC uint8 images into one HWC image, as square as possible unless cols is given;

@@ -8,9 +8,7 @@ this repository's own code and copies the weights; nothing from the file is exec
 """
 
 import json
-import os
 import pickle
-import uuid
 
 import torch
 
@@ -92,13 +90,8 @@ def save_safe(net, path):
         raise ValueError(f'Constructor arguments of {type(net).__name__} cannot be stored as JSON: {err}') from err
     # Clones: safetensors refuses tensors that share memory, and wants them contiguous on the CPU.
     tensors = {name: t.detach().to('cpu', copy=True).contiguous() for name, t in net.state_dict().items()}
-    temp = f'{path}.tmp-{uuid.uuid4().hex}'
-    try:
+    with dnnlib.util.atomic_write(path) as temp:
         safetensors.torch.save_file(tensors, temp, metadata={SAFE_METADATA_KEY: header_json})
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 def read_safe_header(path):
     """The JSON header of a safe-format file: dict with format, class_name, init_args, init_kwargs."""

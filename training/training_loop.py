@@ -25,17 +25,6 @@ STATE_FORMAT = 'edm-aot-training-state/1'
 
 #----------------------------------------------------------------------------
 
-def _atomic_write(path, write):
-    """Run write(file) on a temporary name and rename it into place only when complete."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 def _rng_state(device):
     state = dict(cpu=torch.get_rng_state())
     if device.type == 'cuda':
@@ -278,7 +267,8 @@ def training_loop(
                 del value
             if dist.get_rank() == 0:
                 name = f'network-snapshot-{cur_nimg//1000:06d}'
-                _atomic_write(os.path.join(run_dir, f'{name}.pkl'), lambda f: pickle.dump(data, f))
+                with dnnlib.util.atomic_write(os.path.join(run_dir, f'{name}.pkl')) as tmp, open(tmp, 'wb') as f:
+                    pickle.dump(data, f)
                 network_io.save_safe(data['ema'], os.path.join(run_dir, f'{name}.safetensors'))
                 if grid_images:
                     save_sample_grid(ema, os.path.join(run_dir, f'samples-{cur_nimg//1000:06d}.png'), grid_images, grid_steps, device)
@@ -290,7 +280,8 @@ def training_loop(
                          seed=seed, cur_nimg=cur_nimg, cur_tick=cur_tick + 1, scaler=scaler.state_dict() if scaler is not None else None,
                          rng_states=_gather_objects(_rng_state(device)))
             if dist.get_rank() == 0:
-                _atomic_write(os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt'), lambda f: torch.save(state, f))
+                with dnnlib.util.atomic_write(os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt')) as tmp:
+                    torch.save(state, tmp)
             del state
 
         # Update logs.
