@@ -353,3 +353,14 @@ def test_training_stats_in_process():
     training_stats.init_multiprocessing(rank=0, sync_device=None)
     with pytest.raises(AssertionError):
         training_stats.init_multiprocessing(rank=1, sync_device=torch.device('cpu'))
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / 'out.bin'
+    with pytest.raises(RuntimeError):
+        with dnnlib.util.atomic_write(str(target)) as tmp:
+            open(tmp, 'wb').write(b'partial')
+            raise RuntimeError('interrupted')
+    assert list(tmp_path.iterdir()) == []
+    with dnnlib.util.atomic_write(str(target)) as tmp:
+        open(tmp, 'wb').write(b'complete')
+    assert target.read_bytes() == b'complete' and list(tmp_path.iterdir()) == [target]
