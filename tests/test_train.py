@@ -124,3 +124,20 @@ def test_error_unreadable_resume_and_transfer(tmp_path, data):
 
 def test_error_batch_not_divisible_by_world(tmp_path, data):
     expect_error(tmp_path, ['--data', data, '--aot=0'] + TINY + ['--batch=15'], 'not divisible by the number of GPUs (2)', torchrun=2)
+
+def test_resume_from_edm_state_and_transfer(tmp_path, data):
+    # EDM's state dumps pickle the network object and keep the EMA in the snapshot beside them.
+    common = ['--data', data, '--cond=1', '--aot=16', '--duration=0.000032'] + TINY
+    run(['--outdir', str(tmp_path / 'first')] + common)
+    snapshot = os.path.join(only_run_dir(tmp_path / 'first'), 'network-snapshot-000000.pkl')
+    edm_dir = tmp_path / 'edm'
+    edm_dir.mkdir()
+    net = network_io.load_network(snapshot, verbose=False).train().requires_grad_(True)
+    torch.save(dict(net=net, optimizer_state=torch.optim.Adam(net.parameters()).state_dict()), edm_dir / 'training-state-000000.pt')
+    os.link(snapshot, edm_dir / 'network-snapshot-000000.pkl')
+    proc = run(['--outdir', str(tmp_path / 'resumed'), '--resume', str(edm_dir / 'training-state-000000.pt')] + common)
+    assert 'it contains pickled code' in proc.stdout
+    assert final_losses(only_run_dir(tmp_path / 'resumed'))
+    proc = run(['--outdir', str(tmp_path / 'transfer'), '--transfer', snapshot] + common)
+    assert 'unpickling runs code' in proc.stdout
+    assert final_losses(only_run_dir(tmp_path / 'transfer'))
