@@ -88,7 +88,7 @@ def main(**kwargs):
 
     \b
     # The bundled digits on a CPU, a few minutes
-    python train.py --outdir=runs --data=datasets/uci-digits-16x16.zip --cond=1 --arch=ddpmpp \\
+    OMP_NUM_THREADS=1 python train.py --outdir=runs --data=datasets/uci-digits-16x16.zip --cond=1 --arch=ddpmpp \\
         --cbase=16 --cres=1,2 --batch=64 --aot=256 --lr-rampup=1 --duration=0.03 --tick=5 --snap=2
     """
     opts = dnnlib.EasyDict(kwargs)
