@@ -29,7 +29,7 @@ from training import sampling
 from training.dataset import ImageFolderDataset
 from training.images import to_uint8, save_image_grid
 from training.network_io import load_network
-from tools.trajectory import heun_steps, parse_int_list, one_line
+from tools.trajectory import heun_steps, parse_int_list, one_line, pyplot
 
 #----------------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ def main(data, networks, names, seeds, nfe, rho, batch, out):
         # One row of 16 samples per NFE: the same seeds across rows and networks.
         save_image_grid(np.concatenate(grid), f'{out}-samples-{name}.png', cols=16)
 
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for ax, key, title in zip(axes, ('fd_digits', 'fd_pixels'), ('FD in digit-classifier features', 'FD in pixel space')):
         for name, res in result['networks'].items():

@@ -104,7 +104,9 @@ def analyze(net, seeds, nfes, ref_steps=256, batch=64, device='cpu', class_idx=N
             bar.update(1)
     bar.close()
 
-    stats = lambda values: (lambda v: dict(mean=float(v.mean()), std=float(v.std()) if len(v) > 1 else 0.0))(torch.cat(values).double())
+    def stats(values):
+        v = torch.cat(values).double()
+        return dict(mean=float(v.mean()), std=float(v.std()) if len(v) > 1 else 0.0)
     return dict(
         runs=[dict(nfe=nfe, steps=s, **{key: stats(per_nfe[nfe][key]) for key in ('error', 'deviation', 'turn')}) for nfe, s in zip(nfes, steps)],
         reference=dict(steps=ref_steps, nfe=2 * ref_steps - 1, deviation=stats(ref['deviation']), turn=stats(ref['turn']),
@@ -114,13 +116,19 @@ def analyze(net, seeds, nfes, ref_steps=256, batch=64, device='cpu', class_idx=N
 #----------------------------------------------------------------------------
 # Outputs.
 
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg') # files only, also without a display
+    import matplotlib.pyplot as plt
+    return plt
+
 def save_atomic(path, write):
     tmp = path + '.tmp'
     write(tmp)
     os.replace(tmp, path)
 
 def plot_error(results, path):
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     for name, res in results.items():
         nfe = [r['nfe'] for r in res['runs'] if r['steps'] < res['reference']['steps']]
@@ -134,7 +142,7 @@ def plot_error(results, path):
     plt.close(fig)
 
 def plot_curvature(results, path):
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for name, res in results.items():
         profile = res['reference']['profile']
@@ -154,7 +162,7 @@ def plot_curvature(results, path):
 def plot_strip(results, shapes, path, columns=8):
     """Per network three rows along the reference path of the first seed: the state (shown
     variance-preserving, x / sqrt(1 + sigma^2)), the denoiser output, the tangent (normalized)."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = [(name, kind) for name in results for kind in ('state', 'denoised', 'tangent')]
     fig, axes = plt.subplots(len(rows), columns + 1, figsize=(1.1 * (columns + 1) + 1, 1.1 * len(rows) + 0.4), dpi=120, squeeze=False)
     for row, (name, kind) in enumerate(rows):
@@ -188,7 +196,10 @@ def plot_strip(results, shapes, path, columns=8):
 def write_outputs(results, shapes, settings, outdir):
     os.makedirs(outdir, exist_ok=True)
     doc = dict(settings=settings, networks={name: {k: v for k, v in res.items() if k != 'strip'} for name, res in results.items()})
-    save_atomic(os.path.join(outdir, 'trajectory.json'), lambda tmp: open(tmp, 'w').write(json.dumps(doc, indent=1)))
+    def write_json(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(doc, f, indent=1)
+    save_atomic(os.path.join(outdir, 'trajectory.json'), write_json)
     def write_csv(tmp):
         with open(tmp, 'w', newline='') as f:
             out = csv.writer(f)
