@@ -100,7 +100,7 @@ def main(**kwargs):
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=torch.cuda.is_available(), num_workers=opts.workers)
     if opts.workers > 0:
-        c.data_loader_kwargs.update(prefetch_factor=2, persistent_workers=True)
+        c.data_loader_kwargs.update(prefetch_factor=1, persistent_workers=True) # each worker builds one pool ahead: enough overlap, no waste
     c.network_kwargs = dnnlib.EasyDict()
     c.loss_kwargs = dnnlib.EasyDict()
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9,0.999], eps=1e-8)
