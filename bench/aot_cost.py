@@ -132,6 +132,8 @@ def main(pools, solvers, repeats, train, train_pools, workers, train_solvers, da
         lines.append(f'| {r["pool"]} | ' + ' | '.join(f'{r["times"][s]:.3f}' for s in solvers) + ratio + f' | {r["cost_gap"]:.1e} |')
 
     if train:
+        if workdir:
+            os.makedirs(workdir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             data_desc = f'`{data}`' if data else '1024 random 32x32 RGB images'
             data = os.path.join(ROOT, data) if data else make_dataset(os.path.join(tmp, 'data'), n=1024, res=32, channels=3, labels=False)
