@@ -101,9 +101,9 @@ def iterate_slices(pools, batch_gpu, skip=0, device='cpu', on_wait=None):
             on_wait(time.perf_counter() - t0)
         n = pool['images'].shape[0]
         for start in range(skip * batch_gpu, n, batch_gpu):
-            part = {key: None if val is None else val[start : start + batch_gpu].to(device, non_blocking=True)
-                    for key, val in pool.items()}
-            yield part
+            part = {key: None if val is None else val[start : start + batch_gpu] for key, val in pool.items()}
+            # Model inputs go to the device; the dataset indices are bookkeeping and stay on the CPU.
+            yield {key: val if key == 'indices' or val is None else val.to(device, non_blocking=True) for key, val in part.items()}
         skip = 0
 
 #----------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def load_training_state(path):
     """Our own state dumps hold only tensors and plain values and load without running code;
     EDM's hold the pickled network and need weights_only=False (a notice is printed)."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True) # mmap: reading a few keys stays cheap
     except pickle.UnpicklingError:
         dist.print0(f'Loading EDM training state {path}: it contains pickled code; load only files you trust.')
         return torch.load(path, map_location='cpu', weights_only=False)
@@ -201,7 +201,7 @@ def training_loop(
         for round_idx in range(num_accumulation_rounds):
             with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
                 part = next(slices)
-                seen_images.update(part['indices'].cpu().numpy().tobytes())
+                seen_images.update(part['indices'].numpy().tobytes())
                 loss = loss_fn(net=ddp, images=part['images'], labels=part['labels'], noise=part['noise'],
                                augment_labels=part['augment_labels'])
                 training_stats.report('Loss/loss', loss)
