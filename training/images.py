@@ -16,17 +16,19 @@ def save_png(image, path):
     with dnnlib.util.atomic_write(path) as tmp:
         PIL.Image.fromarray(image, 'L' if image.ndim == 2 else 'RGB').save(tmp, format='png')
 
-def make_grid(images, cols=None, scale=1):
+def make_grid(images, cols=None, scale=1, gap=0):
     """Tile NHWC uint8 images into one HWC image, as square as possible unless cols is given;
-    scale > 1 enlarges each pixel to a scale x scale block so small images stay visible."""
+    scale > 1 enlarges each pixel to a scale x scale block so small images stay visible, and gap
+    puts gray lines between the tiles so that images whose content touches their edges stay apart."""
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    grid = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
+    grid = np.full([rows * (h + gap) - gap, cols * (w + gap) - gap, c], 128 if gap else 0, dtype=np.uint8)
     for i, img in enumerate(images):
-        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
+        y, x = (i // cols) * (h + gap), (i % cols) * (w + gap)
+        grid[y : y + h, x : x + w] = img
     return grid
 
-def save_image_grid(images, path, cols=None, scale=1):
-    save_png(make_grid(images, cols, scale), path)
+def save_image_grid(images, path, cols=None, scale=1, gap=0):
+    save_png(make_grid(images, cols, scale, gap), path)

@@ -54,7 +54,8 @@ def save_sample_grid(net, path, num_images=64, num_steps=18, device=torch.device
     seeds = list(range(num_images))
     latents, class_labels, rnd = sampling.latents_for_seeds(net, seeds, device=device)
     images = sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
-    save_image_grid(to_uint8(images), path, scale=max(1, 64 // net.img_resolution)) # small images enlarged to be seen
+    scale = max(1, 64 // net.img_resolution) # small images enlarged to be seen
+    save_image_grid(to_uint8(images), path, scale=scale, gap=scale)
 
 def load_training_state(path):
     """Our own state dumps hold only tensors and plain values and load without running code;
