@@ -134,6 +134,14 @@ def open_lmdb(lmdb_dir, *, max_images):
                 yield dict(img=img, label=None, name=name)
     return num, iterate_images()
 
+def array_source(images, labels, max_images, name):
+    """(count, iterator) over in-memory uint8 images and integer labels; name(idx) names image idx in errors."""
+    num = len(images) if max_images is None else min(len(images), max_images)
+    def iterate_images():
+        for idx in range(num):
+            yield dict(img=images[idx], label=int(labels[idx]), name=name(idx))
+    return num, iterate_images()
+
 def open_cifar10(tarball, *, max_images):
     images, labels = [], []
     try:
@@ -149,12 +157,7 @@ def open_cifar10(tarball, *, max_images):
     labels = np.concatenate(labels)
     if len(images) != len(labels):
         raise click.ClickException(f'--source {tarball}: {len(images)} images but {len(labels)} labels')
-    num = len(images) if max_images is None else min(len(images), max_images)
-
-    def iterate_images():
-        for idx in range(num):
-            yield dict(img=images[idx], label=int(labels[idx]), name=f'{tarball}:{idx}')
-    return num, iterate_images()
+    return array_source(images, labels, max_images, lambda idx: f'{tarball}:{idx}')
 
 def read_idx_gz(path, magic, what):
     try:
@@ -179,12 +182,7 @@ def open_mnist(images_gz, *, max_images):
             f'found {images.size} pixels and {len(labels)} labels')
     images = images.reshape(-1, rows, cols)
     images = np.pad(images, [(0, 0), (2, 2), (2, 2)], 'constant', constant_values=0) # 28x28 => 32x32, as EDM
-    num = len(images) if max_images is None else min(len(images), max_images)
-
-    def iterate_images():
-        for idx in range(num):
-            yield dict(img=images[idx], label=int(labels[idx]), name=f'{images_gz}:{idx}')
-    return num, iterate_images()
+    return array_source(images, labels, max_images, lambda idx: f'{images_gz}:{idx}')
 
 def open_digits_csv(path, *, max_images):
     """UCI handwritten digits as distributed by scikit-learn: per line 64 pixels (0..16, 8x8 row-major) and the label."""
@@ -197,12 +195,7 @@ def open_digits_csv(path, *, max_images):
         raise click.ClickException(f'--source {path}: expected lines of 64 integer pixels in 0..16 and a label, got {rows.shape[1]} columns')
     images = np.rint(rows[:, :64] * 255 / 16).astype(np.uint8).reshape(-1, 8, 8) # ink is white on black
     labels = rows[:, 64].astype(np.int64)
-    num = len(images) if max_images is None else min(len(images), max_images)
-
-    def iterate_images():
-        for idx in range(num):
-            yield dict(img=images[idx], label=int(labels[idx]), name=f'{path}:line {idx + 1}')
-    return num, iterate_images()
+    return array_source(images, labels, max_images, lambda idx: f'{path}:line {idx + 1}')
 
 def open_dataset(source, *, max_images):
     if os.path.isdir(source):
