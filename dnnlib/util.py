@@ -20,13 +20,30 @@ from typing import Any
 #----------------------------------------------------------------------------
 # Files that appear complete or not at all.
 
+def current_umask() -> int:
+    """The process umask. Read from /proc where possible: os.umask can only be read by setting it,
+    which briefly changes it for every thread."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 @contextlib.contextmanager
 def atomic_write(path):
     """Yields a temporary path beside `path`; it is renamed to `path` only when the block completes,
-    and removed otherwise, so an interrupted write never leaves a file that looks valid."""
+    and removed otherwise, so an interrupted write never leaves a file that looks valid. The file
+    gets the permissions of a newly created one (0666 less the umask) even if the writer made it
+    private (safetensors writes 0600)."""
     temp = f'{path}.tmp-{uuid.uuid4().hex}'
     try:
         yield temp
+        os.chmod(temp, 0o666 & ~current_umask())
         os.replace(temp, path)
     finally:
         if os.path.exists(temp):

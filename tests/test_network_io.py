@@ -58,6 +58,9 @@ def test_safe_roundtrip_small(small_module, tmp_path):
     path = str(tmp_path / 'net.safetensors')
     network_io.save_safe(net, path)
     assert os.listdir(tmp_path).count('net.safetensors') == 1 and not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+    # Readable like the .pkl beside it (safetensors itself writes 0600).
+    open(tmp_path / 'net.pkl', 'wb').close()
+    assert oct(os.stat(path).st_mode & 0o777) == oct(os.stat(tmp_path / 'net.pkl').st_mode & 0o777)
     header = network_io.read_safe_header(path)
     assert header == dict(format=network_io.SAFE_FORMAT, class_name='smallpkg.small.SmallNet', init_args=[4], init_kwargs=dict(hidden=6, act='tanh'))
     # The default trust list covers only this repository's training/ package.

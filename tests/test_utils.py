@@ -364,3 +364,15 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with dnnlib.util.atomic_write(str(target)) as tmp:
         open(tmp, 'wb').write(b'complete')
     assert target.read_bytes() == b'complete' and list(tmp_path.iterdir()) == [target]
+
+@pytest.mark.parametrize('umask', [0o022, 0o077, 0o002])
+def test_atomic_write_gives_umask_permissions(tmp_path, umask):
+    # The writer makes the file private, as safetensors does; the result must look like any new file.
+    old = os.umask(umask)
+    try:
+        assert util.current_umask() == umask
+        with dnnlib.util.atomic_write(str(tmp_path / 'out.bin')) as tmp:
+            os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / 'out.bin').st_mode & 0o777 == 0o666 & ~umask
