@@ -190,49 +190,6 @@ from torch_utils import misc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def _edm_sampler_order(n, rank, num_replicas, seed, window_size, count):
-    """EDM's InfiniteSampler loop, one randint() per step, written out as the reference."""
-    order = np.arange(n)
-    rnd = np.random.RandomState(seed)
-    rnd.shuffle(order)
-    window = int(np.rint(n * window_size))
-    out, idx = [], 0
-    while len(out) < count:
-        i = idx % n
-        if idx % num_replicas == rank:
-            out.append(int(order[i]))
-        if window >= 2:
-            j = (i - rnd.randint(window)) % n
-            order[i], order[j] = order[j], order[i]
-        idx += 1
-    return out
-
-def _take(sampler, count):
-    it = iter(sampler)
-    return [int(next(it)) for _ in range(count)]
-
-def test_infinite_sampler_matches_reference_and_is_disjoint():
-    n, replicas = 37, 3
-    per_rank = [_take(misc.InfiniteSampler(range(n), rank=r, num_replicas=replicas, seed=5), 5000) for r in range(replicas)]
-    for r in range(replicas):
-        assert per_rank[r] == _edm_sampler_order(n, r, replicas, 5, 0.5, 5000)
-    # Ranks take turns on one shared sequence: interleaving them gives the single-process order.
-    whole = _take(misc.InfiniteSampler(range(n), seed=5), replicas * 5000)
-    assert [per_rank[k % replicas][k // replicas] for k in range(replicas * 5000)] == whole
-    # Another seed gives another order; no shuffle gives the plain sequence.
-    assert _take(misc.InfiniteSampler(range(n), seed=6), 50) != _take(misc.InfiniteSampler(range(n), seed=5), 50)
-    assert _take(misc.InfiniteSampler(range(5), rank=1, num_replicas=2, shuffle=False), 6) == [1, 3, 0, 2, 4, 1]
-
-@pytest.mark.parametrize('start', [0, 1, 13, 4096, 9001])
-def test_infinite_sampler_start_is_exact(start):
-    full = _take(misc.InfiniteSampler(range(50), rank=1, num_replicas=2, seed=3), start + 100)
-    resumed = _take(misc.InfiniteSampler(range(50), rank=1, num_replicas=2, seed=3, start=start), 100)
-    assert resumed == full[start:]
-
-def test_infinite_sampler_empty_dataset():
-    with pytest.raises(ValueError, match='empty'):
-        misc.InfiniteSampler([])
-
 def test_constant_and_assert_shape():
     a = misc.constant([1, 2], dtype=torch.float32)
     assert a is misc.constant([1, 2], dtype=torch.float32) # cached

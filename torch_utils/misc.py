@@ -62,10 +62,7 @@ def assert_shape(tensor, ref_shape):
             raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
 
 #----------------------------------------------------------------------------
-# Replace NaN/Inf, e.g. in gradients before the optimizer step (one bad batch must not poison the
-# weights). nan_to_num is kept under EDM's name for code that calls misc.nan_to_num.
-
-nan_to_num = torch.nan_to_num
+# Replace NaN/Inf in gradients before the optimizer step (one bad batch must not poison the weights).
 
 @torch.no_grad()
 def nan_to_num_grads_(module, nan=0.0, posinf=1e5, neginf=-1e5):
@@ -84,54 +81,6 @@ def profiled_function(fn):
     decorator.__name__ = fn.__name__
     decorator.__doc__ = fn.__doc__
     return decorator
-
-#----------------------------------------------------------------------------
-# Endless, ranked, seeded sampler with windowed shuffling (EDM's order for the same seed).
-# Each rank sees every num_replicas-th index of one shared sequence, so ranks are disjoint. After
-# the initial permutation, every visited position is swapped with a random position up to
-# `window_size * len(dataset)` behind it, so later passes keep being reshuffled without epochs.
-# `start` skips the first `start` indices this rank would yield, which makes resuming exact.
-
-class InfiniteSampler(torch.utils.data.Sampler):
-    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, window_size=0.5, start=0):
-        if len(dataset) == 0:
-            raise ValueError('InfiniteSampler: the dataset is empty')
-        assert num_replicas > 0 and 0 <= rank < num_replicas
-        assert 0 <= window_size <= 1 and start >= 0
-        super().__init__()
-        self.dataset = dataset
-        self.rank = rank
-        self.num_replicas = num_replicas
-        self.shuffle = shuffle
-        self.seed = seed
-        self.window_size = window_size
-        self.start = start
-
-    def __iter__(self):
-        n = len(self.dataset)
-        order = np.arange(n)
-        rnd = None
-        window = 0
-        if self.shuffle:
-            rnd = np.random.RandomState(self.seed)
-            rnd.shuffle(order)
-            window = int(np.rint(n * self.window_size))
-        skip = self.start
-        chunk = 4096 # draw swap offsets in blocks: same numbers as one randint() per step, much faster
-        idx = 0
-        while True:
-            offsets = rnd.randint(window, size=chunk) if window >= 2 else None
-            for k in range(chunk):
-                i = idx % n
-                if idx % self.num_replicas == self.rank:
-                    if skip > 0:
-                        skip -= 1
-                    else:
-                        yield order[i]
-                if offsets is not None:
-                    j = (i - offsets[k]) % n
-                    order[i], order[j] = order[j], order[i]
-                idx += 1
 
 #----------------------------------------------------------------------------
 # Parameters and buffers.

@@ -8,7 +8,6 @@ import zipfile
 import numpy as np
 import PIL.Image
 import torch
-import dnnlib
 
 try:
     import pyspng # optional: faster PNG decoding
@@ -99,13 +98,6 @@ class Dataset(torch.utils.data.Dataset):
             onehot[label] = 1
             label = onehot
         return label.copy()
-
-    def get_details(self, idx):
-        d = dnnlib.EasyDict()
-        d.raw_idx = int(self._raw_idx[idx])
-        d.xflip = (int(self._xflip[idx]) != 0)
-        d.raw_label = self._get_raw_labels()[d.raw_idx].copy()
-        return d
 
     @property
     def name(self):
