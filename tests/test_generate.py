@@ -1,5 +1,6 @@
 """generate.py end to end: seed-exact PNGs across batch sizes, processes and network formats; errors."""
 
+import copy
 import os
 import pickle
 import subprocess
@@ -15,6 +16,9 @@ from tests.test_sampling import load_golden_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ['--steps=4'] # 7 NFE: fast, and enough to go through every part of the sampler
+# Runs whose PNGs are compared with images made here, on the CPU, pin the CPU: on a CUDA machine
+# generate.py would draw the latents with CUDA generators (as EDM does), which give other numbers.
+CPU = ['--device=cpu']
 
 # One thread per process (as torchrun sets it): several runs go in parallel on a small machine,
 # and idle OpenMP threads spinning against each other cost more than the sampling itself.
@@ -65,12 +69,12 @@ def expected_images(net, seeds, **kwargs):
 def test_same_pngs_for_any_batch_process_count_and_format(nets, tmp_path):
     seeds = list(range(10))
     runs = {
-        'batch1': start(['--network', nets['pkl'], '--outdir', str(tmp_path / 'batch1'), '--seeds=0-9', '--batch=1', *STEPS]),
+        'batch1': start(['--network', nets['pkl'], '--outdir', str(tmp_path / 'batch1'), '--seeds=0-9', '--batch=1', *STEPS, *CPU]),
         'batch7': start(['--network', nets['pkl'], '--outdir', str(tmp_path / 'batch7'), '--seeds=0-4,5-9', '--batch=7',
-                         '--grid', str(tmp_path / 'grids' / 'grid.png'), *STEPS]),
-        'torchrun': start_torchrun(['--network', nets['pkl'], '--outdir', str(tmp_path / 'torchrun'), '--seeds=0-9', '--batch=3', *STEPS]),
+                         '--grid', str(tmp_path / 'grids' / 'grid.png'), *STEPS, *CPU]),
+        'torchrun': start_torchrun(['--network', nets['pkl'], '--outdir', str(tmp_path / 'torchrun'), '--seeds=0-9', '--batch=3', *STEPS, *CPU]),
         'safe_subdirs': start(['--network', nets['safe'], '--outdir', str(tmp_path / 'safe'), '--seeds=0-4,998-1001', '--subdirs',
-                               '--batch=4', *STEPS]),
+                               '--batch=4', *STEPS, *CPU]),
     }
     results = {name: finish(proc) for name, proc in runs.items()}
     for name, (code, out, err) in results.items():
@@ -105,7 +109,7 @@ def test_same_pngs_for_any_batch_process_count_and_format(nets, tmp_path):
     assert not grid[32:48, 32:].any() # empty cells
 
 def test_forced_class_with_ablation_sampler(nets, tmp_path):
-    args = ['--seeds=3-5', '--class=2', '--solver=euler', '--disc=vp', '--schedule=vp', '--scaling=vp', *STEPS]
+    args = ['--seeds=3-5', '--class=2', '--solver=euler', '--disc=vp', '--schedule=vp', '--scaling=vp', *STEPS, *CPU]
     code, out, err = finish(start(['--network', nets['pkl'], '--outdir', str(tmp_path), *args]))
     assert code == 0, f'{out}\n{err}'
     assert 'Sampler: ablation_sampler, 4 steps, 4 NFE per image' in out
@@ -164,3 +168,39 @@ def test_bad_input_fails_cleanly(case, bad_input_env):
     assert 'Traceback' not in err, f'{case}: traceback instead of a message:\n{err}'
     assert lines and lines[-1].startswith('Error:') and expected in lines[-1], f'{case}: {err}'
     assert not outdir.exists(), f'{case}: output directory created'
+
+def test_rho_and_steps_reach_the_sampler(nets, tmp_path):
+    # The paper's settings (EDM-AOT: --rho 90 --steps 14 unconditional, --rho 72 --steps 15 conditional).
+    settings = [(90, 14), (72, 15)]
+    runs = {(rho, steps): start(['--network', nets['pkl'], '--outdir', str(tmp_path / f'rho{rho}'), '--seeds=0-3',
+                                 f'--rho={rho}', f'--steps={steps}', *CPU]) for rho, steps in settings}
+    net = nets['net']
+    for (rho, steps), proc in runs.items():
+        code, out, err = finish(proc)
+        assert code == 0, f'{out}\n{err}'
+        assert f'{steps} steps, {2 * steps - 1} NFE per image' in out
+        latents, class_labels, rnd = sampling.latents_for_seeds(net, [0, 1, 2, 3])
+        with torch.no_grad():
+            expected = to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, rho=rho))
+            rho7 = to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps))
+        images = pngs(tmp_path / f'rho{rho}')
+        assert sorted(images) == [f'{s:06d}.png' for s in range(4)]
+        for s in range(4):
+            assert np.array_equal(images[f'{s:06d}.png'], expected[s]), f'rho {rho}: seed {s} differs'
+            # rho matters here: the same steps with EDM's rho 7 give other pixels.
+            assert (expected[s] != rho7[s]).mean() > 0.05, f'rho {rho}: seed {s} same as rho 7'
+
+def test_cuda_images_match_the_sampler_on_cuda(nets, tmp_path):
+    # On CUDA, generate.py draws each seed's latents with a CUDA generator, as EDM's generate.py does.
+    if not torch.cuda.is_available():
+        pytest.skip('needs a CUDA device: compares generate.py on CUDA with the sampler run here on CUDA')
+    code, out, err = finish(start(['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-3', '--device=cuda', *STEPS]))
+    assert code == 0, f'{out}\n{err}'
+    net = copy.deepcopy(nets['net']).cuda()
+    latents, class_labels, rnd = sampling.latents_for_seeds(net, [0, 1, 2, 3], device='cuda')
+    with torch.no_grad():
+        expected = to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
+    images = pngs(tmp_path)
+    got = np.stack([images[f'{s:06d}.png'] for s in range(4)]).astype(int)
+    assert np.abs(got - expected).max() <= 1 # same kernels; allow a rounding boundary
+    assert np.abs(got - expected_images(nets['net'], [0, 1, 2, 3])).mean() > 5 # CPU generators: other images
