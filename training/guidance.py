@@ -281,6 +281,34 @@ def load_dg_checkpoints(classifier_pt, head_pt, device='cpu'):
     disc.published_dg = True # the label table size says nothing about the classes it was trained on
     return disc.eval().requires_grad_(False).to(device)
 
+def load_discriminator(path_or_url, device='cpu', verbose=True):
+    """A Discriminator from a .safetensors file written by train_discriminator.py (runs no code)."""
+    import dnnlib
+    from training.network_io import load_safe
+    try:
+        path = dnnlib.util.open_url(path_or_url, verbose=verbose, return_filename=True)
+        disc = load_safe(path, device=device)
+    except Exception as err:
+        raise IOError(f'Cannot load discriminator {path_or_url}: {" ".join(str(err).split())}') from err
+    if not isinstance(disc, Discriminator):
+        raise IOError(f'{path_or_url} holds a {type(disc).__name__}, not a discriminator; give the discriminator-*.safetensors of train_discriminator.py')
+    return disc.requires_grad_(False)
+
+def incompatibility(disc, net):
+    """Why the discriminator cannot guide the network (one line), or None if it can."""
+    shape = lambda r, c: f'{r}x{r} images with {c} channel{"s" * (c != 1)}'
+    if (disc.img_resolution, disc.img_channels) != (net.img_resolution, net.img_channels):
+        return (f'the discriminator takes {shape(disc.img_resolution, disc.img_channels)}, '
+                f'but the network makes {shape(net.img_resolution, net.img_channels)}')
+    if disc.label_dim and not net.label_dim:
+        return 'the discriminator head is class-conditional, but the network is unconditional; use an unconditional discriminator'
+    if disc.label_dim and net.label_dim:
+        # DG's published heads have a 1000-entry table whatever they were trained on.
+        published = getattr(disc, 'published_dg', False)
+        if (net.label_dim > disc.label_dim) if published else (net.label_dim != disc.label_dim):
+            return f'the discriminator was trained on {disc.label_dim} classes, but the network has {net.label_dim}'
+    return None
+
 #----------------------------------------------------------------------------
 # The correction DG adds to the sampler's slope.
 

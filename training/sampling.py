@@ -193,6 +193,32 @@ def signal_scaling(scaling, sigma, sigma_deriv):
     raise ValueError(f'unknown scaling {scaling!r}: choose vp or none')
 
 #----------------------------------------------------------------------------
+# Discriminator Guidance (DG) inside a sampler step.
+
+DG_BOOST_PERIOD = 5         # DG's boosting: raise the churn of "fake" samples every 5th step
+DG_BOOST_WEIGHT_PERIOD = 2  # ... and double their correction every 2nd step
+DG_BOOST_CHURN = 4.0        # S_churn (with S_noise = 1) of boosted samples
+
+def per_sample(v):
+    """A per-sample [N] tensor as [N, 1, 1, 1] to scale images; scalars unchanged."""
+    return v.reshape(-1, 1, 1, 1) if torch.is_tensor(v) and v.ndim == 1 else v
+
+def dg_slope(guidance, d, x, sigma, class_labels, weight, boost=False):
+    """(d + weight * correction / sigma, log_ratio): the DG-corrected slope dx/dsigma at (x, sigma).
+    boost: double the correction of samples the discriminator finds fake (log ratio < 0)."""
+    grad, log_ratio = guidance.correction(x, sigma, class_labels)
+    if boost:
+        grad = torch.where(per_sample(log_ratio < 0), 2 * grad, grad)
+    return d + weight * (grad / per_sample(sigma)), log_ratio
+
+def dg_boost_churn(gamma, S_noise, log_ratio, num_steps):
+    """Per-sample (gamma, S_noise) of DG's boosting: samples with log ratio < 0 get churn DG_BOOST_CHURN."""
+    fake = log_ratio < 0
+    boosted = min(DG_BOOST_CHURN / num_steps, np.sqrt(2) - 1)
+    as_vec = lambda v: torch.full(fake.shape, float(v), dtype=torch.float64, device=fake.device)
+    return torch.where(fake, as_vec(boosted), as_vec(gamma)), torch.where(fake, as_vec(1.0), as_vec(S_noise))
+
+#----------------------------------------------------------------------------
 # EDM sampler (Algorithm 2).
 
 def edm_sampler(
@@ -200,16 +226,24 @@ def edm_sampler(
     num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
     callback: Optional[Callable[[SamplerStep], None]] = None,
+    guidance=None, dg_weight=2.0, dg_weight_2nd=0.0, dg_boosting=False,
 ):
     """Heun's 2nd order method on EDM's noise levels; 2*num_steps-1 network evaluations.
     S_churn > 0 adds noise (gamma = min(S_churn/num_steps, sqrt(2)-1)) at noise levels in [S_min, S_max].
     With S_churn > 0, randn_like is called once every step, also where gamma = 0, as EDM does, so
-    the noise stream stays EDM's; with S_churn = 0 it is not called (the noise would be multiplied by 0)."""
+    the noise stream stays EDM's; with S_churn = 0 it is not called (the noise would be multiplied by 0).
+
+    Discriminator Guidance (DG's EDM-G++ sampler): with guidance (training.guidance.DiscriminatorGuidance)
+    the slope at the Euler evaluation gets dg_weight * correction / sigma, and the one at Heun's
+    evaluation dg_weight_2nd * correction / sigma (see dg_slope). dg_boosting: DG's boosting
+    (dg_boost_churn; randn_like is then called every step). guidance=None: EDM's sampler, unchanged."""
     sigma_min = max(sigma_min, net.sigma_min) # the network's supported range
     sigma_max = min(sigma_max, net.sigma_max)
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, round_sigma=net.round_sigma, device=latents.device)
 
-    churn_noise = lambda x: randn_like(x) if S_churn > 0 else 0 # unused without churn: skip the per-seed draws
+    boosting = guidance is not None and dg_boosting
+    churn_noise = lambda x: randn_like(x) if S_churn > 0 or boosting else 0 # unused without churn: skip the per-seed draws
+    log_ratio = None # DG's log(d / (1 - d)) per sample at the last guided evaluation
 
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -217,20 +251,28 @@ def edm_sampler(
 
         # Churn: raise the noise level from t_cur to t_hat by adding fresh noise.
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        noise_scale = S_noise
+        if boosting and log_ratio is not None and i % DG_BOOST_PERIOD == 0 and S_min <= t_cur <= S_max:
+            gamma, noise_scale = dg_boost_churn(gamma, S_noise, log_ratio, num_steps)
         t_hat = net.round_sigma(t_cur + gamma * t_cur)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * churn_noise(x_cur)
+        x_hat = x_cur + per_sample((t_hat ** 2 - t_cur ** 2).sqrt() * noise_scale) * churn_noise(x_cur)
 
         # Euler step from t_hat to t_next.
         denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
+        d_cur = (x_hat - denoised) / per_sample(t_hat)
+        if guidance is not None and dg_weight != 0:
+            d_cur, log_ratio = dg_slope(guidance, d_cur, x_hat, t_hat, class_labels, dg_weight,
+                                        boost=boosting and i % DG_BOOST_WEIGHT_PERIOD == 0)
+        x_next = x_hat + per_sample(t_next - t_hat) * d_cur
 
         # Heun's correction, except into t_N = 0 where the slope is undefined.
         denoised_prime = d_prime = None
         if i < num_steps - 1:
             denoised_prime = net(x_next, t_next, class_labels).to(torch.float64)
             d_prime = (x_next - denoised_prime) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            if guidance is not None and dg_weight_2nd != 0:
+                d_prime, _ = dg_slope(guidance, d_prime, x_next, t_next, class_labels, dg_weight_2nd)
+            x_next = x_hat + per_sample(t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
 
         if callback is not None:
             callback(SamplerStep(i, t_cur, t_hat, t_next, x_cur, x_hat, x_next, denoised, d_cur, denoised_prime, d_prime))
