@@ -3,6 +3,7 @@
 One PNG per seed; a seed gives the same image whatever the batch size or number of processes,
 and the same image as EDM's generate.py for the same network and options."""
 
+import json
 import os
 import re
 import click
@@ -11,7 +12,8 @@ import PIL.Image
 import torch
 import tqdm
 from torch_utils import distributed as dist
-from training import sampling
+import dnnlib
+from training import guidance, sampling
 from training.images import to_uint8, save_png, save_image_grid
 from training.network_io import load_network
 
@@ -60,6 +62,38 @@ def fail_together(error):
 def one_line(e):
     return f'{type(e).__name__}: {" ".join(str(e).split())}'.rstrip(': ')
 
+def check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs):
+    """Raise click.BadParameter for Discriminator Guidance options that do not go together."""
+    if dg_path and (dg_classifier or dg_head):
+        raise click.BadParameter('give either --dg or DG\'s published pair --dg-classifier/--dg-head, not both', param_hint='--dg')
+    if bool(dg_classifier) != bool(dg_head):
+        raise click.BadParameter('DG\'s published discriminator needs both --dg-classifier and --dg-head', param_hint='--dg-head' if dg_classifier else '--dg-classifier')
+    if dg_kwargs and not (dg_path or dg_classifier):
+        option = '--' + next(iter(dg_kwargs)).replace('_', '-')
+        raise click.BadParameter('needs a discriminator: add --dg=FILE (or --dg-classifier and --dg-head)', param_hint=option)
+    if (dg_path or dg_classifier) and any(x in sampler_kwargs for x in ['solver', 'discretization', 'schedule', 'scaling']):
+        raise click.BadParameter('Discriminator Guidance works with EDM\'s sampler; drop --solver/--disc/--schedule/--scaling', param_hint='--dg')
+    if dg_kwargs.get('dg_time_min', 0.01) > dg_kwargs.get('dg_time_max', 1.0):
+        raise click.BadParameter(f'--dg-time-min {dg_kwargs["dg_time_min"]} must not exceed --dg-time-max {dg_kwargs.get("dg_time_max", 1.0)}', param_hint='--dg-time-min')
+
+def write_labels(outdir, labels):
+    """Add this run's {file: class} (from every rank) to outdir/dataset.json, EDM's dataset format,
+    so that the images form a labelled dataset (e.g. fakes for train_discriminator.py --cond=1)."""
+    gathered = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(gathered, labels)
+    if dist.get_rank() != 0:
+        return
+    path = os.path.join(outdir, 'dataset.json')
+    merged = {}
+    if os.path.isfile(path): # images of earlier runs into the same folder keep their labels
+        with open(path) as f:
+            merged = dict((name, label) for name, label in json.load(f).get('labels') or [])
+    for part in gathered:
+        merged.update(part)
+    with dnnlib.util.atomic_write(path) as temp:
+        with open(temp, 'w') as f:
+            json.dump(dict(labels=sorted([name, label] for name, label in merged.items())), f)
+
 #----------------------------------------------------------------------------
 
 @click.command()
@@ -86,7 +120,16 @@ def one_line(e):
 @click.option('--schedule',                help='Ablation: noise schedule sigma(t)', metavar='vp|ve|linear',        type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling',                 help='Ablation: signal scaling s(t)', metavar='vp|none',                 type=click.Choice(['vp', 'none']))
 
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, **sampler_kwargs):
+@click.option('--dg', 'dg_path',           help='Discriminator Guidance: discriminator-*.safetensors of train_discriminator.py', metavar='FILE|URL', type=str)
+@click.option('--dg-classifier',           help="DG's published ADM classifier (32x32_classifier.pt), with --dg-head", metavar='PT', type=str)
+@click.option('--dg-head',                 help="DG's published head (discriminator_60.pt, discriminator_250.pt)", metavar='PT', type=str)
+@click.option('--dg-weight',               help='Weight of the DG correction at the Euler evaluation  [default: 2]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--dg-weight-2nd',           help="Weight of the DG correction at Heun's evaluation  [default: 0]", metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--dg-time-min',             help='Apply DG from this VP time on  [default: 0.01]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
+@click.option('--dg-time-max',             help='Apply DG up to this VP time  [default: 1]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
+@click.option('--dg-boosting',             help="DG's boosting: more churn and correction for samples the discriminator finds fake", is_flag=True, default=None)
+
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, dg_path, dg_classifier, dg_head, **sampler_kwargs):
     """Sample images from a trained EDM / EDM-AOT network, one PNG per seed.
 
     Without --solver/--disc/--schedule/--scaling this is EDM's Heun sampler; with any of them, the
@@ -103,6 +146,8 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
     """
     # Check the options that need no network before anything else.
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    dg_kwargs = {key: sampler_kwargs.pop(key) for key in list(sampler_kwargs) if key.startswith('dg_')}
+    check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs)
     if sampler_kwargs.get('sigma_min', 0) >= sampler_kwargs.get('sigma_max', float('inf')):
         raise click.BadParameter(f'--sigma_min {sampler_kwargs["sigma_min"]} must be below --sigma_max {sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
 
@@ -125,6 +170,17 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
     except Exception as e: # any failure to read or unpickle: report it, do not hang the other ranks
         reason = ' '.join(str(e).split()) if isinstance(e, OSError) else one_line(e)
         error = f'{reason} (--network takes a network-snapshot-*.pkl, a .safetensors file or a URL to one)'
+    dg = None
+    if error is None and (dg_path or dg_classifier):
+        try:
+            disc = guidance.load_discriminator(dg_path, device=device, verbose=(rank == 0)) if dg_path else \
+                   guidance.load_dg_checkpoints(dg_classifier, dg_head, device=device)
+            error = guidance.incompatibility(disc, net)
+            if error is not None:
+                error = f'Cannot guide with {dg_path or dg_head}: {error}'
+            dg = guidance.DiscriminatorGuidance(disc, time_min=dg_kwargs.pop('dg_time_min', 0.01), time_max=dg_kwargs.pop('dg_time_max', 1.0))
+        except IOError as e:
+            error = ' '.join(str(e).split())
     if rank == 0:
         dist.barrier()
     fail_together(error)
@@ -150,19 +206,31 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
     dist.print0(f'Sampler: {sampler_fn.__name__}, {sampler_kwargs["num_steps"]} steps, {nfe} NFE per image; '
                 f'sigma {", ".join(levels if len(levels) <= 8 else levels[:4] + ["..."] + levels[-2:])}, 0')
 
+    # Discriminator Guidance: the sampler's extra arguments (not part of the dry run above).
+    if dg is not None:
+        dg_kwargs = dict(dict(dg_weight=2.0, dg_weight_2nd=0.0, dg_boosting=False), **dg_kwargs)
+        dist.print0(f'Discriminator guidance: weight {dg_kwargs["dg_weight"]:g} (2nd order {dg_kwargs["dg_weight_2nd"]:g}), '
+                    f'VP times {dg.time_min:g}-{dg.time_max:g}, boosting {"on" if dg_kwargs["dg_boosting"] else "off"}')
+        sampler_kwargs.update(guidance=dg, **dg_kwargs)
+
     # Generate; each batch's latents come from its seeds only.
     dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
+    labels = {} # file name -> class, for dataset.json
     for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(rank != 0)):
         if len(batch_seeds) == 0:
             continue
         latents, class_labels, rnd = sampling.latents_for_seeds(net, batch_seeds.tolist(), device=device, class_idx=class_idx)
         with torch.no_grad():
             images = sampler_fn(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
-        for seed, image in zip(batch_seeds.tolist(), to_uint8(images)):
-            image_dir = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
-            os.makedirs(image_dir, exist_ok=True)
-            save_png(image, os.path.join(image_dir, f'{seed:06d}.png'))
+        for i, (seed, image) in enumerate(zip(batch_seeds.tolist(), to_uint8(images))):
+            name = f'{seed - seed % 1000:06d}/{seed:06d}.png' if subdirs else f'{seed:06d}.png'
+            os.makedirs(os.path.dirname(os.path.join(outdir, name)), exist_ok=True)
+            save_png(image, os.path.join(outdir, name))
+            if class_labels is not None:
+                labels[name] = int(class_labels[i].argmax())
     dist.barrier()
+    if net.label_dim:
+        write_labels(outdir, labels)
 
     # The grid is read back from the written files, so it holds every rank's images.
     if grid is not None and rank == 0:
