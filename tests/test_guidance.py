@@ -171,3 +171,108 @@ def test_boosting_raises_churn_of_fake_samples_only():
             assert torch.allclose(s.t_hat, torch.tensor([s.t_cur * (1 + gamma), s.t_cur], dtype=torch.float64))
         else:
             assert torch.as_tensor(s.t_hat).ndim == 0 and s.t_hat == s.t_cur and torch.equal(s.x_hat, s.x_cur)
+
+#----------------------------------------------------------------------------
+# generate.py with guidance.
+
+def small_discriminator(res=16, channels=3, label_dim=10, seed=4):
+    torch.manual_seed(seed)
+    disc = Discriminator(res, channels, label_dim=label_dim, extractor='small', width=32)
+    # Random heads have near-zero gradients; enlarge the weights so that guidance changes the images.
+    fill_params(disc, seed)
+    return disc.eval().requires_grad_(False)
+
+@pytest.fixture(scope='module')
+def gen_files(tmp_path_factory):
+    from training.network_io import save_safe
+    from tests.test_sampling import load_golden_network
+    d = tmp_path_factory.mktemp('dg')
+    files = dict(net=str(d / 'cond.safetensors'), uncond=str(d / 'uncond.safetensors'))
+    save_safe(load_golden_network('networks/ddpmpp_edm_cond.npz', 'networks/ddpmpp_edm_cond.json'), files['net'])
+    save_safe(load_golden_network('networks/ddpmpp_edm_uncond.npz', 'networks/ddpmpp_edm_uncond.json'), files['uncond'])
+    for name, disc in [('disc', small_discriminator()), ('disc8', small_discriminator(res=8)),
+                       ('disc_1ch', small_discriminator(channels=1)), ('disc4', small_discriminator(label_dim=4))]:
+        files[name] = str(d / f'{name}.safetensors')
+        save_safe(disc, files[name])
+    return files
+
+def run_generate(args):
+    import subprocess, sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, 'generate.py', *args], cwd=root, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+def read_pngs(outdir):
+    import PIL.Image
+    return {name: np.array(PIL.Image.open(os.path.join(outdir, name))) for name in sorted(os.listdir(outdir)) if name.endswith('.png')}
+
+def test_generate_with_dg_is_seed_exact_and_writes_labels(gen_files, tmp_path):
+    from training.images import to_uint8
+    from training.network_io import load_network
+    args = ['--network', gen_files['net'], '--dg', gen_files['disc'], '--dg-weight=3', '--dg-boosting', '--seeds=0-4', '--steps=4']
+    out = run_generate(args + ['--outdir', str(tmp_path / 'b1'), '--batch=1'])
+    assert 'Discriminator guidance: weight 3 (2nd order 0), VP times 0.01-1, boosting on' in out
+    run_generate(args + ['--outdir', str(tmp_path / 'b3'), '--batch=3'])
+    b1, b3 = read_pngs(tmp_path / 'b1'), read_pngs(tmp_path / 'b3')
+    assert sorted(b1) == [f'{s:06d}.png' for s in range(5)]
+
+    net = load_network(gen_files['net'], verbose=False)
+    latents, labels, rnd = sampling.latents_for_seeds(net, list(range(5)))
+    dg = DiscriminatorGuidance(guidance.load_discriminator(gen_files['disc'], verbose=False))
+    with torch.no_grad():
+        kwargs = dict(randn_like=rnd.randn_like, num_steps=4)
+        expected = to_uint8(sampling.edm_sampler(sampling.MinBatchNet(net), latents, labels, guidance=dg, dg_weight=3, dg_boosting=True, **kwargs))
+        plain = to_uint8(sampling.edm_sampler(net, latents, labels, num_steps=4))
+    for s in range(5):
+        assert np.array_equal(b1[f'{s:06d}.png'], expected[s]) and np.array_equal(b3[f'{s:06d}.png'], expected[s]), s
+    assert np.abs(expected.astype(int) - plain.astype(int)).max() > 10 # guidance changed the images
+
+    # The class of each image travels in dataset.json (EDM's dataset format), merged over runs.
+    labels_json = json.load(open(tmp_path / 'b1' / 'dataset.json'))['labels']
+    assert labels_json == [[f'{s:06d}.png', int(labels[s].argmax())] for s in range(5)]
+    run_generate(['--network', gen_files['net'], '--outdir', str(tmp_path / 'b1'), '--seeds=7', '--steps=2', '--class=3'])
+    assert json.load(open(tmp_path / 'b1' / 'dataset.json'))['labels'][-1] == ['000007.png', 3]
+    run_generate(['--network', gen_files['uncond'], '--outdir', str(tmp_path / 'u'), '--seeds=0', '--steps=2'])
+    assert not os.path.exists(tmp_path / 'u' / 'dataset.json') # unconditional: nothing to record
+
+def test_generate_with_dg_published_checkpoints(tmp_path):
+    # DG's .pt pair (state dicts, as DG publishes them) on a 32x32 RGB network with 10 classes.
+    from training.network_io import save_safe
+    net, _ = golden_edm_net()
+    save_safe(net, tmp_path / 'net32.safetensors')
+    torch.save(fill_params(adm_classifier(32), 1).state_dict(), tmp_path / '32x32_classifier.pt')
+    torch.save(fill_params(discriminator_head(cond=True), 3).state_dict(), tmp_path / 'discriminator_250.pt')
+    out = run_generate(['--network', str(tmp_path / 'net32.safetensors'), '--outdir', str(tmp_path / 'out'), '--seeds=0-1', '--steps=2',
+                        '--dg-classifier', str(tmp_path / '32x32_classifier.pt'), '--dg-head', str(tmp_path / 'discriminator_250.pt'), '--dg-weight=1'])
+    assert 'Discriminator guidance: weight 1' in out and len(read_pngs(tmp_path / 'out')) == 2
+
+DG_BAD_INPUTS = {
+    'resolution':      (['--network={net}', '--dg={disc8}'], '8x8 images with 3 channels, but the network makes 16x16'),
+    'channels':        (['--network={net}', '--dg={disc_1ch}'], '1 channel, but'),
+    'classes':         (['--network={net}', '--dg={disc4}'], 'trained on 4 classes, but the network has 10'),
+    'cond head':       (['--network={uncond}', '--dg={disc}'], 'network is unconditional'),
+    'not a disc':      (['--network={net}', '--dg={uncond}'], 'not a discriminator'),
+    'missing disc':    (['--network={net}', '--dg={tmp}/nope.safetensors'], 'nope.safetensors'),
+    'weight alone':    (['--network={net}', '--dg-weight=2'], 'needs a discriminator'),
+    'both kinds':      (['--network={net}', '--dg={disc}', '--dg-head=x.pt'], 'not both'),
+    'head alone':      (['--network={net}', '--dg-classifier=x.pt'], '--dg-head'),
+    'ablation':        (['--network={net}', '--dg={disc}', '--solver=euler'], "EDM's sampler"),
+    'window':          (['--network={net}', '--dg={disc}', '--dg-time-min=0.5', '--dg-time-max=0.2'], '--dg-time-min'),
+}
+
+@pytest.mark.parametrize('case', list(DG_BAD_INPUTS))
+def test_generate_dg_errors(case, gen_files, tmp_path):
+    from click.testing import CliRunner
+    import generate
+    args, expected = DG_BAD_INPUTS[case]
+    args = [a.format(tmp=tmp_path, **gen_files) for a in args] + ['--outdir', str(tmp_path / 'out'), '--seeds=0', '--steps=2']
+    try:
+        result = CliRunner().invoke(generate.main, args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code != 0 and 'Traceback' not in result.stderr, result.stderr
+    assert lines and lines[-1].startswith('Error:') and expected in lines[-1], result.stderr
+    assert not (tmp_path / 'out').exists()
