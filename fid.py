@@ -2,7 +2,8 @@
 
 Reference statistics are EDM's .npz files (mu, sigma). Features come from StyleGAN3's Inception-v3
 detector, the one EDM uses, so the numbers are comparable with published ones. Any other detector
-(--detector) gives numbers that are labelled NOT comparable wherever they appear."""
+(--detector) gives numbers that are labelled NOT comparable wherever they appear; --detector=standin
+is a small built-in random-feature network for quick checks on machines that cannot download Inception."""
 
 import os
 import re
@@ -26,6 +27,7 @@ from training import dataset
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 DETECTOR_NAME = 'inception-2015-12-05' # id of the standard detector; EDM's ref files carry no id and mean this one
 NOT_COMPARABLE = 'NOT comparable to published FID'
+STANDIN = 'standin' # --detector value of the built-in stand-in
 DOWNLOAD_ATTEMPTS = 3 # the files live on NVIDIA's CDNs; fail in seconds on machines without access
 
 def _one_line(err):
@@ -53,19 +55,55 @@ def _rank0_first(fn):
     return result
 
 #----------------------------------------------------------------------------
+# Built-in stand-in detector (--detector=standin): fixed random convolutions, 128-d features. It
+# needs no download and measures roughly the same thing (distance between feature distributions),
+# but its numbers mean nothing outside this code: stats carry its id and every line says so.
+
+class StandInDetector(torch.nn.Module):
+    def __init__(self, seed=0, size=32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.size = size
+        self.register_buffer('weight1', torch.randn([32, 3, 3, 3], generator=gen) / 27 ** 0.5)
+        self.register_buffer('weight2', torch.randn([64, 32, 3, 3], generator=gen) / 288 ** 0.5)
+
+    def forward(self, images, return_features=False):
+        # uint8 NCHW of any size, resized to one size so that resolutions compare; mean and std of the maps.
+        x = images.to(torch.float32) / 127.5 - 1
+        x = torch.nn.functional.interpolate(x, size=[self.size, self.size], mode='bilinear', antialias=True, align_corners=False)
+        x = torch.nn.functional.conv2d(x, self.weight1, padding=1).relu()
+        x = torch.nn.functional.conv2d(torch.nn.functional.avg_pool2d(x, 2), self.weight2, padding=1).relu()
+        return torch.cat([x.mean(dim=[2, 3]), x.std(dim=[2, 3])], dim=1)
+
+def _standin_info():
+    weights = b''.join(t.numpy().tobytes() for t in StandInDetector().buffers())
+    sha256 = hashlib.sha256(weights).hexdigest() # names the weights, should torch ever draw other ones
+    return dnnlib.EasyDict(url=STANDIN, data=None, sha256=sha256, standard=False, id=f'{STANDIN}-{sha256[:16]}')
+
+#----------------------------------------------------------------------------
 # Detector: a pickle in StyleGAN3's format (a persistent class that carries its source; unpickling
 # runs that code), called as net(images_uint8_NCHW, return_features=True) -> [N, D] features.
 
 def open_detector(detector=None, verbose=True):
+    if detector == STANDIN:
+        return _standin_info()
     url = DETECTOR_URL if detector is None else detector
-    with _open_url(url, verbose=verbose) as f:
-        data = f.read()
+    try:
+        with _open_url(url, verbose=verbose) as f:
+            data = f.read()
+    except click.ClickException as err:
+        if detector is None:
+            err.message += f'. Without it, --detector={STANDIN} gives a quick FID that is {NOT_COMPARABLE} (see docs/fid.md)'
+        raise
     sha256 = hashlib.sha256(data).hexdigest()
     standard = (url == DETECTOR_URL)
     return dnnlib.EasyDict(url=url, data=data, sha256=sha256, standard=standard,
         id=(DETECTOR_NAME if standard else f'sha256:{sha256}'))
 
 def build_detector(det, device):
+    if det.data is None:
+        dist.print0(f'Using the built-in stand-in detector {det.id} ({NOT_COMPARABLE})')
+        return StandInDetector().to(device)
     dist.print0(f'Loading detector {det.url} (unpickling runs code stored in the file)...')
     try:
         net = pickle.loads(det.data)
@@ -73,8 +111,12 @@ def build_detector(det, device):
         raise click.ClickException(f'{det.url}: not a detector pickle ({_one_line(err)})')
     return net.to(device) # as EDM: the pickle's own mode; features are computed under no_grad
 
+def _not_standard(det):
+    what = f'stand-in detector {det.id}' if det.data is None else f'detector {det.url}'
+    return f'{NOT_COMPARABLE}: {what} is not the standard {DETECTOR_NAME}'
+
 def _detector_note(det):
-    return '' if det.standard else f'  ({NOT_COMPARABLE}: detector {det.url} is not the standard {DETECTOR_NAME})'
+    return '' if det.standard else f'  ({_not_standard(det)})'
 
 #----------------------------------------------------------------------------
 # Inception statistics of an image folder or zip. Images are split into batches as in EDM; each
@@ -97,23 +139,38 @@ def stats_from_sums(num, total, total_outer):
     sigma = (total_outer - torch.outer(mu, mu) * num) / (num - 1)
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
-def calculate_inception_stats(image_path, num_expected=None, seed=0, max_batch_size=64, num_workers=3,
-        prefetch_factor=2, device=None, detector_net=None, return_features=False):
-    """Returns mu, sigma (float64 numpy) and, with return_features, all features on rank 0 ([N, D] float32, dataset order)."""
-    device = dist.device() if device is None else device
-    if detector_net is None:
-        det = _rank0_first(lambda: open_detector(verbose=(dist.get_rank() == 0)))
-        detector_net = build_detector(det, device)
+def default_workers():
+    # EDM's 3, or as many as this process may run on: more only compete for the cores (and torch warns).
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError: # not on Linux
+        cores = os.cpu_count() or 1
+    return min(3, cores)
 
+def open_images(image_path, num_expected=None, seed=0):
+    """The image folder or zip as a dataset, or a one-line error (missing, unreadable, mixed sizes, too few)."""
     dist.print0(f'Loading images from "{image_path}"...')
     try:
         dataset_obj = dataset.ImageFolderDataset(path=image_path, max_size=num_expected, random_seed=seed)
-    except IOError as err:
+    except (IOError, ValueError) as err:
         raise click.ClickException(_one_line(err))
     if num_expected is not None and len(dataset_obj) < num_expected:
         raise click.ClickException(f'{image_path}: found {len(dataset_obj)} images, need --num={num_expected}; generate more or lower --num')
     if len(dataset_obj) < 2:
         raise click.ClickException(f'{image_path}: found {len(dataset_obj)} images, need at least 2 to compute statistics')
+    return dataset_obj
+
+def calculate_inception_stats(image_path, num_expected=None, seed=0, max_batch_size=64, num_workers=None,
+        prefetch_factor=2, device=None, detector_net=None, return_features=False, dataset_obj=None):
+    """Returns mu, sigma (float64 numpy) and, with return_features, all features on rank 0 ([N, D] float32, dataset order).
+    dataset_obj: open_images(image_path, num_expected, seed) when the caller has it already."""
+    device = dist.device() if device is None else device
+    num_workers = default_workers() if num_workers is None else num_workers
+    if dataset_obj is None:
+        dataset_obj = open_images(image_path, num_expected, seed)
+    if detector_net is None:
+        det = _rank0_first(lambda: open_detector(verbose=(dist.get_rank() == 0)))
+        detector_net = build_detector(det, device)
 
     # Same split as EDM: a multiple of world_size batches, dealt out round-robin.
     num_images, world, rank = len(dataset_obj), dist.get_world_size(), dist.get_rank()
@@ -273,12 +330,17 @@ def main():
     \b
     # Compute dataset reference statistics (with features, for --pr)
     python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset.npz --save-features
+
+    \b
+    # Without internet access: a quick FID with the built-in stand-in, NOT comparable to published FID
+    python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset-standin.npz --detector=standin
+    python fid.py calc --images=fid-tmp --ref=fid-refs/my-dataset-standin.npz --detector=standin
     """
 
 #----------------------------------------------------------------------------
 
-detector_option = click.option('--detector', help='Feature detector other than the standard Inception-v3; results are NOT comparable to published FID', metavar='PATH|URL', type=str, default=None)
-workers_option = click.option('--workers', help='Data loader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+detector_option = click.option('--detector', help=f'Feature detector other than the standard Inception-v3, or "{STANDIN}" for the built-in stand-in (no download); results are NOT comparable to published FID', metavar='PATH|URL|standin', type=str, default=None)
+workers_option = click.option('--workers', help='Data loader worker processes  [default: 3, or the number of CPU cores if fewer]', metavar='INT', type=click.IntRange(min=0), default=None)
 
 @main.command()
 @click.option('--images', 'image_path', help='Path to the images', metavar='PATH|ZIP',              type=str, required=True)
@@ -305,6 +367,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
         ref = load_stats(ref_path)
         if pr and 'features' not in ref:
             raise click.ClickException(f'{ref_path}: no features for --pr; make the reference with "fid.py ref --save-features"')
+    dataset_obj = open_images(image_path, num_expected, seed) # before any download
     det = _rank0_first(lambda: open_detector(detector, verbose=(rank == 0)))
     if rank == 0 and ref['detector'] != det.id:
         raise click.ClickException(f'{ref_path} was computed with detector {ref["detector"]}, this run uses {det.id}; '
@@ -328,7 +391,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
 
     if not reuse.item():
         result = calculate_inception_stats(image_path=image_path, num_expected=num_expected, seed=seed, max_batch_size=batch,
-            num_workers=workers, device=device, detector_net=build_detector(det, device), return_features=pr)
+            num_workers=workers, device=device, detector_net=build_detector(det, device), return_features=pr, dataset_obj=dataset_obj)
         if rank == 0:
             gen = dict(mu=result[0], sigma=result[1], **detector_fields(det), **{k: v for k, v in key.items() if k != 'detector'})
             if pr:
@@ -368,9 +431,13 @@ def ref(dataset_path, dest_path, batch, save_features, detector, workers):
     dist.init()
     device = dist.device()
 
+    # Fail early, before any download: an existing --dest (refused, as dataset_tool.py does), missing or bad data.
+    if os.path.exists(dest_path):
+        raise click.ClickException(f'--dest {dest_path} already exists; delete it or choose another name')
+    dataset_obj = open_images(dataset_path)
     det = _rank0_first(lambda: open_detector(detector, verbose=(dist.get_rank() == 0)))
     result = calculate_inception_stats(image_path=dataset_path, max_batch_size=batch, num_workers=workers, device=device,
-        detector_net=build_detector(det, device), return_features=save_features)
+        detector_net=build_detector(det, device), return_features=save_features, dataset_obj=dataset_obj)
     dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
     if dist.get_rank() == 0:
         stats = dict(mu=result[0], sigma=result[1], **detector_fields(det))
@@ -378,7 +445,7 @@ def ref(dataset_path, dest_path, batch, save_features, detector, workers):
             stats['features'] = result[2].cpu().numpy()
         save_stats(dest_path, **stats)
         if not det.standard:
-            print(f'Warning: {dest_path} is {NOT_COMPARABLE}: detector {det.url} is not the standard {DETECTOR_NAME}')
+            print(f'Warning: {dest_path} is {_not_standard(det)}')
     dist.barrier()
     dist.print0('Done.')
 

@@ -108,10 +108,12 @@ def test_float_labels(tmp_path):
 #----------------------------------------------------------------------------
 # Broken archives: IOError (which train.py and fid.py report in one line) naming the file.
 
-def make_folder(path, sizes, labels=None):
+def make_folder(path, sizes, labels=None, modes=None):
+    """PNGs img0.png, ... of the given sizes (N or (width, height)) and PIL modes (default RGB)."""
     path.mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(sizes):
-        PIL.Image.fromarray(np.zeros((s, s, 3), np.uint8)).save(path / f'img{i}.png')
+        w, h = s if isinstance(s, tuple) else (s, s)
+        PIL.Image.fromarray(np.zeros((h, w, 3), np.uint8)).convert(modes[i] if modes else 'RGB').save(path / f'img{i}.png')
     if labels is not None:
         (path / 'dataset.json').write_text(json.dumps({'labels': labels}))
     return path
@@ -130,12 +132,34 @@ def test_errors(tmp_path):
     with pytest.raises(IOError, match='no image files'):
         ImageFolderDataset(str(tmp_path / 'empty'))
 
-    ds = ImageFolderDataset(str(make_folder(tmp_path / 'mixed', [8, 8, 16])))
-    ds[1]
+    # Sizes are checked from the headers when the dataset is made, not when a worker meets the odd image.
+    with pytest.raises(ValueError, match=r'img2\.png is 16x16x3, 2 other images are 8x8x3 \(1 image of another size\)'):
+        ImageFolderDataset(str(make_folder(tmp_path / 'mixed', [8, 8, 16])))
+    with pytest.raises(ValueError, match=r'img1\.png is 8x8x1, 2 other images are 8x8x3'):
+        ImageFolderDataset(str(make_folder(tmp_path / 'gray', [8, 8, 8], modes='RGB L RGB'.split())))
+    with pytest.raises(ValueError, match=r'img1\.png is 8x8x1, 2 other images are 8x8x3'):
+        ImageFolderDataset(str(make_folder(tmp_path / 'palette', [8, 8, 8], modes='RGB P RGB'.split())))
+    # Other formats are read by PIL: a JPEG of another size among PNGs.
+    folder = make_folder(tmp_path / 'jpeg', [8, 8])
+    PIL.Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(folder / 'img2.jpg')
+    with pytest.raises(ValueError, match=r'img2\.jpg is 8x6x3, 2 other images are 8x8x3'):
+        ImageFolderDataset(str(folder))
+    (folder / 'img2.jpg').unlink()
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / 'img2.jpg')
+    assert ImageFolderDataset(str(folder)).resolution == 8
+    # Non-square images make a dataset (fid.py takes them), but one that cannot be trained on.
+    wide = ImageFolderDataset(str(make_folder(tmp_path / 'wide', [(40, 30)] * 2)))
+    assert wide.image_shape == [3, 30, 40]
+    with pytest.raises(ValueError, match='images are 40x30 .*square'):
+        wide.resolution
+    with pytest.raises(IOError, match='expected 16x16'):
+        ImageFolderDataset(str(make_folder(tmp_path / 'small', [8, 8])), resolution=16)
+
+    # A file that changes after the check is still caught when it is read.
+    ds = ImageFolderDataset(str(make_folder(tmp_path / 'changed', [8, 8, 8])))
+    make_folder(tmp_path / 'changed', [8, 8, 16])
     with pytest.raises(IOError, match=r'img2\.png is 16x16x3, other images are 8x8x3'):
         ds[2]
-    with pytest.raises(IOError, match='expected 16x16'):
-        ImageFolderDataset(str(tmp_path / 'mixed'), resolution=16)
 
     bad = make_folder(tmp_path / 'badpng', [8, 8])
     (bad / 'img1.png').write_bytes(b'\x89PNG\r\n\x1a\nbroken')

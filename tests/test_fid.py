@@ -12,6 +12,7 @@ import subprocess
 import numpy as np
 import PIL.Image
 import pytest
+import scipy.linalg
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,6 +124,24 @@ def write_images(folder, num, seed, brightness=0, size=16):
         img = np.clip(base + rnd.randint(0, 56, size=[size, size, 3]) + brightness, 0, 255).astype(np.uint8)
         PIL.Image.fromarray(img).save(os.path.join(folder, f'{i:06d}.png'))
 
+def decode_folder(folder):
+    """Images of a folder decoded by PIL alone, in file name order, as uint8 NCHW RGB (gray repeated)."""
+    names = sorted(os.path.relpath(os.path.join(root, n), folder).replace(os.sep, '/') for root, _, files in os.walk(folder) for n in files if n.endswith('.png'))
+    return torch.as_tensor(np.stack([np.array(PIL.Image.open(os.path.join(folder, n)).convert('RGB')).transpose(2, 0, 1) for n in names]))
+
+def load_detector(path):
+    with open(path, 'rb') as f:
+        return pickle.load(f)
+
+def independent_fid(features_1, features_2):
+    # tr sqrtm(S1 S2) = sum of sqrt of the eigenvalues of sqrt(S1) S2 sqrt(S1) (symmetric): no scipy.linalg.sqrtm.
+    f1, f2 = np.asarray(features_1, np.float64), np.asarray(features_2, np.float64)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = scipy.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_sqrt = np.sqrt(np.clip(scipy.linalg.eigvalsh(root @ s2 @ root), 0, None)).sum()
+    return float(np.square(f1.mean(0) - f2.mean(0)).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('fid')
@@ -159,6 +178,31 @@ def fid_line(r):
     line = r.stdout.strip().splitlines()[-1]
     return float(line.split()[0]), line
 
+def test_pipeline_features_equal_detector_on_decoded_images(tmp_path, env):
+    # Whatever the pipeline does between file and detector (decoding, channel order, orientation,
+    # size, batching, the gray-to-RGB repeat) must give the detector's features of the images as PIL
+    # reads them. Non-square images catch a swap of width and height.
+    det = load_detector(env['det'])
+    rgb, gray = tmp_path / 'rgb', tmp_path / 'gray'
+    rnd = np.random.RandomState(5)
+    os.makedirs(rgb)
+    os.makedirs(gray)
+    for i in range(7):
+        PIL.Image.fromarray(rnd.randint(0, 256, [12, 20, 3], dtype=np.uint8)).save(rgb / f'{i:02d}.png')
+        PIL.Image.fromarray(rnd.randint(0, 256, [10, 10], dtype=np.uint8)).save(gray / f'{i:02d}.png')
+    for folder in [rgb, gray]:
+        _mu, _sigma, features = fid.calculate_inception_stats(str(folder), max_batch_size=3, num_workers=0,
+            device=torch.device('cpu'), detector_net=det, return_features=True)
+        with torch.no_grad():
+            expected = det(decode_folder(str(folder)), return_features=True)
+        torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+
+def test_ref_features_from_the_command_equal_detector_on_decoded_images(env):
+    ref = np.load(env['ref'])
+    with torch.no_grad():
+        expected = load_detector(env['det'])(decode_folder(env['a']), return_features=True).numpy()
+    np.testing.assert_allclose(ref['features'], expected, rtol=1e-5, atol=1e-6)
+
 def test_ref_file_keeps_edm_format_and_labels_detector(env):
     ref = np.load(env['ref'], allow_pickle=False)
     assert ref['mu'].shape == (64,) and ref['sigma'].shape == (64, 64) and ref['mu'].dtype == np.float64
@@ -188,6 +232,11 @@ def test_calc_other_set_and_two_process_torchrun(env):
         '--save-stats=' + os.path.join(env['tmp'], 'b1.npz'))
     value, line = fid_line(single)
     assert value > 1 and 'NOT comparable' in line
+    # The printed FID equals one computed here from the detector's features of the decoded images.
+    with torch.no_grad():
+        net = load_detector(env['det'])
+        expected = independent_fid(net(decode_folder(env['a']), return_features=True), net(decode_folder(env['b']), return_features=True))
+    assert value == pytest.approx(expected, rel=2e-5)
     multi = calc(env, env['b'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}', '--pr',
         '--save-stats=' + os.path.join(env['tmp'], 'b2.npz'), torchrun=True)
     assert fid_line(multi)[0] == pytest.approx(value, rel=1e-6)
@@ -208,6 +257,28 @@ def test_golden_cifar_zip_against_own_ref(env):
         '--save-stats=' + os.path.join(env['tmp'], 'cifar-stats.npz'))
     value, line = fid_line(r)
     assert abs(value) < 1e-4 and 'NOT comparable' in line
+
+#----------------------------------------------------------------------------
+# The built-in stand-in detector: no download, labelled wherever its numbers appear.
+
+def test_standin_detector_without_download(env):
+    ref_path = os.path.join(env['tmp'], 'ref-standin.npz')
+    r = run('ref', f'--data={env["a"]}', f'--dest={ref_path}', '--detector=standin', tmp=env['tmp']) # default --workers
+    assert r.returncode == 0, r.stderr
+    assert 'Warning' not in r.stderr, r.stderr # e.g. torch's warning about more workers than cores
+    assert re.search(r'NOT comparable to published FID: stand-in detector standin-[0-9a-f]{16} is not the standard', r.stdout)
+    ref = np.load(ref_path)
+    assert str(ref['detector']) == fid.open_detector('standin').id and not bool(ref['comparable'])
+    assert not os.path.exists(os.path.join(env['tmp'], 'cache')) # nothing was downloaded
+    # Its features are those of the stand-in applied to the decoded images; FID as computed independently.
+    standin = fid.StandInDetector()
+    with torch.no_grad():
+        a, b = standin(decode_folder(env['a']), return_features=True), standin(decode_folder(env['b']), return_features=True)
+    np.testing.assert_allclose(ref['mu'], a.double().mean(0).numpy(), rtol=1e-5, atol=1e-7)
+    r = calc(env, env['b'], f'--ref={ref_path}', '--num=80', '--detector=standin', '--save-stats=' + os.path.join(env['tmp'], 'b-standin.npz'))
+    value, line = fid_line(r)
+    assert 'NOT comparable to published FID: stand-in detector' in line
+    assert value == pytest.approx(independent_fid(a, b), rel=2e-5) and value > 0
 
 #----------------------------------------------------------------------------
 # Errors: non-zero exit and a one-line message naming the problem.
@@ -248,7 +319,7 @@ def errors(env):
     ref = dict(np.load(env['ref']))
     del ref['features']
     np.savez(os.path.join(tmp, 'ref-nofeat.npz'), **ref)
-    cases = {
+    calc_cases = {
         'too_few':      [env['a'], f'--ref={env["ref"]}', '--num=100', det],
         'mixed':        [mixed, f'--ref={env["ref"]}', '--num=7', det, '--workers=1'], # error raised in a loader worker
         'rgba':         [rgba, f'--ref={env["ref"]}', '--num=3', det],
@@ -257,8 +328,14 @@ def errors(env):
         'default_det':  [env['a'], f'--ref={env["ref"]}', '--num=80'],
         'mismatch':     [env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det2"]}'],
         'pr_features':  [env['a'], f'--ref={os.path.join(tmp, "ref-nofeat.npz")}', '--num=80', det, '--pr'],
+        'standin_ref':  [env['a'], f'--ref={env["ref"]}', '--num=80', '--detector=standin'],
+        'images_first': [os.path.join(tmp, 'missing'), f'--ref={env["ref"]}', '--num=80'],
     }
-    cases = {name: ['calc', f'--images={args[0]}', *args[1:], *([] if '--workers=1' in args else ['--workers=0'])] for name, args in cases.items()}
+    cases = {name: ['calc', f'--images={args[0]}', *args[1:], *([] if '--workers=1' in args else ['--workers=0'])] for name, args in calc_cases.items()}
+    cases.update({
+        'ref_data_first': ['ref', f'--data={os.path.join(tmp, "missing")}', f'--dest={os.path.join(tmp, "new.npz")}'], # standard detector
+        'ref_dest_exists': ['ref', f'--data={env["a"]}', f'--dest={env["ref"]}', '--detector=standin'],
+    })
     env = dict(os.environ, DNNLIB_CACHE_DIR=os.path.join(tmp, 'cache'))
     r = subprocess.run([sys.executable, '-c', ERROR_RUNNER, ROOT], input=json.dumps(cases), capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -275,7 +352,7 @@ def test_error_too_few_images(errors):
     assert_error(errors['too_few'], r'found 80 images, need --num=100')
 
 def test_error_mixed_sizes(errors):
-    assert_error(errors['mixed'], r'8x8x3, other images are 16x16x3')
+    assert_error(errors['mixed'], r'sub/000000\.png is 8x8x3, 6 other images are 16x16x3')
 
 def test_error_four_channels(errors):
     assert_error(errors['rgba'], r'images have 4 channels')
@@ -287,8 +364,23 @@ def test_error_unreachable_ref_url_names_cache_path(errors, env):
     assert_error(errors['url'], r'http://127.0.0.1:9/ref.npz', r'place it at ' + re.escape(os.path.join(env['tmp'], 'cache', 'downloads')))
 
 def test_standard_detector_is_the_default_and_stand_in_needs_the_flag(errors):
-    # Without --detector the standard Inception is fetched (unreachable here): the stand-in is never used by accident.
-    assert_error(errors['default_det'], re.escape(fid.DETECTOR_URL), r'place it at .*inception-2015-12-05\.pkl')
+    # Without --detector the standard Inception is fetched (unreachable here): the stand-in is never
+    # used by accident, but the message names it.
+    assert_error(errors['default_det'], re.escape(fid.DETECTOR_URL), r'place it at .*inception-2015-12-05\.pkl',
+        r'--detector=standin gives a quick FID that is NOT comparable')
+
+def test_error_standin_against_other_detectors_ref(errors):
+    assert_error(errors['standin_ref'], r'computed with detector sha256:\w+, this run uses standin-\w+')
+
+def test_missing_images_reported_before_download(errors):
+    # No --detector: the standard one would be downloaded (and fail here); the missing data comes first.
+    for name in ['images_first', 'ref_data_first']:
+        assert_error(errors[name], r'missing: no such directory or zip file')
+        assert 'download' not in errors[name].stderr.lower(), errors[name].stderr
+
+def test_error_ref_dest_exists(errors, env):
+    assert_error(errors['ref_dest_exists'], r'--dest .*ref-a\.npz already exists; delete it or choose another name')
+    assert 'features' in np.load(env['ref']) # untouched
 
 def test_error_detector_mismatch_with_ref(errors):
     assert_error(errors['mismatch'], r'computed with detector sha256:', r'same --detector')

