@@ -25,6 +25,8 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
+import dnnlib
+
 #----------------------------------------------------------------------------
 # Helpers.
 
@@ -273,8 +275,7 @@ def open_dest(dest):
         raise click.ClickException(f'--dest {dest} already exists; delete it or choose another name')
     if not is_zip and os.path.exists(dest) and not (os.path.isdir(dest) and len(os.listdir(dest)) == 0):
         raise click.ClickException(f'--dest {dest} already exists and is not an empty folder; delete it or choose another name')
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = dnnlib.util.current_umask()
     parent = os.path.dirname(os.path.abspath(dest))
     new_dirs = [] # parent folders this run creates, removed again on failure
     d = parent
@@ -397,6 +398,10 @@ def main(source, dest, max_images, transform, resolution):
         abort()
         raise
     commit()
+    width, height, channels = dataset_attrs
+    classes = len({label for _, label in labels}) if metadata['labels'] else 0
+    print(f'Wrote {dest}: {len(labels)} images, {width}x{height}, {channels} channel{"s" if channels > 1 else ""} '
+        f'({"RGB" if channels == 3 else "grayscale"}), ' + (f'{classes} classes' if classes else 'no labels'))
 
 #----------------------------------------------------------------------------
 

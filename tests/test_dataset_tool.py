@@ -62,6 +62,7 @@ def test_cifar10_golden(tmp_path):
     dest = tmp_path / 'cifar10-32x32.zip'
     res = run_tool('--source', GOLDEN / 'cifar-10-python.tar.gz', '--dest', dest)
     assert res.exit_code == 0, res.output
+    assert res.output.rstrip().endswith(f'Wrote {dest}: 30 images, 32x32, 3 channels (RGB), 10 classes')
     ref = README['cifar10-32x32.zip']
     names, meta, images = read_archive(dest)
     assert names == ref['entries']
@@ -153,6 +154,7 @@ def test_digits_csv(tmp_path):
         f.write('\n'.join(','.join(map(str, r)) for r in rows) + '\n')
     res = run_tool('--source', src, '--dest', tmp_path / 'out')
     assert res.exit_code == 0, res.output
+    assert res.output.rstrip().endswith(f'Wrote {tmp_path / "out"}: 3 images, 8x8, 1 channel (grayscale), 3 classes')
     names, meta, out = read_archive(tmp_path / 'out')
     assert out.shape == (3, 8, 8)
     assert (out[0] == 255).all() and out[1, 1, 1] == 128 and out[1].sum() == 128 and out[2].max() == 0

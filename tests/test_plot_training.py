@@ -1,28 +1,48 @@
-"""tools/plot_training.py: curves from stats.jsonl, clear errors."""
+"""tools/plot_training.py: curves from stats.jsonl (what is plotted, and that the image shows it), clear errors."""
 
 import json
 import os
 import sys
 
+import numpy as np
+import PIL.Image
 from click.testing import CliRunner
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
 import plot_training
 
-def write_run(path, losses):
+def write_run(path, losses, first_tick=0, kimg_per_tick=5.0):
+    """stats.jsonl as the training loop writes it: one row per tick, from first_tick on."""
     path.mkdir()
     with open(path / 'stats.jsonl', 'w') as f:
         for i, loss in enumerate(losses):
-            f.write(json.dumps({'Progress/kimg': {'num': 1, 'mean': i * 5.0, 'std': 0}, 'Loss/loss': {'num': 8, 'mean': loss, 'std': 0.1},
-                                'Timing/aot_wait_frac': {'num': 1, 'mean': 0.01, 'std': 0}, 'timestamp': 1.0 + i}) + '\n')
+            tick = first_tick + i
+            f.write(json.dumps({'Progress/tick': {'num': 1, 'mean': tick, 'std': 0}, 'Progress/kimg': {'num': 1, 'mean': tick * kimg_per_tick, 'std': 0},
+                                'Loss/loss': {'num': 8, 'mean': loss, 'std': 0.1}, 'Timing/aot_wait_frac': {'num': 1, 'mean': 0.01, 'std': 0}, 'timestamp': 1.0 + i}) + '\n')
     return str(path)
 
-def test_plot_two_runs(tmp_path):
-    a, b = write_run(tmp_path / 'edm', [1, 0.5, 0.3]), write_run(tmp_path / 'aot', [1, 0.4, 0.2])
-    out = tmp_path / 'curves.png'
-    res = CliRunner().invoke(plot_training.main, ['--run', a, '--run', b, '--out', str(out), '--key', 'Loss/loss'])
+def plot(tmp_path, name, *runs):
+    out = tmp_path / name
+    res = CliRunner().invoke(plot_training.main, [a for run in runs for a in ['--run', run]] + ['--out', str(out), '--key', 'Loss/loss'])
     assert res.exit_code == 0, res.output
-    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert f'to {out}' in res.output # says where the plot went
+    return np.asarray(PIL.Image.open(out).convert('L'), dtype=np.float64)
+
+def test_reads_what_the_loop_writes(tmp_path):
+    # Tick 0 (one step) is left out of a fresh run; a resumed run's first row is a full tick and stays.
+    kimg, stats = plot_training.read_stats(write_run(tmp_path / 'fresh', [9, 0.5, 0.3]))
+    assert kimg == [5.0, 10.0] and stats['Loss/loss'] == [0.5, 0.3]
+    kimg, stats = plot_training.read_stats(write_run(tmp_path / 'resumed', [0.25, 0.2], first_tick=3))
+    assert kimg == [15.0, 20.0] and stats['Loss/loss'] == [0.25, 0.2]
+
+def test_image_shows_the_curves(tmp_path):
+    a, b = write_run(tmp_path / 'edm', [1, 0.5, 0.3]), write_run(tmp_path / 'aot', [1, 0.4, 0.2])
+    both = plot(tmp_path, 'both.png', a, b)
+    again = plot(tmp_path, 'again.png', a, b)
+    other = plot(tmp_path, 'other.png', a, write_run(tmp_path / 'aot2', [1, 0.45, 0.1]))
+    single = plot(tmp_path, 'single.png', a)
+    assert both.shape == again.shape == other.shape and np.array_equal(both, again) # deterministic
+    assert np.abs(both - other).sum() > 0 and np.abs(both - single).sum() > 0 # other data, other picture
 
 def test_plot_errors(tmp_path):
     res = CliRunner().invoke(plot_training.main, ['--run', str(tmp_path), '--out', str(tmp_path / 'x.png')])

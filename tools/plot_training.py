@@ -14,7 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_KEYS = ['Loss/loss', 'Timing/sec_per_kimg', 'Timing/aot_wait_frac']
 
 def read_stats(run_dir):
-    """kimg and per-tick means of every statistic in run_dir/stats.jsonl."""
+    """kimg and per-tick means of every statistic in run_dir/stats.jsonl, without tick 0.
+
+    Tick 0 of a fresh run is a single step (its timings include start-up), so it is left out. A
+    resumed run starts at the tick it resumed from: its first row is a full tick and is kept."""
     path = os.path.join(run_dir, 'stats.jsonl')
     if not os.path.isfile(path):
         raise click.ClickException(f'{path} not found; --run takes a training run directory')
@@ -27,6 +30,7 @@ def read_stats(run_dir):
                 raise click.ClickException(f'{path}, line {num}: not JSON; is the file damaged?')
     if not rows:
         raise click.ClickException(f'{path} is empty: the run has not finished a tick yet')
+    rows = [row for row in rows if row.get('Progress/tick', {}).get('mean', 1) != 0] or rows[-1:]
     kimg = [row['Progress/kimg']['mean'] for row in rows]
     keys = [key for key, value in rows[-1].items() if isinstance(value, dict)] # skips 'timestamp'
     return kimg, {key: [row[key]['mean'] if key in row else float('nan') for row in rows] for key in keys}
@@ -49,14 +53,16 @@ def main(runs, out, keys):
     for ax, key in zip(axes[0], keys):
         for run, (kimg, stats) in data.items():
             if key in stats:
-                ax.plot(kimg[1:], stats[key][1:], label=os.path.basename(os.path.normpath(run))) # tick 0 is one step
+                ax.plot(kimg, stats[key], label=os.path.basename(os.path.normpath(run)))
         ax.set_xlabel('kimg')
         ax.set_title(key)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
     fig.savefig(out, dpi=100)
-    print(f'Saved {out}')
+    print(f'Saved the plot of {", ".join(keys)} for {len(runs)} run(s) to {os.path.abspath(out)}')
 
 if __name__ == '__main__':
     main()
