@@ -11,7 +11,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import training_loop
+from training import network_io, training_loop
 
 #----------------------------------------------------------------------------
 
@@ -32,6 +32,93 @@ def latest_state(run_dir):
 
 def fail(msg):
     raise click.ClickException(msg)
+
+class Workers(click.ParamType):
+    """--workers: a count, or 'auto' (resolved in main once the device is known)."""
+    name = 'INT|auto'
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == 'auto':
+            return value
+        try:
+            count = int(value)
+        except ValueError:
+            count = -1
+        if count < 0:
+            self.fail(f'{value!r} is neither a count of worker processes (0 or more) nor "auto"', param, ctx)
+        return count
+
+def decide_resume(opts):
+    """The state file to resume from (None = start afresh), as rank 0 sees the file system."""
+    if opts.nosubdir and opts.resume is None and opts.transfer is None and latest_state(opts.outdir):
+        print(f'Found {latest_state(opts.outdir)}: resuming from it (pass a new --outdir to start afresh).')
+        return latest_state(opts.outdir)
+    if opts.resume is not None and os.path.isdir(opts.resume):
+        found = latest_state(opts.resume)
+        if found is None:
+            fail(f'--resume={opts.resume}: no training-state-*.pt in that directory')
+        return found
+    return opts.resume
+
+def on_rank0(fn, *args):
+    """fn(*args) evaluated on rank 0 and sent to every rank; an error there stops all ranks alike."""
+    result = None
+    if dist.get_rank() == 0:
+        try:
+            result = ('ok', fn(*args))
+        except click.ClickException as err:
+            result = ('error', err.message)
+    result = dist.broadcast_object(result)
+    if result[0] == 'error':
+        fail(result[1])
+    return result[1]
+
+def one_line(err):
+    return ' '.join(str(err).split()) or type(err).__name__
+
+def planned_network(c, interface_kwargs):
+    """The network this run will build, on the meta device: names and shapes, no memory, no time."""
+    with torch.device('meta'):
+        return dnnlib.util.construct_class_by_name(**c.network_kwargs, **interface_kwargs)
+
+def misfit(src, dst, source, strict):
+    """Why the weights of src (a network, or a state_dict) do not fit the network dst, in words;
+    [] when they fit. strict (resume): every tensor must match. Otherwise (transfer) tensors that
+    src lacks only in dst's augmentation-label layer may start from scratch, as EDM allows."""
+    said = []
+    if isinstance(src, torch.nn.Module):
+        for attr, what, show in [('img_resolution', 'resolution', lambda r: f'{r}x{r}'), ('img_channels', 'image channels', str),
+                                 ('label_dim', 'classes', lambda n: str(n or 'none'))]:
+            if getattr(src, attr, None) is not None and getattr(src, attr) != getattr(dst, attr):
+                said.append(f'{what} {show(getattr(src, attr))} in {source}, {show(getattr(dst, attr))} in this run')
+        if type(src).__name__ != type(dst).__name__:
+            said.append(f'preconditioning {type(src).__name__} in {source}, {type(dst).__name__} in this run (--precond)')
+        # Constructor arguments that shape the tensors; json makes tuples and lists compare equal.
+        src_kwargs, dst_kwargs = getattr(src, 'init_kwargs', {}), dst.init_kwargs
+        for key in sorted(src_kwargs.keys() & dst_kwargs.keys() - {'img_resolution', 'img_channels', 'label_dim', 'augment_dim', 'dropout', 'use_fp16'}):
+            a, b = (json.dumps(kw[key], default=str) for kw in (src_kwargs, dst_kwargs))
+            if a != b:
+                said.append(f'architecture: {key}={a} in {source}, {b} in this run')
+        src = src.state_dict()
+    if not said:
+        have = {name: tuple(t.shape) for name, t in src.items()}
+        want = {name: tuple(t.shape) for name, t in dst.state_dict().items()}
+        bad = [name for name in want if have.get(name) != want[name] and (strict or not name.startswith('model.map_augment.'))]
+        bad += [name for name in have if strict and name not in want]
+        if bad:
+            said.append(f'architecture: {len(bad)} tensor(s) missing or of other shapes in {source}, '
+                        f'e.g. {bad[0]} {have.get(bad[0], "missing")} there, {want.get(bad[0], "missing")} in this run')
+    return said
+
+def load_for_check(path, what):
+    try:
+        return network_io.load_network(path, verbose=(dist.get_rank() == 0))
+    except Exception as err: # a pickle can fail in any way
+        fail(f'{what}: cannot load the network: {one_line(err)}')
+
+def check_fits(src, dst, source, strict, fix):
+    said = misfit(src, dst, source, strict)
+    if said:
+        fail(f'{source} does not fit this run: {"; ".join(said)}. {fix}')
 
 #----------------------------------------------------------------------------
 
@@ -61,10 +148,14 @@ def fail(msg):
 
 # Performance-related.
 @click.option('--fp16',          help='Enable mixed-precision training', metavar='BOOL',            type=bool, default=False, show_default=True)
-@click.option('--ls',            help='Loss scaling (fixed; fp16 on CUDA scales dynamically)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--ls',            help='Loss scaling (fixed, as EDM; no step is skipped)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
-@click.option('--workers',       help='DataLoader worker processes (build AOT pools in the background)', metavar='INT', type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--workers',       help='Pool worker processes; 0 = build pools on the training device in background threads; auto = 0 on a GPU, 1 on the CPU', metavar='INT|auto', type=Workers(), default='auto', show_default=True)
+@click.option('--tf32',          help='Allow TF32 matmuls/convolutions on CUDA (fast mode; default is EDM\'s exact fp32)', is_flag=True)
+@click.option('--bf16',          help='bf16 autocast inside the U-Net (fast mode)',                 is_flag=True)
+@click.option('--compile',       help='torch.compile the network for training (fast mode)',         is_flag=True)
+@click.option('--deterministic', help='Deterministic algorithms only: exact resume on CUDA (slower)', is_flag=True)
 
 # I/O-related.
 @click.option('--desc',          help='String to include in result dir name', metavar='STR',        type=str)
@@ -98,7 +189,9 @@ def main(**kwargs):
     # Initialize config dict.
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
-    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=torch.cuda.is_available(), num_workers=opts.workers)
+    if opts.workers == 'auto': # on a GPU the pools are built on it; on the CPU a worker process uses a spare core
+        opts.workers = 0 if dist.use_cuda() else 1
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=dist.use_cuda(), num_workers=opts.workers)
     if opts.workers > 0:
         c.data_loader_kwargs.update(prefetch_factor=1, persistent_workers=True) # each worker builds one pool ahead: enough overlap, no waste
     c.network_kwargs = dnnlib.EasyDict()
@@ -116,6 +209,10 @@ def main(**kwargs):
         res = dataset_obj.resolution
         if res < 4 or res & (res - 1):
             fail(f'Dataset resolution {res} is not a power of two; convert with dataset_tool.py --resolution')
+        if opts.aot > len(dataset_obj):
+            dist.print0(f'Warning: --aot={opts.aot} is larger than the dataset ({len(dataset_obj)} images): every pool '
+                        f'holds some images more than once. Use --aot={len(dataset_obj)} or less for distinct images in a pool.')
+        interface_kwargs = dict(img_resolution=res, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
         del dataset_obj # conserve memory
     except click.ClickException:
         raise
@@ -160,6 +257,9 @@ def main(**kwargs):
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.update(tf32=opts.tf32, bf16=opts.bf16, compile=opts.compile, deterministic=opts.deterministic)
+    if opts.bf16 and opts.fp16:
+        fail('--bf16 and --fp16=1 are two kinds of mixed precision; choose one')
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, grid_images=opts.grid)
 
@@ -170,6 +270,7 @@ def main(**kwargs):
     batch_gpu = min(opts.batch_gpu or opts.batch // world, opts.batch // world)
     if (opts.batch // world) % batch_gpu:
         fail(f'--batch={opts.batch} over {world} GPU(s) is {opts.batch // world} per GPU, not a multiple of --batch-gpu={batch_gpu}')
+    c.batch_gpu = batch_gpu # the loop takes it as checked here
     if opts.aot and opts.aot % batch_gpu:
         fail(f'--aot={opts.aot} is not a multiple of the per-GPU batch {batch_gpu}; use e.g. --aot={max(opts.aot // batch_gpu, 1) * batch_gpu}')
     if opts.aot_solver == 'lap':
@@ -178,19 +279,12 @@ def main(**kwargs):
         except ImportError:
             fail('--aot-solver=lap needs the lap package: pip install lap')
 
-    # Random seed.
-    if opts.seed is not None:
-        c.seed = opts.seed
-    else:
-        seed = torch.randint(1 << 31, size=[], device=dist.device())
-        if world > 1:
-            torch.distributed.broadcast(seed, src=0)
-        c.seed = int(seed)
+    # Random seed, and resume or not: decided on rank 0, from the file system it sees, and sent to
+    # all ranks (on several nodes the others may see another --outdir, or none).
+    c.seed = opts.seed if opts.seed is not None else int(torch.randint(1 << 31, size=[]))
+    opts.resume = on_rank0(decide_resume, opts)
 
     # Transfer learning and resume.
-    if opts.nosubdir and opts.resume is None and opts.transfer is None and latest_state(opts.outdir):
-        opts.resume = latest_state(opts.outdir)
-        dist.print0(f'Found {opts.resume}: resuming from it (pass a new --outdir to start afresh).')
     if opts.transfer is not None:
         if opts.resume is not None:
             fail('--transfer and --resume cannot be specified at the same time')
@@ -198,12 +292,14 @@ def main(**kwargs):
             fail(f'--transfer={opts.transfer}: no such file')
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
+        # Checked here, before the run directory exists: the loop would load whatever names match.
+        src, dst = load_for_check(opts.transfer, f'--transfer={opts.transfer}'), planned_network(c, interface_kwargs)
+        check_fits(src, dst, f'--transfer={opts.transfer}', strict=False, fix='Transfer from a snapshot of data with the same '
+                   'resolution and classes, trained with the same --arch, --cbase, --cres and --precond.')
+        if {name for name in dst.state_dict() if name.startswith('model.map_augment.')} - set(src.state_dict()):
+            dist.print0('Note: the snapshot has no augmentation-label layer; this run starts that layer from random weights.')
+        del src, dst
     elif opts.resume is not None:
-        if os.path.isdir(opts.resume):
-            found = latest_state(opts.resume)
-            if found is None:
-                fail(f'--resume={opts.resume}: no training-state-*.pt in that directory')
-            opts.resume = found
         match = re.fullmatch(r'training-state-(\d+).pt', os.path.basename(opts.resume))
         if not match or not os.path.isfile(opts.resume):
             fail(f'--resume={opts.resume}: expected an existing training-state-NNNNNN.pt file or a run directory')
@@ -211,7 +307,18 @@ def main(**kwargs):
             state = training_loop.load_training_state(opts.resume)
         except Exception as err: # torch raises many types for a damaged file
             fail(f'--resume={opts.resume}: cannot read training state ({type(err).__name__}); the file is damaged or not a training state')
+        fix = 'Resume with the options of the interrupted run (its training_options.json lists them).'
+        dst = planned_network(c, interface_kwargs)
         if state.get('format') == training_loop.STATE_FORMAT:
+            # The pools (images, noise, pairings) and their order follow from these: refuse a change.
+            for flag, key, value in [('--batch', 'batch_size', opts.batch), ('--aot', 'aot_pool', opts.aot), ('--seed', 'seed', opts.seed)]:
+                if value is not None and key in state and state[key] != value:
+                    fail(f'--resume={opts.resume}: the interrupted run had {flag}={state[key]}, this one {flag}={value}; the pools '
+                         f'follow from it. Resume with {flag}={state[key]}, or start a new run from its weights with --transfer=<network-snapshot>.')
+            if state.get('world_size', world) != world:
+                dist.print0(f'Note: the interrupted run had {state["world_size"]} GPU(s), this one {world}: pools are rebuilt for {world} '
+                            f'rank(s) from image {state["cur_nimg"]} on, so training continues but not as the uninterrupted run would have.')
+            check_fits(state['net'], dst, f'--resume={opts.resume}', strict=True, fix=fix)
             if opts.seed is None:
                 c.seed = state['seed'] # the pools and the random streams continue as before
         else: # EDM's state dump: the EMA weights live in the snapshot pickle next to it
@@ -219,12 +326,16 @@ def main(**kwargs):
             if not os.path.isfile(c.resume_pkl):
                 fail(f'--resume={opts.resume}: EDM state dumps need {c.resume_pkl} next to them')
             c.resume_kimg = int(match.group(1))
+            check_fits(state['net'], dst, f'--resume={opts.resume}', strict=True, fix=fix)
+            check_fits(load_for_check(c.resume_pkl, c.resume_pkl), dst, c.resume_pkl, strict=True, fix=fix)
+        del dst
         c.resume_state_dump = opts.resume
         del state
+    c.seed = dist.broadcast_object(c.seed)
 
     # Description string.
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
-    dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'fp32'
+    dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'bf16' if opts.bf16 else 'fp32'
     desc = f'{dataset_name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world:d}-batch{c.batch_size:d}-{dtype_str:s}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
@@ -258,6 +369,8 @@ def main(**kwargs):
     dist.print0(f'Number of GPUs:          {world}')
     dist.print0(f'Batch size:              {c.batch_size}')
     dist.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
+    fast = ', '.join(k for k in ['tf32', 'bf16', 'compile'] if opts[k]) or "off (EDM's fp32)"
+    dist.print0(f'Fast numerics:           {fast}')
     dist.print0()
 
     # Dry run?

@@ -60,3 +60,27 @@ def test_slices_resume_where_they_left_off(dataset):
     for expected in parts[5:]:
         got = next(resumed)
         assert torch.equal(got['images'], expected['images']) and torch.equal(got['noise'], expected['noise'])
+
+def test_seeds_do_not_replay_each_other_shifted(dataset):
+    # Epoch permutations from well-mixed seeds: seed s+1 is not seed s one epoch later.
+    n = len(dataset)
+    for s in [0, 1, 41]:
+        later = PoolStream(dataset, n, seed=s).pool_indices(1)   # seed s, epoch 1
+        shifted = PoolStream(dataset, n, seed=s + 1).pool_indices(0) # seed s+1, epoch 0
+        assert sorted(later.tolist()) == sorted(shifted.tolist()) == list(range(n))
+        assert not np.array_equal(later, shifted)
+
+def test_pool_reports_pairing_gain(dataset):
+    stream = PoolStream(dataset, 20, seed=1)
+    pool = stream.make_pool(2)
+    plain = PoolStream(dataset, 20, seed=1, pair=False).make_pool(2)
+    stats = pool['stats']
+    assert stats['cost_before'] == pytest.approx(aot.pairing_cost(plain['images'], plain['noise']) / 20, rel=1e-6)
+    assert stats['cost_after'] == pytest.approx(aot.pairing_cost(pool['images'], pool['noise']) / 20, rel=1e-5)
+    assert stats['cost_after'] < stats['cost_before']
+    assert plain['stats']['cost_after'] == plain['stats']['cost_before']
+    # Images alone in their class within a pool cannot be paired: counted.
+    for p in [pool, PoolStream(dataset, 4, seed=1).make_pool(0)]:
+        classes = p['labels'].argmax(dim=1)
+        assert p['stats']['alone'] == sum(int((classes == c).sum() == 1) for c in classes.unique()) / len(classes)
+    assert PoolStream(dataset, 4, seed=1).make_pool(0)['stats']['alone'] > 0

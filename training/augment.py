@@ -146,7 +146,8 @@ class AugmentPipe:
         self.hue_max            = float(hue_max)            # Range of hue rotation, 1 = full circle.
         self.saturation_std     = float(saturation_std)     # Log2 standard deviation of saturation.
 
-    def __call__(self, images):
+    def __call__(self, images, generator=None):
+        # generator: the torch.Generator to draw from (on the images' device), None = the default one.
         if images.ndim != 4:
             raise ValueError(f'AugmentPipe expects images of shape [N, C, H, W], got {list(images.shape)}')
         N, C, H, W = images.shape
@@ -155,21 +156,21 @@ class AugmentPipe:
 
         # Keep value w where an augmentation fires (probability prob * p), zero elsewhere.
         def gate(w, prob, shape):
-            return torch.where(torch.rand(shape, device=device) < prob * self.p, w, torch.zeros_like(w))
+            return torch.where(torch.rand(shape, device=device, generator=generator) < prob * self.p, w, torch.zeros_like(w))
 
         # Pixel blitting.
         if self.xflip > 0:
-            w = gate(torch.randint(2, [N, 1, 1, 1], device=device), self.xflip, [N, 1, 1, 1])
+            w = gate(torch.randint(2, [N, 1, 1, 1], device=device, generator=generator), self.xflip, [N, 1, 1, 1])
             images = torch.where(w == 1, images.flip(3), images)
             labels.append(w)
 
         if self.yflip > 0:
-            w = gate(torch.randint(2, [N, 1, 1, 1], device=device), self.yflip, [N, 1, 1, 1])
+            w = gate(torch.randint(2, [N, 1, 1, 1], device=device, generator=generator), self.yflip, [N, 1, 1, 1])
             images = torch.where(w == 1, images.flip(2), images)
             labels.append(w)
 
         if self.rotate_int > 0:
-            w = gate(torch.randint(4, [N, 1, 1, 1], device=device), self.rotate_int, [N, 1, 1, 1])
+            w = gate(torch.randint(4, [N, 1, 1, 1], device=device, generator=generator), self.rotate_int, [N, 1, 1, 1])
             # Quarter turns w as flips and a transpose: w=1 x-flip+transpose, w=2 both flips, w=3 y-flip+transpose.
             images = torch.where((w == 1) | (w == 2), images.flip(3), images)
             images = torch.where((w == 2) | (w == 3), images.flip(2), images)
@@ -177,7 +178,7 @@ class AugmentPipe:
             labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]
 
         if self.translate_int > 0:
-            w = gate(torch.rand([2, N, 1, 1, 1], device=device) * 2 - 1, self.translate_int, [1, N, 1, 1, 1])
+            w = gate(torch.rand([2, N, 1, 1, 1], device=device, generator=generator) * 2 - 1, self.translate_int, [1, N, 1, 1, 1])
             tx = (w[0] * (W * self.translate_int_max)).round().to(torch.int64)
             ty = (w[1] * (H * self.translate_int_max)).round().to(torch.int64)
             # Output pixel (x, y) reads input (x - tx, y + ty), reflected at the border (EDM's convention).
@@ -194,27 +195,27 @@ class AugmentPipe:
             return M if G is None else G @ M
 
         if self.scale > 0:
-            w = gate(torch.randn([N], device=device), self.scale, [N])
+            w = gate(torch.randn([N], device=device, generator=generator), self.scale, [N])
             s = (w * self.scale_std).exp2()
             G_inv = compose(G_inv, _scale2d(1 / s, 1 / s, N, device))
             labels.append(w)
 
         if self.rotate_frac > 0:
-            w = gate((torch.rand([N], device=device) * 2 - 1) * (np.pi * self.rotate_frac_max), self.rotate_frac, [N])
+            w = gate((torch.rand([N], device=device, generator=generator) * 2 - 1) * (np.pi * self.rotate_frac_max), self.rotate_frac, [N])
             G_inv = compose(G_inv, _rotate2d(w, N, device))
             labels += [w.cos() - 1, w.sin()]
 
         if self.aniso > 0:
-            w = torch.randn([N], device=device)
-            r = (torch.rand([N], device=device) * 2 - 1) * np.pi
+            w = torch.randn([N], device=device, generator=generator)
+            r = (torch.rand([N], device=device, generator=generator) * 2 - 1) * np.pi
             w = gate(w, self.aniso, [N])
-            r = torch.where(torch.rand([N], device=device) < self.aniso_rotate_prob, r, torch.zeros_like(r))
+            r = torch.where(torch.rand([N], device=device, generator=generator) < self.aniso_rotate_prob, r, torch.zeros_like(r))
             s = (w * self.aniso_std).exp2()
             G_inv = compose(G_inv, _rotate2d(-r, N, device) @ _scale2d(1 / s, s, N, device) @ _rotate2d(r, N, device))
             labels += [w * r.cos(), w * r.sin()]
 
         if self.translate_frac > 0:
-            w = gate(torch.randn([2, N], device=device), self.translate_frac, [1, N])
+            w = gate(torch.randn([2, N], device=device, generator=generator), self.translate_frac, [1, N])
             G_inv = compose(G_inv, _translate2d(-w[0] * (W * self.translate_frac_std), -w[1] * (H * self.translate_frac_std), N, device))
             labels += [w[0], w[1]]
 
@@ -229,27 +230,27 @@ class AugmentPipe:
             return T if M is None else T @ M
 
         if self.brightness > 0:
-            w = gate(torch.randn([N], device=device), self.brightness, [N])
+            w = gate(torch.randn([N], device=device, generator=generator), self.brightness, [N])
             M = chain(M, _translate3d(w * self.brightness_std, N, device))
             labels.append(w)
 
         if self.contrast > 0:
-            w = gate(torch.randn([N], device=device), self.contrast, [N])
+            w = gate(torch.randn([N], device=device, generator=generator), self.contrast, [N])
             M = chain(M, _scale3d((w * self.contrast_std).exp2(), N, device))
             labels.append(w)
 
         if self.lumaflip > 0:
-            w = gate(torch.randint(2, [N, 1, 1], device=device), self.lumaflip, [N, 1, 1])
+            w = gate(torch.randint(2, [N, 1, 1], device=device, generator=generator), self.lumaflip, [N, 1, 1])
             M = chain(M, eye - 2 * torch.outer(luma, luma) * w)
             labels.append(w)
 
         if self.hue > 0:
-            w = gate((torch.rand([N], device=device) * 2 - 1) * (np.pi * self.hue_max), self.hue, [N])
+            w = gate((torch.rand([N], device=device, generator=generator) * 2 - 1) * (np.pi * self.hue_max), self.hue, [N])
             M = chain(M, _rotate3d(luma, w, N, device))
             labels += [w.cos() - 1, w.sin()]
 
         if self.saturation > 0:
-            w = gate(torch.randn([N, 1, 1], device=device), self.saturation, [N, 1, 1])
+            w = gate(torch.randn([N, 1, 1], device=device, generator=generator), self.saturation, [N, 1, 1])
             along = torch.outer(luma, luma)
             M = chain(M, along + (eye - along) * (w * self.saturation_std).exp2())
             labels.append(w)

@@ -19,7 +19,7 @@ from torch_utils import training_stats
 from training import network_io
 from training import sampling
 from training.images import save_image_grid, to_uint8
-from training.pools import PoolStream, iterate_slices
+from training.pools import PoolPrefetcher, PoolStream, iterate_slices
 
 STATE_FORMAT = 'edm-aot-training-state/1'
 
@@ -35,6 +35,10 @@ def _set_rng_state(state, device):
     torch.set_rng_state(state['cpu'])
     if device.type == 'cuda' and 'cuda' in state:
         torch.cuda.set_rng_state(state['cuda'], device)
+
+def _float32_output(module, args, output):
+    # bf16 autocast inside the U-Net only: the preconditioning and the loss stay in fp32.
+    return output.float()
 
 def _single_thread_worker(worker_id):
     # Pool workers run beside the trainer: one thread each keeps them from competing with it.
@@ -78,12 +82,12 @@ def training_loop(
     augment_kwargs      = None,     # Options for augmentation pipeline, None = disable.
     seed                = 0,        # Global random seed.
     batch_size          = 512,      # Total batch size for one training iteration.
-    batch_gpu           = None,     # Limit batch size per GPU, None = no limit.
+    batch_gpu           = None,     # Batch per GPU and accumulation round (train.py checks it divides batch_size / GPUs), None = no accumulation.
     total_kimg          = 200000,   # Training duration, measured in thousands of training images.
     ema_halflife_kimg   = 500,      # Half-life of the exponential moving average (EMA) of model weights.
     ema_rampup_ratio    = 0.05,     # EMA ramp-up coefficient, None = no rampup.
     lr_rampup_kimg      = 10000,    # Learning rate ramp-up duration.
-    loss_scaling        = 1,        # Loss scaling factor (fixed; fp16 on CUDA scales dynamically instead).
+    loss_scaling        = 1,        # Fixed loss scaling factor, as EDM (also with fp16): no step is ever skipped.
     kimg_per_tick       = 50,       # Interval of progress prints.
     snapshot_ticks      = 50,       # How often to save network snapshots, None = disable.
     state_dump_ticks    = 500,      # How often to dump training state, None = disable.
@@ -95,22 +99,28 @@ def training_loop(
     aot_solver          = 'scipy',  # Assignment solver for training.aot.assign.
     grid_images         = 64,       # Images in the sample grid saved with each snapshot, 0 = none.
     grid_steps          = 18,       # Heun steps for the sample grid.
+    tf32                = False,    # Allow TF32 matmuls and convolutions on CUDA (EDM's numerics: off).
+    bf16                = False,    # bf16 autocast inside the U-Net (EDM's numerics: off).
+    compile             = False,    # torch.compile the network for training.
+    deterministic       = False,    # Deterministic algorithms only (exact resume on CUDA; slower).
 ):
     # Initialize.
     start_time = time.time()
     device = dist.device()
     np.random.seed((seed * dist.get_world_size() + dist.get_rank()) % (1 << 31))
     torch.manual_seed(np.random.randint(1 << 31))
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8') # read when cuBLAS starts, i.e. at the first matmul below
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True) # a warning names any op that has no deterministic version
 
-    # Select batch size per GPU; train.py has already explained any inconsistency to the user.
+    # Batch per GPU: train.py has checked the sizes and explained any inconsistency to the user.
     batch_gpu_total = batch_size // dist.get_world_size()
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
+    batch_gpu = batch_gpu or batch_gpu_total
     num_accumulation_rounds = batch_gpu_total // batch_gpu
-    assert batch_size == batch_gpu * num_accumulation_rounds * dist.get_world_size()
     pool_size = aot_pool or batch_gpu
     assert pool_size % batch_gpu == 0
     slices_per_pool = pool_size // batch_gpu
@@ -124,6 +134,11 @@ def training_loop(
     interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
     net.train().requires_grad_(True).to(device)
+    if dist.get_world_size() > 1:
+        # Ranks were seeded differently; DDP syncs the parameters but, with broadcast_buffers=False,
+        # not the buffers (NCSN++'s random Fourier frequencies): rank 0's values everywhere.
+        for tensor in misc.params_and_buffers(net):
+            torch.distributed.broadcast(tensor, src=0)
     if dist.get_rank() == 0:
         with torch.no_grad():
             images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
@@ -140,8 +155,11 @@ def training_loop(
     if dist.get_world_size() > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    # fp16 activations on CUDA get a dynamic loss scale; elsewhere EDM's fixed --ls applies.
-    scaler = torch.amp.GradScaler('cuda') if (net.use_fp16 and device.type == 'cuda') else None
+    forward = ddp
+    if bf16: # registered after the EMA copy: snapshots carry no hook
+        net.model.register_forward_hook(_float32_output)
+    if compile:
+        forward = torch.compile(ddp)
 
     # Resume training from previous snapshot or state.
     cur_nimg = resume_kimg * 1000
@@ -160,8 +178,6 @@ def training_loop(
             net.load_state_dict(data['net'])
             ema.load_state_dict(data['ema'])
             cur_nimg, cur_tick = data['cur_nimg'], data['cur_tick']
-            if scaler is not None and data.get('scaler') is not None:
-                scaler.load_state_dict(data['scaler'])
             if len(data['rng_states']) == dist.get_world_size():
                 rng_states = data['rng_states'][dist.get_rank()]
             else:
@@ -174,15 +190,29 @@ def training_loop(
     # Setup the pool stream: pools are a pure function of (seed, rank, index), so resuming
     # just starts at the right pool and slice.
     slices_done = (cur_nimg // batch_size) * num_accumulation_rounds
+    # Without worker processes the pools are built on the training device, in background threads.
+    in_process = data_loader_kwargs.get('num_workers', 0) == 0
     pool_stream = PoolStream(dataset_obj, pool_size, seed=seed, rank=dist.get_rank(), num_replicas=dist.get_world_size(),
-        augment_pipe=augment_pipe, pair=aot_pool > 0, solver=aot_solver, start_pool=slices_done // slices_per_pool)
-    loader = torch.utils.data.DataLoader(pool_stream, batch_size=None, worker_init_fn=_single_thread_worker, **data_loader_kwargs)
+        augment_pipe=augment_pipe, pair=aot_pool > 0, solver=aot_solver, start_pool=slices_done // slices_per_pool,
+        device=device if in_process else 'cpu')
+    if in_process:
+        pools = PoolPrefetcher(pool_stream)
+    else: # the iterator is made before restoring the RNG: creating it draws the workers' base seed
+        pools = iter(torch.utils.data.DataLoader(pool_stream, batch_size=None, worker_init_fn=_single_thread_worker, **data_loader_kwargs))
     aot_wait = [0.0]
-    def on_wait(seconds):
+    def on_pool(pool, seconds):
         aot_wait[0] += seconds
         training_stats.report('Timing/aot_wait_sec', seconds)
-    # The iterator is made before restoring the RNG: creating it draws the workers' base seed.
-    slices = iterate_slices(iter(loader), batch_gpu, skip=slices_done % slices_per_pool, device=device, on_wait=on_wait)
+        stats = pool['stats']
+        training_stats.report('AOT/cost_before', stats['cost_before'])
+        training_stats.report('AOT/cost_after', stats['cost_after'])
+        training_stats.report('AOT/alone_frac', stats['alone'])
+        if aot_pool and stats['alone'] >= 0.25 and not warned_alone:
+            warned_alone.append(True)
+            dist.print0(f'Warning: {stats["alone"]:.0%} of the images of a pool are alone in their class among the {aot_pool} '
+                        'and keep unpaired noise; a larger --aot pairs more of them.')
+    warned_alone = []
+    slices = iterate_slices(pools, batch_gpu, skip=slices_done % slices_per_pool, device=device, on_pool=on_pool)
     if rng_states is not None:
         _set_rng_state(rng_states, device)
 
@@ -195,6 +225,8 @@ def training_loop(
     maintenance_time = tick_start_time - start_time
     stats_jsonl = None
     seen_images = hashlib.sha1() # which images this rank trained on, compared across ranks at the end
+    nonfinite_steps = torch.zeros([], device=device) # steps whose gradients had NaN/Inf; read once per tick (no sync per step)
+    params = list(net.parameters())
     while True:
 
         # Accumulate gradients.
@@ -203,25 +235,19 @@ def training_loop(
             with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
                 part = next(slices)
                 seen_images.update(part['indices'].numpy().tobytes())
-                loss = loss_fn(net=ddp, images=part['images'], labels=part['labels'], noise=part['noise'],
-                               augment_labels=part['augment_labels'])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = loss_fn(net=forward, images=part['images'], labels=part['labels'], noise=part['noise'],
+                                   augment_labels=part['augment_labels'])
                 training_stats.report('Loss/loss', loss)
-                loss = loss.sum().mul(loss_scaling / batch_gpu_total)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
 
-        # Update weights.
+        # Update weights: EDM's fixed loss scale, NaN/Inf in gradients replaced, never skipped.
         for g in optimizer.param_groups:
             g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        grads = [p.grad for p in params if p.grad is not None]
+        nonfinite_steps += torch.stack([g.sum() for g in grads]).sum().isfinite().logical_not()
+        misc.nan_to_num_grads_(net)
+        optimizer.step()
 
         # Update EMA.
         ema_halflife_nimg = ema_halflife_kimg * 1000
@@ -233,14 +259,17 @@ def training_loop(
 
         # Perform maintenance tasks once per tick.
         cur_nimg += batch_size
-        done = (cur_nimg >= total_kimg * 1000)
+        done = (cur_nimg >= round(total_kimg * 1000)) # whole images: 0.11296 Mimg is 112960.00000000001 in floats
         if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
             continue
 
         # Print status line, accumulating the same information in training_stats.
         tick_end_time = time.time()
         tick_time = tick_end_time - tick_start_time
-        wait_frac = aot_wait[0] / max(tick_time, 1e-8)
+        wait = torch.tensor(aot_wait[0], device=device)
+        if dist.get_world_size() > 1:
+            torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX) # the slowest rank holds up all
+        wait_frac = wait.item() / max(tick_time, 1e-8)
         fields = []
         fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
         fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.3f}"]
@@ -253,8 +282,15 @@ def training_loop(
         if device.type == 'cuda':
             fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}"]
             torch.cuda.reset_peak_memory_stats()
+        bad_steps = int(training_stats.report0('Progress/nonfinite_steps', nonfinite_steps.item()))
+        nonfinite_steps.zero_()
         training_stats.default_collector.update()
         fields.insert(2, f"loss {training_stats.default_collector['Loss/loss']:<8.4f}")
+        if aot_pool: # how much closer the pairing brought each image's noise (mean distance)
+            before, after = training_stats.default_collector['AOT/cost_before'], training_stats.default_collector['AOT/cost_after']
+            fields.insert(3, f"aot_gain {1 - after / max(before, 1e-8):<5.1%}")
+        if bad_steps:
+            fields += [f'nonfinite_steps {bad_steps}']
         dist.print0(' '.join(fields))
 
         # Save network snapshot: EDM's pickle, the safe format of the EMA weights, and a sample grid.
@@ -278,8 +314,8 @@ def training_loop(
         # Save full dump of the training state: tensors and plain values only, so it loads safely.
         if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
             state = dict(format=STATE_FORMAT, net=net.state_dict(), ema=ema.state_dict(), optimizer_state=optimizer.state_dict(),
-                         seed=seed, cur_nimg=cur_nimg, cur_tick=cur_tick + 1, scaler=scaler.state_dict() if scaler is not None else None,
-                         rng_states=_gather_objects(_rng_state(device)))
+                         seed=seed, cur_nimg=cur_nimg, cur_tick=cur_tick + 1, rng_states=_gather_objects(_rng_state(device)),
+                         batch_size=batch_size, aot_pool=aot_pool, world_size=dist.get_world_size()) # train.py checks these on resume
             if dist.get_rank() == 0:
                 with dnnlib.util.atomic_write(os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt')) as tmp:
                     torch.save(state, tmp)
@@ -300,6 +336,9 @@ def training_loop(
         aot_wait[0] = 0.0
         if done:
             break
+
+    if in_process:
+        pools.close()
 
     # All ranks must end with the same weights, each having trained on its own images.
     if dist.get_world_size() > 1:

@@ -1,0 +1,175 @@
+"""Training across processes and devices: every architecture under 2-process DDP (gloo on CPU),
+rank-0 decisions, the pools' random streams kept apart from the trainer's, the fast numeric
+modes, non-finite gradients logged, and the process-group fallback when GPUs are fewer than ranks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.datagen import make_dataset
+from tests.test_train import ROOT, TINY, final_losses, only_run_dir, run
+from torch_utils import distributed as dist
+from training.dataset import ImageFolderDataset
+from training.pools import PoolPrefetcher, PoolStream
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp('d') / 'data', n=40, res=8, num_classes=4)
+
+#----------------------------------------------------------------------------
+# Every architecture trains on 2 ranks. NCSN++'s Fourier frequencies are a buffer drawn from each
+# rank's own seed: unless rank 0's buffers are broadcast, the snapshot's consistency check fails.
+
+@pytest.mark.parametrize('arch,extra', [
+    ('ddpmpp', ['--workers=1']),                 # pools from a DataLoader worker
+    ('ncsnpp', ['--precond=ve']),                # pools built in-process (TINY has --workers=0)
+    ('adm', ['--batch-gpu=4', '--aot=8']),       # gradient accumulation
+])
+def test_two_ranks_every_arch(tmp_path, data, arch, extra):
+    args = ['--outdir', str(tmp_path), '--data', data, '--cond=1', f'--arch={arch}', '--aot=16', '--duration=0.000016']
+    proc = run(args + TINY + extra, torchrun=2)
+    assert 'weights identical on all 2 ranks' in proc.stdout
+    run_dir = only_run_dir(tmp_path)
+    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
+
+#----------------------------------------------------------------------------
+# Rank 0 decides resume-or-fresh and the seed, even when the other ranks see other files.
+
+DECIDE = '''
+import json, sys, click, torch
+import train
+from torch_utils import distributed as dist
+from dnnlib import EasyDict
+dist.init()
+rank = dist.get_rank()
+out = {}
+# Rank 0 sees a run directory with a state in it; rank 1 sees an empty one.
+opts = EasyDict(nosubdir=True, resume=None, transfer=None, outdir=sys.argv[1] if rank == 0 else sys.argv[2])
+out['resume'] = train.on_rank0(train.decide_resume, opts)
+try: # rank 0 finds no state in the directory it is told to resume from; rank 1 would find one
+    train.on_rank0(train.decide_resume, EasyDict(opts, nosubdir=False, resume=sys.argv[2] if rank == 0 else sys.argv[1]))
+    out['error'] = None
+except click.ClickException as err:
+    out['error'] = err.message
+out['seed'] = train.on_rank0(lambda: int(torch.randint(1 << 31, size=[])))
+with open(sys.argv[3] + f'.{rank}', 'w') as f:
+    json.dump(out, f)
+'''
+
+def test_resume_and_seed_decided_on_rank0(tmp_path):
+    full, empty = tmp_path / 'full', tmp_path / 'empty'
+    full.mkdir()
+    empty.mkdir()
+    (full / 'training-state-000004.pt').write_bytes(b'')
+    script = tmp_path / 'decide.py'
+    script.write_text(DECIDE)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
+        str(full), str(empty), str(tmp_path / 'out')], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f'out.{rank}').read_text()) for rank in range(2)]
+    for r in results:
+        assert r['resume'] == str(full / 'training-state-000004.pt')
+        assert r['error'] == f'--resume={empty}: no training-state-*.pt in that directory'
+    assert results[0]['seed'] == results[1]['seed']
+
+#----------------------------------------------------------------------------
+# The pools' random streams are their own: building a pool never seeds or advances the
+# trainer's generators, on any device, in-process or in the background thread.
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    return ImageFolderDataset(make_dataset(str(tmp_path_factory.mktemp('data'))), use_labels=True)
+
+def aug():
+    from training.augment import AugmentPipe
+    return AugmentPipe(p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+
+def test_pool_never_reseeds_trainer(dataset, monkeypatch):
+    # torch.manual_seed would also reseed every CUDA device (the trainer's dropout and sigma draws).
+    def forbidden(*args, **kwargs):
+        raise AssertionError('a pool reseeded a global generator')
+    for name in ['manual_seed', 'seed']:
+        monkeypatch.setattr(torch, name, forbidden)
+        monkeypatch.setattr(torch.cuda, name, forbidden)
+        monkeypatch.setattr(torch.cuda, name + '_all', forbidden)
+    monkeypatch.setattr(torch.random, 'manual_seed', forbidden)
+    state = torch.get_rng_state()
+    PoolStream(dataset, 8, augment_pipe=aug()).make_pool(0)
+    assert torch.equal(torch.get_rng_state(), state)
+
+def test_background_pools_leave_trainer_stream_alone(dataset):
+    torch.manual_seed(1)
+    expected = [torch.randn(64) for _ in range(200)]
+    torch.manual_seed(1)
+    prefetcher = PoolPrefetcher(PoolStream(dataset, 16, seed=5, augment_pipe=aug()), max_ahead=2)
+    got = []
+    try:
+        pools = [next(prefetcher)]
+        for i in range(200): # the trainer draws while pools are built in the background
+            got.append(torch.randn(64))
+            if i % 50 == 0:
+                pools.append(next(prefetcher))
+    finally:
+        prefetcher.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    reference = PoolStream(dataset, 16, seed=5, augment_pipe=aug())
+    for k, pool in enumerate(pools):
+        assert torch.equal(pool['noise'], reference.make_pool(k)['noise'])
+
+@pytest.mark.parametrize('solver', ['scipy', 'lap'])
+def test_prefetcher_equals_pure_pools(dataset, solver):
+    pytest.importorskip(solver)
+    stream = PoolStream(dataset, 10, seed=7, solver=solver, start_pool=3, augment_pipe=aug())
+    prefetcher = PoolPrefetcher(stream, max_ahead=3)
+    prefetcher.ahead = 3 # as after waits: several pools in flight at once
+    try:
+        for k in range(3, 9):
+            got, expected = next(prefetcher), stream.make_pool(k)
+            for key in ['images', 'labels', 'augment_labels', 'noise', 'indices']:
+                assert torch.equal(got[key], expected[key]), (k, key)
+            assert got['stats'] == expected['stats']
+    finally:
+        prefetcher.close()
+
+#----------------------------------------------------------------------------
+# Fast numerics and gradient hygiene.
+
+def test_fast_modes_train(tmp_path, data):
+    proc = run(['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=16', '--duration=0.000032',
+                '--tf32', '--bf16', '--deterministic'] + TINY)
+    assert 'Fast numerics:           tf32, bf16' in proc.stdout
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.endswith('-bf16')
+    losses = final_losses(run_dir)
+    assert losses and all(0 < x < 10 for x in losses)
+
+def test_bf16_with_fp16_refused(tmp_path, data):
+    proc = run(['--outdir', str(tmp_path), '--data', data, '--bf16', '--fp16=1'] + TINY, check=False)
+    assert proc.returncode != 0 and 'Error: --bf16 and --fp16=1' in proc.stderr
+
+def test_nonfinite_gradients_logged_not_skipped(tmp_path, data):
+    # A loss scale that overflows fp32 makes every gradient infinite: EDM's semantics replace the
+    # values and take the step anyway; the count of such steps is logged.
+    run(['--outdir', str(tmp_path), '--data', data, '--aot=16', '--duration=0.000032', '--ls=1e38'] + TINY)
+    run_dir = only_run_dir(tmp_path)
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        ticks = [json.loads(line) for line in f]
+    assert sum(t['Progress/nonfinite_steps']['mean'] for t in ticks) == 2 # both steps
+    assert ticks[-1]['Progress/kimg']['mean'] == 0.032
+    assert 'nonfinite_steps 1' in open(os.path.join(run_dir, 'log.txt')).read()
+
+#----------------------------------------------------------------------------
+# NCCL needs one GPU per rank: with fewer GPUs than processes per node, gloo on the CPU.
+
+@pytest.mark.parametrize('gpus,local_world,expect', [(0, 1, False), (1, 1, True), (1, 2, False), (2, 2, True), (8, 4, True)])
+def test_cuda_only_with_a_gpu_per_rank(monkeypatch, gpus, local_world, expect):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: gpus)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', str(local_world))
+    monkeypatch.setenv('LOCAL_RANK', str(local_world - 1))
+    assert dist.use_cuda() == expect
+    assert dist.device() == (torch.device('cuda', local_world - 1) if expect else torch.device('cpu'))
