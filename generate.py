@@ -197,8 +197,11 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
         if not np.isfinite(sigmas).all():
             raise ValueError('they give noise levels that are not finite numbers; check --sigma_min, --sigma_max and --disc')
         if not sigmas[0] > sigmas[-1] > 0:
-            raise ValueError(f'noise levels {sigmas[0]:g} -> {sigmas[-1]:g} do not decrease; choose --sigma_min/--sigma_max '
-                             f'inside the network\'s range [{float(net.sigma_min):g}, {float(net.sigma_max):g}]')
+            # The network's own range is often [0, inf] (EDMPrecond): name the sampler's actual top level instead.
+            cap = f', at most the network\'s {float(net.sigma_max):g}' if np.isfinite(float(net.sigma_max)) else ''
+            floor = f'; values below the network\'s sigma_min {float(net.sigma_min):g} are raised to it' if float(net.sigma_min) > 0 else ''
+            raise ValueError(f'noise levels {sigmas[0]:g} -> {sigmas[-1]:g} do not decrease: --sigma_min must be below '
+                             f'sigma_max = {sigmas[0]:g} (--sigma_max or the sampler\'s default{cap}){floor}')
     except ValueError as e:
         error = error or f'Invalid sampler options: {e}'
     fail_together(error)

@@ -204,3 +204,13 @@ def test_cuda_images_match_the_sampler_on_cuda(nets, tmp_path):
     got = np.stack([images[f'{s:06d}.png'] for s in range(4)]).astype(int)
     assert np.abs(got - expected).max() <= 1 # same kernels; allow a rounding boundary
     assert np.abs(got - expected_images(nets['net'], [0, 1, 2, 3])).mean() > 5 # CPU generators: other images
+
+def test_sigma_min_above_the_samplers_sigma_max_names_the_usable_range(bad_input_env):
+    # EDMPrecond's own range is [0, inf]; the message must give the sigma_max the sampler really uses (EDM's 80).
+    from click.testing import CliRunner
+    import generate
+    result = CliRunner().invoke(generate.main, ['--network', bad_input_env['pkl'], '--outdir', str(bad_input_env['tmp'] / 'out'),
+        '--seeds=0-1', '--sigma_min=100', *STEPS])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith('Error:') and '--sigma_min must be below sigma_max = 80 ' in line and '[0, inf]' not in line, line
