@@ -1,0 +1,80 @@
+"""train_discriminator.py: DG / DG-AOT training end to end, resume, pools, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_discriminator as td
+from training import aot, guidance
+from tests.datagen import make_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def run(args):
+    proc = subprocess.run([sys.executable, 'train_discriminator.py', *args], cwd=ROOT, text=True, capture_output=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp('td')
+    return dict(real=make_dataset(d / 'real', n=40, res=8, channels=1), fake=make_dataset(d / 'fake', n=30, res=8, channels=1),
+                fake_nolabels=make_dataset(d / 'fake_nl', n=30, res=8, channels=1, labels=False),
+                fake16=make_dataset(d / 'fake16', n=30, res=16, channels=1))
+
+def test_train_resume_and_load(data, tmp_path):
+    args = ['--data', data['real'], '--fakes', data['fake'], '--cond=1', '--aot=16', '--batch=8', '--snap=0.032']
+    code, out, err = run(args + ['--outdir', str(tmp_path / 'whole'), '--kimg=0.064'])
+    assert code == 0, out + err
+    assert 'Feature extractor: none given (--classifier): a small noise-conditional encoder' in out
+    assert 'DG-AOT pool 16' in out and 'held-out accuracy all' in out
+    stats = [json.loads(line) for line in open(tmp_path / 'whole' / 'stats.jsonl')]
+    assert [s['kimg'] for s in stats] == [0.032, 0.064] and 0 <= stats[-1]['heldout_accuracy']['all'] <= 1
+
+    # Stopped half way and run again into the same folder: the same weights as in one go.
+    code, out, err = run(args + ['--outdir', str(tmp_path / 'split'), '--kimg=0.032'])
+    assert code == 0, out + err
+    code, out, err = run(args + ['--outdir', str(tmp_path / 'split'), '--kimg=0.064'])
+    assert code == 0 and 'Resuming' in out, out + err
+    whole = guidance.load_discriminator(str(tmp_path / 'whole' / 'discriminator.safetensors'), verbose=False)
+    resumed = guidance.load_discriminator(str(tmp_path / 'split' / 'discriminator.safetensors'), verbose=False)
+    assert (whole.img_resolution, whole.img_channels, whole.label_dim, whole.extractor) == (8, 1, 4, 'small')
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # What generate.py --dg uses: a discriminator of P(real) on VP states.
+    d = whole(torch.zeros([2, 1, 8, 8]), torch.tensor([0.1, 0.9]), torch.tensor([0, 3]))
+    assert d.shape == (2,) and ((d > 0) & (d < 1)).all()
+
+def test_aot_pool_pairs_noise_per_class_and_keeps_it_standard_normal():
+    gen_images = torch.Generator().manual_seed(0)
+    real = (torch.randint(0, 256, [50, 1, 8, 8], generator=gen_images, dtype=torch.uint8), torch.arange(50) % 3)
+    fake = (torch.randint(0, 256, [50, 1, 8, 8], generator=gen_images, dtype=torch.uint8), torch.arange(50) % 3)
+    pools = {p: td.make_pool(real, fake, 32, torch.Generator().manual_seed(5), p) for p in (0, 32)}
+    (x0, y0, tg0, z0, t0), (x1, y1, tg1, z1, t1) = pools[0], pools[32]
+    assert torch.equal(x0, x1) and torch.equal(y0, y1) and torch.equal(tg0, tg1) and torch.equal(t0, t1)
+    # The same noises, only permuted within the real half and the fake half, and lower total distance.
+    assert torch.equal(z0.flatten(1).sum(1).sort().values, z1.flatten(1).sum(1).sort().values)
+    images = x0.float() / 127.5 - 1
+    for target in (0, 1):
+        m = tg0 == target
+        assert aot.pairing_cost(images[m], z1[m]) < aot.pairing_cost(images[m], z0[m])
+        # Per class: the noises of a class's images are those drawn for that class, optimally paired.
+        for c in range(3):
+            mc = m & (y0 == c)
+            assert torch.equal(z0[mc].flatten(1).sum(1).sort().values, z1[mc].flatten(1).sum(1).sort().values)
+        best = aot.pairing_cost(images[m], z0[m], aot.assign(images[m], z0[m], y0[m]))
+        assert abs(aot.pairing_cost(images[m], z1[m]) - best) <= 1e-6 * best
+    assert tg0.sum() == 16
+
+@pytest.mark.parametrize('case', ['no labels', 'resolution', 'pool', 'batch'])
+def test_errors(case, data, tmp_path):
+    args = {'no labels': ['--fakes', data['fake_nolabels'], '--cond=1'], 'resolution': ['--fakes', data['fake16']],
+            'pool': ['--fakes', data['fake'], '--aot=12', '--batch=8'], 'batch': ['--fakes', data['fake'], '--batch=7']}[case]
+    expected = {'no labels': 'no dataset.json (generate.py writes it', 'resolution': '--fakes images are [1, 16, 16]',
+                'pool': 'multiple of the per-process batch 8', 'batch': 'multiple of 2'}[case]
+    code, out, err = run(['--data', data['real'], '--outdir', str(tmp_path / 'out'), '--kimg=0.01', *args])
+    lines = err.strip().splitlines()
+    assert code != 0 and 'Traceback' not in err and lines[-1].startswith('Error:') and expected in lines[-1], err
