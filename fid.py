@@ -419,7 +419,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
 
 @main.command()
 @click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', type=str, required=True)
-@click.option('--dest', 'dest_path',    help='Destination .npz file', metavar='NPZ',    type=str, required=True)
+@click.option('--dest', 'dest_path',    help='Destination .npz file (must not exist)', metavar='NPZ',    type=str, required=True)
 @click.option('--batch',                help='Maximum batch size', metavar='INT',       type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--save-features',        help='Also store the features (for calc --pr)', is_flag=True)
 @detector_option
