@@ -123,6 +123,7 @@ def main(data, network, seeds, nfe, sigmas, ot_steps, sources, ode_targets, targ
         result['heun'].append(dict(nfe=n, steps=s, **measure(x, classifier, real_feat, images)))
         grid.append(to_uint8(x[:16]))
         print(f'Heun NFE {n}: {result["heun"][-1]}', flush=True)
+        save_json(result, out) # after every row: a cut-short run leaves what it measured
 
     for source in sources:
         for sigma_T in sigmas:
@@ -142,15 +143,19 @@ def main(data, network, seeds, nfe, sigmas, ot_steps, sources, ode_targets, targ
                            target_nfe_total=target_nfe * len(targets), distinct_targets=int(index.unique().numel()),
                            fit=report, **measure(x, classifier, real_feat, images))
                 result['ot'].append(row)
+                save_json(result, out)
                 grid.append(to_uint8(x[:16]))
                 print(f'  steps {s}: FD {row["fd_digits"]:.1f} mem {row["memorisation"]:.3f} mix {row["mode_mixture"]:.3f} distinct {row["distinct_targets"]}', flush=True)
 
-    with open(out + '.json.tmp', 'w') as f:
-        json.dump(result, f, indent=1)
-    os.replace(out + '.json.tmp', out + '.json')
+    save_json(result, out)
     save_image_grid(np.concatenate(grid), f'{out}-samples.png', cols=16)
     plot(result, out + '.png')
     print(f'Wrote {out}.json, {out}.png, {out}-samples.png')
+
+def save_json(result, out):
+    with open(out + '.json.tmp', 'w') as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + '.json.tmp', out + '.json')
 
 def plot(result, path):
     plt = pyplot()

@@ -134,7 +134,7 @@ def test_memorisation_and_mode_mixture():
     copy = train[1:2] + 0.01            # next to one training image: ratio 0.02 / 2.02
     between = torch.full([1, 1, 2, 2], 0.5) # equally far from 0 and 1: ratio 1
     assert ot_start_study.nearest_ratio(torch.cat([copy, between]), train).tolist() == pytest.approx([0.02 / 2.02, 1.0])
-    assert ot_start_study.memorisation_rate(torch.cat([copy, between]), train) == 0.5
+    assert ot_start_study.memorisation_rate(torch.cat([copy, between, -copy]), train) == pytest.approx(2 / 3)
 
     class Logits(torch.nn.Module):
         def forward(self, x):
