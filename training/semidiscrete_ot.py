@@ -127,6 +127,7 @@ class OTMap:
         self.labels = labels
         self.target_ids = torch.arange(len(targets)) if target_ids is None else torch.as_tensor(target_ids, dtype=torch.int64)
         self.meta = dict(meta or {})
+        self._y64 = None
 
     def __len__(self):
         return len(self.targets)
@@ -139,8 +140,9 @@ class OTMap:
         """Target index of each latent [B, C, H, W]; in float64, so a latent picks the same cell in any batch."""
         if tuple(latents.shape[1:]) != tuple(self.targets.shape[1:]):
             raise ValueError(f'latents of shape {list(latents.shape[1:])} do not fit the OT map\'s targets {list(self.targets.shape[1:])}')
-        y = self.targets.flatten(1).to(device=latents.device, dtype=torch.float64)
-        return assign(latents.flatten(1).to(torch.float64), y, self.h.to(latents.device, torch.float64), batch, chunk)
+        if self._y64 is None or self._y64.device != latents.device: # converted once, not per batch
+            self._y64 = self.targets.flatten(1).to(device=latents.device, dtype=torch.float64)
+        return assign(latents.flatten(1).to(torch.float64), self._y64, self.h.to(latents.device, torch.float64), batch, chunk)
 
     def check_network(self, net):
         """Raise ValueError (one line) if the map was not made for images and labels of this network."""
@@ -236,12 +238,43 @@ def ot_start_sampler(net, latents, ot_map, num_steps=6, return_index=False, **sa
         if key in sampler_kwargs:
             raise ValueError(f'{key} is set by the OT map in OT-start sampling')
     ot_map.check_network(net)
+    if not sampler_kwargs.get('sigma_min', 0) < ot_map.sigma_T:
+        raise ValueError(f'sigma_min {sampler_kwargs["sigma_min"]} must be below the OT map\'s sigma_T {ot_map.sigma_T:g}')
     index = ot_map.assign(latents)
-    x = ot_map.targets.to(latents.device, torch.float64)[index]
-    labels = None if not net.label_dim else ot_map.labels.to(latents.device)[index]
+    x = ot_map.targets[index.to(ot_map.targets.device)].to(latents.device, torch.float64)
+    labels = None if not net.label_dim else ot_map.labels[index.to(ot_map.labels.device)].to(latents.device)
     sigma_T = torch.as_tensor(ot_map.sigma_T, dtype=torch.float64)
     # edm_sampler starts at latents * sigma_max; give it the target divided by round_sigma(sigma_T).
     images = sampling.edm_sampler(net, x / net.round_sigma(sigma_T), labels, num_steps=num_steps, sigma_max=ot_map.sigma_T, **sampler_kwargs)
     return (images, index) if return_index else images
+
+def map_for_generate(path, net, device, sampler_kwargs, class_idx=None):
+    """The OT map for generate.py --ot-map, checked against the network and the other options
+    (ValueError/IOError with a one-line reason). Sets sampler_kwargs['sigma_max'] to sigma_T."""
+    ablation = [key for key in ('solver', 'discretization', 'schedule', 'scaling') if key in sampler_kwargs]
+    if ablation:
+        raise ValueError(f'OT-start runs Heun (edm_sampler); drop --{", --".join(ablation)}'.replace('discretization', 'disc'))
+    if 'sigma_max' in sampler_kwargs:
+        raise ValueError('the OT map sets the starting noise level (sigma_T); drop --sigma_max')
+    if class_idx is not None:
+        raise ValueError('the class of each image is its target\'s; --class cannot be combined with --ot-map')
+    ot_map = OTMap.load(path, device=device)
+    ot_map.check_network(net)
+    sampler_kwargs['sigma_max'] = ot_map.sigma_T
+    return ot_map
+
+def as_sampler(ot_map):
+    """ot_start_sampler with edm_sampler's call signature (generate.py): the seeds' class labels
+    and sigma_max are replaced by the map's."""
+    def ot_start(net, latents, class_labels=None, sigma_max=None, **sampler_kwargs):
+        return ot_start_sampler(net, latents, ot_map, **sampler_kwargs)
+    return ot_start
+
+def describe(ot_map, num_images):
+    """One line for generate.py: what the targets are and what building them cost per image."""
+    nfe_total = ot_map.meta.get('nfe_total', 0)
+    cost = (f'building them took {nfe_total} NFE, {nfe_total / num_images:.2f} per image over these {num_images} images'
+            if nfe_total else 'no NFE to build them')
+    return f'OT-start from {len(ot_map)} {ot_map.source} targets at sigma_T={ot_map.sigma_T:g} ({ot_map.meta.get("targets_from", "")}); {cost}'
 
 #----------------------------------------------------------------------------
