@@ -5,14 +5,21 @@ import glob
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 
+from unittest import mock
+
+import numpy as np
 import pytest
+import scipy.optimize
 import torch
 
+import dnnlib
 from tests.datagen import make_dataset
-from training import network_io
+from train import latest_state
+from training import network_io, training_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--cbase=8', '--cres=1,1', '--batch=16', '--tick=0.032', '--seed=0', '--grid=4', '--workers=0']
@@ -35,7 +42,7 @@ def final_losses(run_dir):
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp('d') / 'data', n=40, res=8, num_classes=4)
+    return make_dataset(tmp_path_factory.mktemp('d') / 'data', n=64, res=8, num_classes=4)
 
 @pytest.mark.parametrize('arch,precond,cond,aot,augment,extra', [
     ('ddpmpp', 'edm', 1, 32, 0.12, []),
@@ -70,19 +77,39 @@ def state_tensors(path):
     state = torch.load(path, weights_only=True)
     return state['cur_nimg'], {**{f'net.{k}': v for k, v in state['net'].items()}, **{f'ema.{k}': v for k, v in state['ema'].items()}}
 
-def test_resume_equals_uninterrupted(tmp_path, data):
-    common = ['--data', data, '--cond=1', '--aot=32', '--dump=1', '--nosubdir', '--workers=1'] + TINY
-    run(['--outdir', str(tmp_path / 'full'), '--duration=0.000128'] + common)
-    run(['--outdir', str(tmp_path / 'part'), '--duration=0.000064'] + common)
+@pytest.fixture(scope='module')
+def resume_runs(tmp_path_factory, data):
+    # Interrupted after 4 slices of 16, in the middle of a pool of 3 slices (--aot=48).
+    root = tmp_path_factory.mktemp('resume')
+    common = ['--data', data, '--cond=1', '--aot=48', '--dump=1', '--nosubdir', '--workers=1'] + TINY
+    run(['--outdir', str(root / 'full'), '--duration=0.000128'] + common)
+    run(['--outdir', str(root / 'part'), '--duration=0.000064'] + common)
     # A plain re-run in the same directory picks up the latest state.
-    proc = run(['--outdir', str(tmp_path / 'part'), '--duration=0.000128'] + common)
+    proc = run(['--outdir', str(root / 'part'), '--duration=0.000128'] + common)
     assert 'resuming from it' in proc.stdout
-    nimg_a, a = state_tensors(tmp_path / 'full' / 'training-state-000000.pt')
-    nimg_b, b = state_tensors(tmp_path / 'part' / 'training-state-000000.pt')
+    return root
+
+def test_resume_equals_uninterrupted(resume_runs):
+    nimg_a, a = state_tensors(resume_runs / 'full' / 'training-state-000000.pt')
+    nimg_b, b = state_tensors(resume_runs / 'part' / 'training-state-000000.pt')
     assert nimg_a == nimg_b == 128
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(a, b)
+
+def test_resume_continues(resume_runs):
+    # A run that started over would log kimg 0.016 again and could still end equal to the full run:
+    # the resumed ticks must go on from 0.064, and Adam must have counted all 8 steps.
+    with open(resume_runs / 'part' / 'stats.jsonl') as f:
+        ticks = [json.loads(line) for line in f]
+    assert [round(t['Progress/kimg']['mean'], 3) for t in ticks] == [0.016, 0.048, 0.064, 0.096, 0.128]
+    assert [t['Progress/tick']['mean'] for t in ticks] == [0, 1, 2, 3, 4]
+    state = torch.load(resume_runs / 'part' / 'training-state-000000.pt', weights_only=True)
+    assert {int(s['step']) for s in state['optimizer_state']['state'].values()} == {8}
+    assert (state['batch_size'], state['aot_pool'], state['world_size']) == (16, 48, 1)
+
+@pytest.mark.parametrize('flag,value', [('--aot', '32'), ('--batch', '48'), ('--seed', '1')])
+def test_resume_refuses_other_pools(resume_runs, data, tmp_path, flag, value):
+    args = ['--data', data, '--cond=1', '--aot=48', '--resume', str(resume_runs / 'full')] + TINY + [f'{flag}={value}']
+    expect_cli_error(tmp_path, args, f'the interrupted run had {flag}=')
 
 #----------------------------------------------------------------------------
 # Bad input: one line, non-zero exit, no run directory left behind.
@@ -98,29 +125,88 @@ def expect_error(tmp_path, args, message, torchrun=0):
     assert not outdir.exists() or not any(outdir.iterdir())
 
 def test_error_missing_dataset(tmp_path):
+    # A real process: exit status, stderr and no traceback as a user sees them.
     expect_error(tmp_path, ['--data', str(tmp_path / 'nope.zip')] + TINY, 'nope.zip')
+
+def expect_cli_error(tmp_path, args, message):
+    """The same checks in this process: an Error line (click's, not a traceback) and nothing written."""
+    outdir = tmp_path / 'out'
+    result = cli(['--outdir', str(outdir)] + args)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output[-2000:]
+    errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1 and message in errors[0], result.output[-2000:]
+    assert not outdir.exists() or not any(outdir.iterdir())
+    return errors[0]
 
 def test_error_corrupt_dataset(tmp_path):
     bad = tmp_path / 'bad.zip'
     bad.write_bytes(b'this is not a zip file')
-    expect_error(tmp_path, ['--data', str(bad)] + TINY, 'bad.zip')
+    expect_cli_error(tmp_path, ['--data', str(bad)] + TINY, 'bad.zip')
 
 def test_error_cond_without_labels(tmp_path):
     data = make_dataset(tmp_path / 'nolabels', n=8, labels=False)
-    expect_error(tmp_path, ['--data', data, '--cond=1'] + TINY, '--cond=1 requires labels')
+    expect_cli_error(tmp_path, ['--data', data, '--cond=1'] + TINY, '--cond=1 requires labels')
 
 def test_error_pool_not_multiple_of_batch_gpu(tmp_path, data):
-    expect_error(tmp_path, ['--data', data, '--aot=20', '--batch-gpu=8'] + TINY, '--aot=20 is not a multiple of the per-GPU batch 8')
+    expect_cli_error(tmp_path, ['--data', data, '--aot=20', '--batch-gpu=8'] + TINY, '--aot=20 is not a multiple of the per-GPU batch 8')
+
+def test_error_batch_not_multiple_of_batch_gpu(tmp_path, data):
+    expect_cli_error(tmp_path, ['--data', data, '--aot=0', '--batch-gpu=6'] + TINY, 'not a multiple of --batch-gpu=6')
 
 def test_error_resolution_not_power_of_two(tmp_path):
     data = make_dataset(tmp_path / 'res12', n=8, res=12)
-    expect_error(tmp_path, ['--data', data] + TINY, 'power of two')
+    expect_cli_error(tmp_path, ['--data', data] + TINY, 'power of two')
+
+def test_error_lap_missing(tmp_path, data, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'lap', None) # import lap raises ImportError
+    expect_cli_error(tmp_path, ['--data', data, '--aot=16', '--aot-solver=lap'] + TINY, 'pip install lap')
 
 def test_error_unreadable_resume_and_transfer(tmp_path, data):
     state = tmp_path / 'training-state-000001.pt'
     state.write_bytes(b'garbage')
-    expect_error(tmp_path, ['--data', data, '--resume', str(state)] + TINY, 'cannot read training state')
-    expect_error(tmp_path, ['--data', data, '--transfer', str(tmp_path / 'missing.pkl')] + TINY, 'missing.pkl')
+    expect_cli_error(tmp_path, ['--data', data, '--resume', str(state)] + TINY, 'cannot read training state')
+    expect_cli_error(tmp_path, ['--data', data, '--transfer', str(tmp_path / 'missing.pkl')] + TINY, 'missing.pkl')
+    corrupt = tmp_path / 'corrupt.pkl'
+    corrupt.write_bytes(b'\x80\x04garbage')
+    expect_cli_error(tmp_path, ['--data', data, '--transfer', str(corrupt)] + TINY, 'cannot load the network')
+    expect_cli_error(tmp_path, ['--data', data, '--transfer', str(corrupt), '--resume', str(state)] + TINY, 'cannot be specified at the same time')
+
+def tiny_snapshot(tmp_path, name, data, extra=()):
+    """A snapshot pickle of the network train.py builds for data with these options."""
+    result = cli(['--outdir', str(tmp_path / 'o'), '--data', data, '--cond=1', '--dry-run'] + TINY + list(extra))
+    c = json.loads(result.output.split('Training options:\n', 1)[1].split('\nOutput directory:', 1)[0])
+    dataset = dnnlib.util.construct_class_by_name(**c['dataset_kwargs'])
+    net = dnnlib.util.construct_class_by_name(**c['network_kwargs'], img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    with open(tmp_path / name, 'wb') as f:
+        pickle.dump(dict(ema=net), f)
+    return str(tmp_path / name)
+
+@pytest.mark.parametrize('what,snapshot_data,extra,message', [
+    ('resolution', dict(res=16), [], 'resolution 16x16 in --transfer='),
+    ('classes', dict(num_classes=10), [], 'classes 8 in --transfer='), # 8 images: labels 0-7
+    ('architecture', {}, ['--cbase=16'], 'architecture: model_channels=16'),
+    ('architecture', {}, ['--arch=adm'], 'architecture: model_type="DhariwalUNet"'),
+])
+def test_error_transfer_does_not_fit(tmp_path, data, what, snapshot_data, extra, message):
+    # Checked before the run directory exists, so --dry-run reports it too.
+    source = make_dataset(tmp_path / 'src', n=8, **snapshot_data) if snapshot_data else data
+    snapshot = tiny_snapshot(tmp_path, 'snap.pkl', source, extra)
+    line = expect_cli_error(tmp_path, ['--data', data, '--cond=1', '--transfer', snapshot, '--dry-run'] + TINY, message)
+    assert line.startswith(f'Error: --transfer={snapshot} does not fit this run: {what}')
+
+def test_transfer_that_fits_passes_the_check(tmp_path, data):
+    snapshot = tiny_snapshot(tmp_path, 'snap.pkl', data)
+    result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--cond=1', '--transfer', snapshot, '--dry-run'] + TINY)
+    assert result.exit_code == 0, result.output
+
+def test_error_resume_other_network(resume_runs, data, tmp_path):
+    expect_cli_error(tmp_path, ['--data', data, '--cond=1', '--aot=48', '--resume', str(resume_runs / 'full'), '--dry-run'] + TINY + ['--cbase=16'],
+                     'does not fit this run: architecture')
+
+def test_warning_pool_larger_than_dataset(tmp_path, data):
+    result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--aot=128', '--dry-run'] + TINY)
+    assert result.exit_code == 0 and 'Warning: --aot=128 is larger than the dataset (64 images)' in result.output
 
 def test_error_batch_not_divisible_by_world(tmp_path, data):
     expect_error(tmp_path, ['--data', data, '--aot=0'] + TINY + ['--batch=15'], 'not divisible by the number of GPUs (2)', torchrun=2)
@@ -141,3 +227,136 @@ def test_resume_from_edm_state_and_transfer(tmp_path, data):
     proc = run(['--outdir', str(tmp_path / 'transfer'), '--transfer', snapshot] + common)
     assert 'unpickling runs code' in proc.stdout
     assert final_losses(only_run_dir(tmp_path / 'transfer'))
+
+#----------------------------------------------------------------------------
+# In-process runs: train.py's own configuration (from --dry-run), the loop called here with a loss
+# that records what it is fed. They guard what files and finite losses cannot show.
+
+def cli(args):
+    """train.py in this process (no interpreter start-up): click's result, with output and exit_code."""
+    from click.testing import CliRunner
+    import train
+    with mock.patch.object(torch.multiprocessing, 'set_start_method'): # keep pytest's start method
+        return CliRunner().invoke(train.main, args)
+
+class RecordingLoss:
+    """The run's own loss, recording its inputs and the weights it sees at the first call."""
+    calls = []
+    first_weights = None
+
+    def __init__(self, inner):
+        self.inner = dnnlib.util.construct_class_by_name(**inner)
+
+    def __call__(self, net, images, labels=None, noise=None, augment_labels=None):
+        if not RecordingLoss.calls:
+            RecordingLoss.first_weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        RecordingLoss.calls.append(dict(images=images.detach().cpu(), labels=labels.detach().cpu(), noise=noise.detach().cpu()))
+        return self.inner(net=net, images=images, labels=labels, noise=noise, augment_labels=augment_labels)
+
+def train_in_process(args, run_dir):
+    """Train as train.py would with these options; returns the config and the final state dump."""
+    result = cli(args + ['--outdir', str(run_dir), '--dry-run', '--dump=1', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    c = dnnlib.EasyDict(json.loads(result.output.split('Training options:\n', 1)[1].split('\nOutput directory:', 1)[0]))
+    c.update(run_dir=str(run_dir), snapshot_ticks=None, grid_images=0)
+    c.loss_kwargs = dict(class_name=f'{__name__}.RecordingLoss', inner=c.loss_kwargs)
+    os.makedirs(run_dir, exist_ok=True)
+    RecordingLoss.calls.clear()
+    training_loop.training_loop(**c)
+    return c, torch.load(latest_state(run_dir), weights_only=True)
+
+def fixed_input_loss(c, weights, data_dir):
+    """EDM's weighted denoising loss of the network with these weights on fixed images, noise and sigmas."""
+    dataset = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+    images = torch.tensor(np.stack([dataset[i][0] for i in range(16)]), dtype=torch.float32) / 127.5 - 1
+    labels = torch.tensor(np.stack([dataset[i][1] for i in range(16)]))
+    net = dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    net.load_state_dict(weights)
+    gen = torch.Generator().manual_seed(1)
+    sigma = torch.exp(torch.linspace(-2, 1, 16)).reshape(-1, 1, 1, 1)
+    noise = torch.randn(images.shape, generator=gen)
+    with torch.no_grad():
+        denoised = net.eval()(images + noise * sigma, sigma, labels)
+    return ((sigma ** 2 + 0.25) / (sigma * 0.5) ** 2 * (denoised - images) ** 2).mean().item()
+
+LEARN_STEPS = 18 # --duration=0.000288 is 288.00000000000006 images in floats: must still stop at 18 x 16
+
+@pytest.fixture(scope='module')
+def learned(tmp_path_factory):
+    root = tmp_path_factory.mktemp('learn')
+    data_dir = make_dataset(root / 'data', n=64, res=8, structured=True)
+    c, state = train_in_process(['--data', data_dir, '--cond=1', '--aot=32', '--lr=0.003', '--lr-rampup=0.001', '--dropout=0', '--augment=0',
+                                 '--duration=0.000288'] + TINY, root / 'run')
+    return dnnlib.EasyDict(c=c, state=state, calls=list(RecordingLoss.calls), first=RecordingLoss.first_weights, data=data_dir)
+
+def test_loss_gets_pool_paired_noise(learned):
+    # Each pool of 32 is two consecutive slices; its noise must be the optimal per-class pairing
+    # of its (augmented) images, as scipy computes it here, not fresh or unpaired noise.
+    calls = learned.calls
+    assert len(calls) == LEARN_STEPS
+    for k in range(LEARN_STEPS // 2):
+        images, labels, noise = (torch.cat([calls[2 * k][key], calls[2 * k + 1][key]]).double() for key in ['images', 'labels', 'noise'])
+        classes = labels.argmax(dim=1)
+        paired = optimal = 0.0
+        for cls in classes.unique():
+            members = (classes == cls).nonzero().flatten()
+            cost = torch.cdist(images[members].flatten(1), noise[members].flatten(1)).numpy()
+            rows, cols = scipy.optimize.linear_sum_assignment(cost)
+            optimal += cost[rows, cols].sum()
+            paired += cost.trace()
+        assert paired == pytest.approx(optimal, rel=1e-6), f'pool {k}: noise not AOT-paired ({paired} vs optimal {optimal})'
+
+def test_model_learns(learned):
+    before = fixed_input_loss(learned.c, learned.first, learned.data)
+    after = fixed_input_loss(learned.c, learned.state['net'], learned.data)
+    assert after < 0.95 * before, (before, after) # 1.18 -> 1.08 today; unchanged without training
+    moved = max((learned.state['net'][k] - v).abs().max().item() for k, v in learned.first.items())
+    assert moved > 1e-3
+
+def test_duration_float_rounding_does_not_overshoot(learned):
+    assert learned.c.total_kimg * 1000 > LEARN_STEPS * 16 # the float really is above the last step
+    assert learned.state['cur_nimg'] == LEARN_STEPS * 16
+
+def perturbed_snapshot(c, state, path, scale=0.05):
+    """A snapshot pickle whose EMA network holds the trained weights plus seeded noise: weights no
+    fresh run starts from."""
+    dataset = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+    net = dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    gen = torch.Generator().manual_seed(2)
+    net.load_state_dict({k: v + scale * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in state['net'].items()})
+    with open(path, 'wb') as f:
+        pickle.dump(dict(ema=net.eval(), loss_fn=None, augment_pipe=None, dataset_kwargs=dict(c.dataset_kwargs)), f)
+    return net.state_dict()
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+def assert_near(weights, target, other):
+    # closer to target than to other by far, tensor by tensor where they differ
+    far = sum((target[k] - other[k]).abs().sum().item() for k in target)
+    assert sum((weights[k] - target[k]).abs().sum().item() for k in target) < 0.01 * far
+
+def test_transfer_loads_the_weights(learned, tmp_path):
+    weights = perturbed_snapshot(learned.c, learned.state, tmp_path / 'snap.pkl')
+    _, state = train_in_process(['--data', learned.data, '--cond=1', '--aot=16', '--dropout=0', '--augment=0', '--duration=0.000032', # two steps: no state dump at tick 0
+                                 '--transfer', str(tmp_path / 'snap.pkl')] + TINY, tmp_path / 'run')
+    assert_same_weights(RecordingLoss.first_weights, weights) # trained from the snapshot's weights ...
+    assert_near(state['ema'], weights, learned.first)          # ... and the EMA starts there too
+
+def test_edm_state_resume_loads_the_weights(learned, tmp_path):
+    # EDM's state dump pickles the network being trained; the EMA comes from the snapshot beside
+    # it. kimg 1000 makes the EMA half-life long, so one step leaves the EMA near what was loaded.
+    ema = perturbed_snapshot(learned.c, learned.state, tmp_path / 'network-snapshot-001000.pkl')
+    net = network_io.load_network(str(tmp_path / 'network-snapshot-001000.pkl'), verbose=False)
+    weights = perturbed_snapshot(learned.c, dict(net=ema), tmp_path / 'unused.pkl')
+    net.load_state_dict(weights)
+    torch.save(dict(net=net.train(), optimizer_state=torch.optim.Adam(net.parameters()).state_dict()), tmp_path / 'training-state-001000.pt')
+    _, state = train_in_process(['--data', learned.data, '--cond=1', '--aot=16', '--dropout=0', '--augment=0', '--duration=1.000032',
+                                 '--resume', str(tmp_path / 'training-state-001000.pt')] + TINY, tmp_path / 'run')
+    assert_same_weights(RecordingLoss.first_weights, weights)
+    assert_near(state['ema'], ema, weights)
+    assert state['cur_nimg'] == 1000032
