@@ -65,10 +65,11 @@ def make_pool(real, fake, pool, gen, aot_pool):
 
 @torch.no_grad()
 def heldout_accuracy(disc, real, fake, device, batch=256, seed=1):
-    """Accuracy of d > 0.5 on held-out real and fake images at DG's times (fixed noise), overall and
-    for VP times t < 0.2, 0.2-0.5 and > 0.5."""
+    """Balanced accuracy of d > 0.5 (mean of the accuracies on held-out real and on held-out fake
+    images, so 0.5 is chance whatever their numbers) at DG's times with fixed noise, overall and for
+    VP times t < 0.2, 0.2-0.5 and >= 0.5."""
     gen = torch.Generator().manual_seed(seed)
-    correct, times = [], []
+    correct, times, targets = [], [], []
     for (images, labels), target in [(real, 1), (fake, 0)]:
         for i in range(0, len(images), batch):
             x = images[i:i + batch]
@@ -77,9 +78,11 @@ def heldout_accuracy(disc, real, fake, device, batch=256, seed=1):
             d = disc(xt.to(device), t.to(device), None if labels is None else labels[i:i + batch].to(device)).cpu()
             correct.append((d > 0.5).float() == target)
             times.append(t)
-    correct, times = torch.cat(correct).float(), torch.cat(times)
-    bins = {'t<0.2': times < 0.2, '0.2<=t<0.5': (times >= 0.2) & (times < 0.5), 't>=0.5': times >= 0.5}
-    return dict(all=correct.mean().item(), **{k: correct[m].mean().item() for k, m in bins.items() if m.any()})
+            targets.append(torch.full([len(x)], target))
+    correct, times, targets = torch.cat(correct).float(), torch.cat(times), torch.cat(targets)
+    balanced = lambda m: 0.5 * (correct[m & (targets == 1)].mean() + correct[m & (targets == 0)].mean()).item()
+    bins = {'all': times >= 0, 't<0.2': times < 0.2, '0.2<=t<0.5': (times >= 0.2) & (times < 0.5), 't>=0.5': times >= 0.5}
+    return {k: balanced(m) for k, m in bins.items() if (m & (targets == 1)).any() and (m & (targets == 0)).any()}
 
 #----------------------------------------------------------------------------
 

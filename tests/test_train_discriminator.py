@@ -78,3 +78,11 @@ def test_errors(case, data, tmp_path):
     code, out, err = run(['--data', data['real'], '--outdir', str(tmp_path / 'out'), '--kimg=0.01', *args])
     lines = err.strip().splitlines()
     assert code != 0 and 'Traceback' not in err and lines[-1].startswith('Error:') and expected in lines[-1], err
+
+def test_heldout_accuracy_is_balanced():
+    # A discriminator that calls everything real is at chance, however many more real images there are.
+    class AlwaysReal(torch.nn.Module):
+        def forward(self, x, t, class_labels=None):
+            return torch.ones(len(x))
+    real, fake = (torch.zeros([30, 1, 8, 8], dtype=torch.uint8), None), (torch.zeros([10, 1, 8, 8], dtype=torch.uint8), None)
+    assert set(td.heldout_accuracy(AlwaysReal(), real, fake, 'cpu').values()) == {0.5}
