@@ -26,9 +26,30 @@ from training.images import to_uint8, save_image_grid
 from training.network_io import load_network
 from tools.trajectory import heun_steps, parse_int_list, pyplot
 
+def plot(result, path):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    for ax, key, title in zip(axes, ('fd_digits', 'fd_pixels'), ('FD in digit-classifier features', 'FD in pixel space')):
+        for method, rows in result['methods'].items():
+            ax.plot([r['nfe'] for r in rows], [r[key] for r in rows], 'o-', label=method)
+        ax.set_xlabel('NFE (Heun)'); ax.set_ylabel('Frechet distance'); ax.set_yscale('log'); ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which='both'); ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+def merge(paths, out):
+    """One table and plot from several runs of this script (same data, seeds and NFE)."""
+    results = [json.load(open(p)) for p in paths]
+    merged = dict(settings=[r['settings'] for r in results], methods={k: v for r in results for k, v in r['methods'].items()})
+    with open(out + '.json', 'w') as f:
+        json.dump(merged, f, indent=1)
+    plot(merged, out + '.png')
+    for method, rows in merged['methods'].items():
+        print(f'{method:>12}: ' + '  '.join(f'NFE {r["nfe"]} {r["fd_digits"]:.2f} / {r["fd_pixels"]:.3f}' for r in rows))
+
 @click.command()
-@click.option('--data',      help='Labelled digits dataset', metavar='ZIP|DIR', type=str, required=True)
-@click.option('--network',   help='Network to guide', metavar='PATH', type=str, required=True)
+@click.option('--data',      help='Labelled digits dataset', metavar='ZIP|DIR', type=str)
+@click.option('--network',   help='Network to guide', metavar='PATH', type=str)
 @click.option('--dg', 'dgs', help='Discriminator (train_discriminator.py); repeat to compare', metavar='PATH', multiple=True)
 @click.option('--name', 'names', help='Label of each --dg', metavar='STR', multiple=True)
 @click.option('--dg-weight', help='DG weight (first order)', metavar='FLOAT', type=float, default=2.0, show_default=True)
@@ -36,9 +57,15 @@ from tools.trajectory import heun_steps, parse_int_list, pyplot
 @click.option('--nfe',       help='Heun NFE budgets (odd)', metavar='LIST', default='7,11,15,19,27,35', show_default=True)
 @click.option('--rho',       help='Time step exponent', metavar='FLOAT', type=float, default=7, show_default=True)
 @click.option('--batch',     help='Images per sampler call', metavar='INT', type=int, default=250, show_default=True)
+@click.option('--baseline/--no-baseline', help='Also sample without guidance', default=True, show_default=True)
+@click.option('--merge', 'merge_paths', help='Only merge these PREFIX.json of earlier runs into --out', metavar='LIST', type=str)
 @click.option('--out',       help='Output prefix: PREFIX.json, PREFIX.png, PREFIX-samples.png', metavar='PATH', type=str, required=True)
-def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, out):
+def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, baseline, merge_paths, out):
     """FD-digits per NFE for no guidance and each discriminator."""
+    if merge_paths:
+        return merge(merge_paths.split(','), out)
+    if not (data and network):
+        raise click.UsageError('--data and --network are needed (unless --merge)')
     seeds, nfes = parse_int_list(seeds, 'seed'), sorted(set(parse_int_list(nfe, 'NFE')))
     names = list(names) or [os.path.basename(os.path.dirname(p)) for p in dgs]
     if len(names) != len(dgs):
@@ -52,7 +79,7 @@ def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, out):
         classifier, accuracy, _ = train_classifier(images, labels)
     real_feat, real_pix = classifier.features(images), images.flatten(1)
     net = load_network(network)
-    methods = {'no guidance': None}
+    methods = {'no guidance': None} if baseline else {}
     for name, path in zip(names, dgs):
         disc = guidance.load_discriminator(path)
         problem = guidance.incompatibility(disc, net)
@@ -81,15 +108,7 @@ def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, out):
             json.dump(result, f, indent=1)
     save_image_grid(np.concatenate(grid), f'{out}-samples.png', cols=16)
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
-    for ax, key, title in zip(axes, ('fd_digits', 'fd_pixels'), ('FD in digit-classifier features', 'FD in pixel space')):
-        for method, rows in result['methods'].items():
-            ax.plot([r['nfe'] for r in rows], [r[key] for r in rows], 'o-', label=method)
-        ax.set_xlabel('NFE (Heun)'); ax.set_ylabel('Frechet distance'); ax.set_yscale('log'); ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3, which='both'); ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out + '.png')
+    plot(result, out + '.png')
     print(f'Wrote {out}.json, {out}.png, {out}-samples.png')
 
 if __name__ == '__main__':
