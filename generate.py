@@ -13,7 +13,7 @@ import torch
 import tqdm
 from torch_utils import distributed as dist
 import dnnlib
-from training import guidance, sampling
+from training import guidance, sampling, semidiscrete_ot
 from training.images import to_uint8, save_png, save_image_grid
 from training.network_io import load_network
 
@@ -105,6 +105,7 @@ def write_labels(outdir, labels):
 @click.option('--batch', 'max_batch_size', help='Images per network call and process, at most', metavar='INT',     type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--grid',                    help=f'Also write a grid of the first {GRID_MAX_IMAGES} images', metavar='PATH', type=str, default=None)
 @click.option('--device',                  help='Torch device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--ot-map', 'ot_map_path',   help='OT-start: begin at the sigma_T target each latent picks (tools/ot_map.py, docs/ot-start.md)', metavar='FILE', type=str, default=None)
 
 @click.option('--steps', 'num_steps',      help='Noise levels N (Heun: 2N-1 network calls)', metavar='INT',          type=click.IntRange(min=2), default=18, show_default=True)
 @click.option('--sigma_min',               help='Smallest noise level  [default: per sampler]', metavar='FLOAT',    type=click.FloatRange(min=0, min_open=True))
@@ -129,7 +130,7 @@ def write_labels(outdir, labels):
 @click.option('--dg-time-max',             help='Apply DG up to this VP time  [default: 1]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
 @click.option('--dg-boosting',             help="DG's boosting: more churn and correction for samples the discriminator finds fake", is_flag=True, default=None)
 
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, dg_path, dg_classifier, dg_head, **sampler_kwargs):
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, dg_path, dg_classifier, dg_head, ot_map_path, **sampler_kwargs):
     """Sample images from a trained EDM / EDM-AOT network, one PNG per seed.
 
     Without --solver/--disc/--schedule/--scaling this is EDM's Heun sampler; with any of them, the
@@ -190,6 +191,12 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
         error = f'--class {class_idx} given, but the network is unconditional; drop --class'
     elif class_idx is not None and class_idx >= net.label_dim:
         error = f'--class {class_idx} is out of range: the network has classes 0-{net.label_dim - 1}'
+    ot_map = None
+    if ot_map_path is not None and error is None: # sets sigma_max = sigma_T, so the dry run below is OT-start's
+        try:
+            ot_map = semidiscrete_ot.map_for_generate(ot_map_path, net, device, sampler_kwargs, class_idx)
+        except (IOError, ValueError) as e:
+            error = f'--ot-map {ot_map_path}: {" ".join(str(e).split())}'
     have_ablation_kwargs = any(x in sampler_kwargs for x in ['solver', 'discretization', 'schedule', 'scaling'])
     sampler_fn = sampling.ablation_sampler if have_ablation_kwargs else sampling.edm_sampler
     try:
@@ -208,6 +215,9 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
     levels = [f'{s:.4g}' for s in dict.fromkeys(sigmas)] # distinct noise levels in order
     dist.print0(f'Sampler: {sampler_fn.__name__}, {sampler_kwargs["num_steps"]} steps, {nfe} NFE per image; '
                 f'sigma {", ".join(levels if len(levels) <= 8 else levels[:4] + ["..."] + levels[-2:])}, 0')
+    if ot_map is not None:
+        dist.print0(semidiscrete_ot.describe(ot_map, len(seeds)))
+        sampler_fn = semidiscrete_ot.as_sampler(ot_map)
 
     # Discriminator Guidance: the sampler's extra arguments (not part of the dry run above).
     if dg is not None:
@@ -223,6 +233,8 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
         if len(batch_seeds) == 0:
             continue
         latents, class_labels, rnd = sampling.latents_for_seeds(net, batch_seeds.tolist(), device=device, class_idx=class_idx)
+        if ot_map is not None and net.label_dim:
+            class_labels = ot_map.labels_for(latents) # the picked targets' classes
         with torch.no_grad():
             images = sampler_fn(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
         for i, (seed, image) in enumerate(zip(batch_seeds.tolist(), to_uint8(images))):

@@ -1,6 +1,7 @@
 """OT-start sampling: ODE targets against a closed form, the sampler = Heun from the picked target,
 honest NFE, batch independence, labels of conditional networks, tools/ot_map.py, the study's checks."""
 
+import os
 import re
 
 import pytest
@@ -81,10 +82,12 @@ def test_data_targets_add_seeded_noise():
 # tools/ot_map.py
 
 @pytest.fixture(scope='module')
-def files(tmp_path_factory, uncond):
+def files(tmp_path_factory, uncond, cond):
     d = tmp_path_factory.mktemp('otmap')
     save_safe(uncond, d / 'uncond.safetensors')
-    return dict(net=str(d / 'uncond.safetensors'), data=make_dataset(d / 'data', n=12, res=16, channels=3),
+    save_safe(cond, d / 'cond.safetensors')
+    random_map(labels=torch.eye(10)[:5]).save(d / 'cond-map.safetensors')
+    return dict(net=str(d / 'uncond.safetensors'), cond=str(d / 'cond.safetensors'), cond_map=str(d / 'cond-map.safetensors'), data=make_dataset(d / 'data', n=12, res=16, channels=3),
                 small=make_dataset(d / 'small', n=4, res=8, channels=3), dir=d)
 
 def test_cli_data_and_ode_maps(files, uncond):
@@ -141,3 +144,49 @@ def test_memorisation_and_mode_mixture():
             return x.flatten(1)
     sure, mixed = torch.tensor([[5.0, 0, 0, 0]]), torch.tensor([[1.0, 1.0, 0, 0]])
     assert ot_start_study.mode_mixture_rate(Logits(), torch.cat([sure, mixed, mixed]).reshape(3, 1, 2, 2)) == pytest.approx(2 / 3)
+
+#----------------------------------------------------------------------------
+# generate.py --ot-map
+
+def run_generate(*args):
+    import subprocess, sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, 'generate.py', *args], cwd=root, text=True, capture_output=True, timeout=300)
+
+def test_generate_with_ot_map(files, uncond):
+    import numpy as np, PIL.Image
+    from training.images import to_uint8
+    ot_map = random_map(m=6, sigma_T=3.0)
+    ot_map.meta.update(targets_from='test targets', nfe_total=120)
+    path = str(files['dir'] / 'gen-map.safetensors')
+    ot_map.save(path)
+    outdir = files['dir'] / 'gen'
+    r = run_generate('--network', files['net'], '--ot-map', path, '--outdir', str(outdir), '--seeds=0-5', '--batch=4', '--steps=3', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    assert '5 NFE per image' in r.stdout and '120 NFE, 20.00 per image' in r.stdout
+    latents, _, _ = sampling.latents_for_seeds(uncond, list(range(6)))
+    with torch.no_grad():
+        expected = to_uint8(so.ot_start_sampler(sampling.MinBatchNet(uncond), latents, ot_map, num_steps=3))
+    for seed in range(6):
+        assert np.array_equal(np.array(PIL.Image.open(outdir / f'{seed:06d}.png')), expected[seed]), seed
+
+@pytest.mark.parametrize('extra, message', [
+    (['--network={cond}', '--ot-map={cond_map}', '--class=1'], '--class cannot be combined'),
+    (['--network={cond}'], 'conditional.*no labels'),
+    (['--sigma_max=5'], 'drop --sigma_max'),
+    (['--disc=vp'], 'drop --disc'),
+    (['--ot-map={small_map}'], '3x8x8 targets.*3x16x16 images'),
+    (['--ot-map={net}'], 'not an OT map'),
+])
+def test_generate_ot_map_bad_input(files, extra, message):
+    small = str(files['dir'] / 'small-map.safetensors')
+    so.OTMap(torch.zeros(2, 3, 8, 8), torch.zeros(2), 1.0, 'data').save(small)
+    good = str(files['dir'] / 'good-map.safetensors')
+    random_map().save(good)
+    extra = [e.format(small_map=small, **files) for e in extra]
+    args = extra if any(e.startswith('--ot-map') for e in extra) else ['--ot-map', good, *extra]
+    args = args if any(e.startswith('--network') for e in args) else ['--network', files['net'], *args]
+    r = run_generate(*args, '--outdir', str(files['dir'] / 'bad'), '--seeds=0', '--device=cpu')
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and re.search(message, errors[0]), r.stderr

@@ -144,6 +144,10 @@ class OTMap:
             self._y64 = self.targets.flatten(1).to(device=latents.device, dtype=torch.float64)
         return assign(latents.flatten(1).to(torch.float64), self._y64, self.h.to(latents.device, torch.float64), batch, chunk)
 
+    def labels_for(self, latents):
+        """Labels of the targets the latents pick (None for a map without labels)."""
+        return None if self.labels is None else self.labels[self.assign(latents).to(self.labels.device)].to(latents.device)
+
     def check_network(self, net):
         """Raise ValueError (one line) if the map was not made for images and labels of this network."""
         shape = [net.img_channels, net.img_resolution, net.img_resolution]
