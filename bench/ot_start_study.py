@@ -39,11 +39,14 @@ MIXED_BELOW = 0.5       # top class probability below this: a mode mixture
 #----------------------------------------------------------------------------
 # Checks.
 
-def nearest_ratio(samples, train):
-    """Per sample: distance to the nearest training image / distance to the second nearest."""
+def nearest(samples, train):
+    """Per sample: (distance to the nearest training image / distance to the second nearest, index of the nearest)."""
     d = torch.cdist(samples.flatten(1).double(), train.flatten(1).double())
-    two = d.topk(2, dim=1, largest=False).values
-    return two[:, 0] / two[:, 1].clamp(min=1e-12)
+    two = d.topk(2, dim=1, largest=False)
+    return two.values[:, 0] / two.values[:, 1].clamp(min=1e-12), two.indices[:, 0]
+
+def nearest_ratio(samples, train):
+    return nearest(samples, train)[0]
 
 def memorisation_rate(samples, train):
     return float((nearest_ratio(samples, train) < MEMORISED_RATIO).double().mean())
@@ -68,10 +71,17 @@ def run_sampler(sample_batch, seeds, batch):
             index.append(i)
     return torch.cat(images), (torch.cat(index) if index else None)
 
-def measure(samples, classifier, real_feat, images):
-    return dict(fd_digits=frechet(classifier.features(samples), real_feat),
-                memorisation=memorisation_rate(samples, images),
-                mode_mixture=mode_mixture_rate(classifier, samples))
+def measure(samples, classifier, real_feat, images, source_index=None):
+    """FD-digits, memorisation, mode mixture, the median nearest/second-nearest ratio and, for
+    data targets (source_index: the training image each sample's target was made from), the
+    share of samples whose nearest training image is their target's own image."""
+    ratio, index = nearest(samples, images)
+    row = dict(fd_digits=frechet(classifier.features(samples), real_feat),
+               memorisation=memorisation_rate(samples, images), nearest_ratio_median=float(ratio.median()),
+               mode_mixture=mode_mixture_rate(classifier, samples))
+    if source_index is not None:
+        row['nearest_is_own_image'] = float((index == source_index).double().mean())
+    return row
 
 @click.command()
 @click.option('--data',      help='Labelled digits dataset (the training data)', metavar='ZIP|DIR', type=str, required=True)
@@ -141,11 +151,12 @@ def main(data, network, seeds, nfe, sigmas, ot_steps, sources, ode_targets, targ
                 x, index = run_sampler(lambda c: semidiscrete_ot.ot_start_sampler(net, latents(c)[0], ot_map, num_steps=s, return_index=True), seeds, batch)
                 row = dict(source=source, sigma_T=sigma_T, steps=s, nfe=2 * s - 1, targets=len(targets), target_nfe_each=target_nfe,
                            target_nfe_total=target_nfe * len(targets), distinct_targets=int(index.unique().numel()),
-                           fit=report, **measure(x, classifier, real_feat, images))
+                           fit=report, **measure(x, classifier, real_feat, images, index if source == 'data' else None))
                 result['ot'].append(row)
                 save_json(result, out)
                 grid.append(to_uint8(x[:16]))
-                print(f'  steps {s}: FD {row["fd_digits"]:.1f} mem {row["memorisation"]:.3f} mix {row["mode_mixture"]:.3f} distinct {row["distinct_targets"]}', flush=True)
+                print(f'  steps {s}: FD {row["fd_digits"]:.1f} mem {row["memorisation"]:.3f} mix {row["mode_mixture"]:.3f} distinct {row["distinct_targets"]} '
+                      f'ratio {row["nearest_ratio_median"]:.3f} own {row.get("nearest_is_own_image", float("nan")):.3f}', flush=True)
 
     save_json(result, out)
     save_image_grid(np.concatenate(grid), f'{out}-samples.png', cols=16)

@@ -138,6 +138,7 @@ def test_memorisation_and_mode_mixture():
     between = torch.full([1, 1, 2, 2], 0.5) # equally far from 0 and 1: ratio 1
     assert ot_start_study.nearest_ratio(torch.cat([copy, between]), train).tolist() == pytest.approx([0.02 / 2.02, 1.0])
     assert ot_start_study.memorisation_rate(torch.cat([copy, between, -copy]), train) == pytest.approx(2 / 3)
+    assert ot_start_study.nearest(torch.cat([copy, -copy]), train)[1].tolist() == [1, 2]
 
     class Logits(torch.nn.Module):
         def forward(self, x):
