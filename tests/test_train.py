@@ -200,6 +200,14 @@ def test_transfer_that_fits_passes_the_check(tmp_path, data):
     result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--cond=1', '--transfer', snapshot, '--dry-run'] + TINY)
     assert result.exit_code == 0, result.output
 
+def test_resume_on_another_gpu_count_is_noted(resume_runs, data, tmp_path):
+    # Allowed (clusters change), but the pools cannot be the same: said, not silent.
+    state = torch.load(resume_runs / 'full' / 'training-state-000000.pt', weights_only=True)
+    state['world_size'] = 2
+    torch.save(state, tmp_path / 'training-state-000000.pt')
+    result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--cond=1', '--aot=48', '--resume', str(tmp_path / 'training-state-000000.pt'), '--dry-run'] + TINY)
+    assert result.exit_code == 0 and 'Note: the interrupted run had 2 GPU(s), this one 1' in result.output, result.output[-2000:]
+
 def test_error_resume_other_network(resume_runs, data, tmp_path):
     expect_cli_error(tmp_path, ['--data', data, '--cond=1', '--aot=48', '--resume', str(resume_runs / 'full'), '--dry-run'] + TINY + ['--cbase=16'],
                      'does not fit this run: architecture')
