@@ -90,6 +90,7 @@ def measure(samples, classifier, real_feat, images, source_index=None):
 @click.option('--nfe',       help='Plain Heun NFE budgets (odd)', metavar='LIST', default='5,7,9,11', show_default=True)
 @click.option('--sigma-T', 'sigmas', help='OT-start noise levels', metavar='LIST', default='1,2.5,5', show_default=True)
 @click.option('--ot-steps',  help='OT-start Heun steps from sigma_T (2N-1 NFE)', metavar='LIST', default='2,3,4,6', show_default=True)
+@click.option('--heun-sigma-max', 'heun_sigma_max', help='Also plain Heun from pure noise at these sigma_max (control for the shorter schedule)', metavar='LIST', default='', show_default=True)
 @click.option('--sources',   help='Target sources', metavar='LIST', default='ode,data', show_default=True)
 @click.option('--ode-targets', help='Number of ODE targets (seeds from 1000000)', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option('--target-steps', help='Heun levels from sigma_max to sigma_T for ODE targets', metavar='INT', type=click.IntRange(min=2), default=12, show_default=True)
@@ -97,7 +98,7 @@ def measure(samples, classifier, real_feat, images, source_index=None):
 @click.option('--fit-samples', help='Latents per fit step', metavar='INT', type=click.IntRange(min=1), default=10000, show_default=True)
 @click.option('--batch',     help='Images per sampler call', metavar='INT', type=click.IntRange(min=1), default=250, show_default=True)
 @click.option('--out',       help='Output prefix: PREFIX.json, PREFIX.png, PREFIX-samples.png', metavar='PATH', type=str, required=True)
-def main(data, network, seeds, nfe, sigmas, ot_steps, sources, ode_targets, target_steps, fit_steps, fit_samples, batch, out):
+def main(data, network, seeds, nfe, sigmas, ot_steps, heun_sigma_max, sources, ode_targets, target_steps, fit_steps, fit_samples, batch, out):
     """FD-digits, memorisation and mode mixture of OT-start vs plain Heun, per NFE."""
     seeds = parse_int_list(seeds, 'seed')
     nfes = sorted(set(parse_int_list(nfe, 'NFE')))
@@ -128,9 +129,9 @@ def main(data, network, seeds, nfe, sigmas, ot_steps, sources, ode_targets, targ
 
     def latents(chunk):
         return sampling.latents_for_seeds(net, chunk)[:2]
-    for n, s in zip(nfes, steps):
-        x, _ = run_sampler(lambda c: sampling.edm_sampler(net, *latents(c), num_steps=s), seeds, batch)
-        result['heun'].append(dict(nfe=n, steps=s, **measure(x, classifier, real_feat, images)))
+    for sigma_max, (n, s) in [(80.0, ns) for ns in zip(nfes, steps)] + [(float(v), ns) for v in heun_sigma_max.split(',') if v for ns in zip(nfes, steps)]:
+        x, _ = run_sampler(lambda c: sampling.edm_sampler(net, *latents(c), num_steps=s, sigma_max=sigma_max), seeds, batch)
+        result['heun'].append(dict(nfe=n, steps=s, sigma_max=sigma_max, **measure(x, classifier, real_feat, images)))
         grid.append(to_uint8(x[:16]))
         print(f'Heun NFE {n}: {result["heun"][-1]}', flush=True)
         save_json(result, out) # after every row: a cut-short run leaves what it measured
@@ -171,9 +172,11 @@ def save_json(result, out):
 def plot(result, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
-    heun = result['heun']
     for ax, key, title in zip(axes, ('fd_digits', 'memorisation', 'mode_mixture'), ('FD-digits', 'memorisation rate', 'mode-mixture rate')):
-        ax.plot([r['nfe'] for r in heun], [r[key] for r in heun], 'k-o', lw=2, label='plain Heun')
+        for sigma_max in sorted({r.get('sigma_max', 80.0) for r in result['heun']}, reverse=True):
+            heun = [r for r in result['heun'] if r.get('sigma_max', 80.0) == sigma_max]
+            ax.plot([r['nfe'] for r in heun], [r[key] for r in heun], 'k-o' if sigma_max == 80 else 'k:x', lw=2 if sigma_max == 80 else 1,
+                    label='plain Heun' if sigma_max == 80 else f'Heun from noise at sigma {sigma_max:g}')
         for source, style in (('ode', '-'), ('data', '--')):
             for sigma_T in result['settings']['sigma_T']:
                 rows = [r for r in result['ot'] if r['source'] == source and r['sigma_T'] == sigma_T]
