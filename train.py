@@ -307,6 +307,8 @@ def main(**kwargs):
             state = training_loop.load_training_state(opts.resume)
         except Exception as err: # torch raises many types for a damaged file
             fail(f'--resume={opts.resume}: cannot read training state ({type(err).__name__}); the file is damaged or not a training state')
+        if not isinstance(state, dict) or not {'net', 'optimizer_state'} <= state.keys():
+            fail(f'--resume={opts.resume}: not a training state (it holds no network and optimizer state)')
         fix = 'Resume with the options of the interrupted run (its training_options.json lists them).'
         dst = planned_network(c, interface_kwargs)
         if state.get('format') == training_loop.STATE_FORMAT:

@@ -165,6 +165,8 @@ def test_error_unreadable_resume_and_transfer(tmp_path, data):
     state = tmp_path / 'training-state-000001.pt'
     state.write_bytes(b'garbage')
     expect_cli_error(tmp_path, ['--data', data, '--resume', str(state)] + TINY, 'cannot read training state')
+    torch.save(dict(cur_nimg=0), tmp_path / 'training-state-000002.pt') # readable, but no training state
+    expect_cli_error(tmp_path, ['--data', data, '--resume', str(tmp_path / 'training-state-000002.pt')] + TINY, 'not a training state')
     expect_cli_error(tmp_path, ['--data', data, '--transfer', str(tmp_path / 'missing.pkl')] + TINY, 'missing.pkl')
     corrupt = tmp_path / 'corrupt.pkl'
     corrupt.write_bytes(b'\x80\x04garbage')
@@ -253,7 +255,8 @@ def train_in_process(args, run_dir):
     c.loss_kwargs = dict(class_name=f'{__name__}.RecordingLoss', inner=c.loss_kwargs)
     os.makedirs(run_dir, exist_ok=True)
     RecordingLoss.calls.clear()
-    training_loop.training_loop(**c)
+    with torch.enable_grad(): # as in train.py's own process, whatever grad mode other tests left behind
+        training_loop.training_loop(**c)
     return c, torch.load(latest_state(run_dir), weights_only=True), result.output
 
 def fixed_input_loss(c, weights, data_dir):
