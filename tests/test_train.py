@@ -304,7 +304,7 @@ def test_loss_gets_pool_paired_noise(learned):
 def test_model_learns(learned):
     before = fixed_input_loss(learned.c, learned.first, learned.data)
     after = fixed_input_loss(learned.c, learned.state['net'], learned.data)
-    assert after < 0.95 * before, (before, after) # 1.18 -> 1.08 today; unchanged without training
+    assert after < 0.95 * before, (before, after) # 1.179 -> 1.106 today; unchanged without optimizer steps
     moved = max((learned.state['net'][k] - v).abs().max().item() for k, v in learned.first.items())
     assert moved > 1e-3
 
