@@ -234,7 +234,8 @@ import json, sys, torch
 from torch_utils import distributed as dist, training_stats, misc
 dist.init()
 rank, world = dist.get_rank(), dist.get_world_size()
-assert world == 2 and dist.device() == torch.device('cpu')
+# A GPU per rank where there are two (NCCL), else the CPU (gloo).
+assert world == 2 and dist.device().type == ('cuda' if torch.cuda.device_count() >= 2 else 'cpu')
 stats = training_stats.Collector(regex='Test/.*')
 # Ranks report different values, in different orders: rank 0 -> [1], rank 1 -> [2, 2].
 if rank == 0:
