@@ -11,7 +11,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import network_io, training_loop
+from training import aot, network_io, training_loop
 
 #----------------------------------------------------------------------------
 
@@ -131,7 +131,7 @@ def check_fits(src, dst, source, strict, fix):
 @click.option('--arch',          help='Network architecture', metavar='ddpmpp|ncsnpp|adm',          type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
 @click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm',       type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
 @click.option('--aot',           help='AOT pool per GPU: images paired with noise at once, 0 = plain EDM', metavar='INT', type=click.IntRange(min=0), default=512, show_default=True)
-@click.option('--aot-solver',    help='Assignment solver', metavar='scipy|lap',                     type=click.Choice(['scipy', 'lap']), default='scipy', show_default=True)
+@click.option('--aot-solver',    help='Assignment solver', metavar='scipy|lap',                     type=click.Choice(aot.SOLVERS), default='scipy', show_default=True)
 
 # Hyperparameters.
 @click.option('--duration',      help='Training duration', metavar='MIMG',                          type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
@@ -273,11 +273,10 @@ def main(**kwargs):
     c.batch_gpu = batch_gpu # the loop takes it as checked here
     if opts.aot and opts.aot % batch_gpu:
         fail(f'--aot={opts.aot} is not a multiple of the per-GPU batch {batch_gpu}; use e.g. --aot={max(opts.aot // batch_gpu, 1) * batch_gpu}')
-    if opts.aot_solver == 'lap':
-        try:
-            import lap # pylint: disable=unused-import
-        except ImportError:
-            fail('--aot-solver=lap needs the lap package: pip install lap')
+    try:
+        aot.check_solver(opts.aot_solver)
+    except ValueError as err:
+        fail(f'--aot-solver={opts.aot_solver}: {err}')
 
     # Random seed, and resume or not: decided on rank 0, from the file system it sees, and sent to
     # all ranks (on several nodes the others may see another --outdir, or none).

@@ -118,8 +118,10 @@ def main(pools, solvers, repeats, train, train_pools, workers, train_solvers, da
     env = report.machine()
     pools, solvers = parse_list(pools), parse_list(solvers, str)
     for solver in solvers:
-        if solver not in aot.SOLVERS:
-            raise click.BadParameter(f'unknown solver {solver!r}; choose from {", ".join(aot.SOLVERS)}', param_hint='--solvers')
+        try:
+            aot.check_solver(solver)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint='--solvers')
     print(env)
     rows = time_assign(pools, solvers, repeats)
 

@@ -15,22 +15,24 @@ import torch
 SOLVERS = ('scipy', 'lap')
 
 #----------------------------------------------------------------------------
-# Solve one square assignment problem on a float64 numpy cost matrix and
-# return, for every row, the column it is assigned to.
+# The one place a solver name is checked: known, and its package importable.
+# Returns the solve function (float64 cost matrix -> column of every row).
 
-def _solve(cost, solver):
-    if solver == 'scipy':
-        rows, cols = scipy.optimize.linear_sum_assignment(cost)
-        assert (rows == np.arange(len(cost))).all() # scipy returns rows in order for square problems
-        return cols
+def check_solver(solver):
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown AOT solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if solver == 'lap':
         try:
             import lap
         except ImportError:
-            raise ImportError("solver='lap' needs the lap package: pip install 'lap>=0.5' (or use solver='scipy')") from None
-        _, cols, _ = lap.lapjv(cost, extend_cost=False)
-        return cols
-    raise ValueError(f"Unknown AOT solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+            raise ValueError("AOT solver 'lap' needs the lap package: pip install lap (or use solver 'scipy')") from None
+        return lambda cost: lap.lapjv(cost, extend_cost=False)[1]
+    return _solve_scipy
+
+def _solve_scipy(cost):
+    rows, cols = scipy.optimize.linear_sum_assignment(cost)
+    assert (rows == np.arange(len(cost))).all() # scipy returns rows in order for square problems
+    return cols
 
 #----------------------------------------------------------------------------
 # Class index per image from one-hot [N, C] or integer [N] labels;
@@ -63,8 +65,7 @@ def assign(images, noise, labels=None, solver='scipy'):
         raise TypeError('AOT assign expects images and noise as torch tensors')
     if images.ndim < 2 or images.shape != noise.shape:
         raise ValueError(f'AOT images {list(images.shape)} and noise {list(noise.shape)} must have the same shape [N, ...]')
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown AOT solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    solve = check_solver(solver)
     num = images.shape[0]
     x = images.detach().flatten(1).to(torch.float32)
     n = noise.detach().flatten(1).to(torch.float32)
@@ -76,7 +77,7 @@ def assign(images, noise, labels=None, solver='scipy'):
     for members in groups:
         # Distances on the tensors' device, float32 as the reference; the solver runs on CPU.
         cost = torch.cdist(x[members], n[members]).cpu().numpy().astype(np.float64)
-        cols = torch.as_tensor(_solve(cost, solver), dtype=torch.long)
+        cols = torch.as_tensor(solve(cost), dtype=torch.long)
         members = members.cpu()
         idx[members] = members[cols]
     return idx.to(images.device)

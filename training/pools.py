@@ -46,7 +46,8 @@ def _epoch_seed(seed, epoch):
 def solve_costs(costs, solver):
     """Columns assigned to the rows of each float32 cost matrix (a list; picklable, so that it can
     run in a helper process)."""
-    return [aot._solve(cost.astype(np.float64), solver) for cost in costs] # pylint: disable=protected-access
+    solve = aot.check_solver(solver)
+    return [solve(cost.astype(np.float64)) for cost in costs]
 
 #----------------------------------------------------------------------------
 
