@@ -60,6 +60,7 @@ def merge(paths, out):
 @click.option('--baseline/--no-baseline', help='Also sample without guidance', default=True, show_default=True)
 @click.option('--merge', 'merge_paths', help='Only merge these PREFIX.json of earlier runs into --out', metavar='LIST', type=str)
 @click.option('--out',       help='Output prefix: PREFIX.json, PREFIX.png, PREFIX-samples.png', metavar='PATH', type=str, required=True)
+@torch.no_grad() # scoped to main(), not process-wide: callers that import main() keep autograd
 def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, baseline, merge_paths, out):
     """FD-digits per NFE for no guidance and each discriminator."""
     if merge_paths:
@@ -70,7 +71,6 @@ def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, baseline,
     names = list(names) or [os.path.basename(os.path.dirname(p)) for p in dgs]
     if len(names) != len(dgs):
         raise click.BadParameter('give one --name per --dg', param_hint='--name')
-    torch.set_grad_enabled(False)
     warnings.filterwarnings('ignore', category=scipy.linalg.LinAlgWarning)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 

@@ -90,6 +90,7 @@ def frechet(a, b):
 @click.option('--rho',         help='Time step exponent', metavar='FLOAT', type=float, default=7, show_default=True)
 @click.option('--batch',       help='Images per sampler call', metavar='INT', type=click.IntRange(min=1), default=250, show_default=True)
 @click.option('--out',         help='Output prefix: PREFIX.json, PREFIX.png, PREFIX-samples-NAME.png', metavar='PATH', type=str, required=True)
+@torch.no_grad() # scoped to main(), not process-wide: callers that import main() keep autograd
 def main(data, networks, names, seeds, nfe, rho, batch, out):
     """FD of generated digits in a digit classifier's feature space and in pixel space, per NFE."""
     seeds, nfes = parse_int_list(seeds, 'seed'), sorted(set(parse_int_list(nfe, 'NFE')))
@@ -100,7 +101,6 @@ def main(data, networks, names, seeds, nfe, rho, batch, out):
     names = list(names) or [os.path.splitext(os.path.basename(p))[0] for p in networks]
     if len(names) != len(networks) or len(set(names)) != len(names):
         raise click.BadParameter('give one distinct --name per --network', param_hint='--name')
-    torch.set_grad_enabled(False)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # Pixel covariances are singular (border pixels are always black); the distance is still defined.
     warnings.filterwarnings('ignore', category=scipy.linalg.LinAlgWarning)
