@@ -98,6 +98,7 @@ def measure(samples, classifier, real_feat, images, source_index=None):
 @click.option('--fit-samples', help='Latents per fit step', metavar='INT', type=click.IntRange(min=1), default=10000, show_default=True)
 @click.option('--batch',     help='Images per sampler call', metavar='INT', type=click.IntRange(min=1), default=250, show_default=True)
 @click.option('--out',       help='Output prefix: PREFIX.json, PREFIX.png, PREFIX-samples.png', metavar='PATH', type=str, required=True)
+@torch.no_grad() # scoped to main(), not process-wide: callers that import main() keep autograd
 def main(data, network, seeds, nfe, sigmas, ot_steps, heun_sigma_max, sources, ode_targets, target_steps, fit_steps, fit_samples, batch, out):
     """FD-digits, memorisation and mode mixture of OT-start vs plain Heun, per NFE."""
     seeds = parse_int_list(seeds, 'seed')
@@ -108,7 +109,6 @@ def main(data, network, seeds, nfe, sigmas, ot_steps, heun_sigma_max, sources, o
     sources = sources.split(',')
     if not set(sources) <= set(semidiscrete_ot.SOURCES):
         raise click.BadParameter(f'sources are {", ".join(semidiscrete_ot.SOURCES)}', param_hint='--sources')
-    torch.set_grad_enabled(False)
     warnings.filterwarnings('ignore', category=scipy.linalg.LinAlgWarning)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 

@@ -56,6 +56,7 @@ def load_images(path, net, max_images):
 @click.option('--lr',           help='Adam step, relative to the RMS target norm', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True)
 @click.option('--batch',        help='Images per network call', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--device',       help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str)
+@torch.no_grad() # scoped to main(), not process-wide: callers that import main() keep autograd
 def main(network, source, sigma_T, out, data, num_targets, first_seed, target_steps, rho, noise_seed, fit_steps, fit_samples, lr, batch, device):
     """Fit a semi-discrete OT map from white noise to targets at sigma_T and save it."""
     if (source == 'data') != (data is not None):
@@ -67,7 +68,6 @@ def main(network, source, sigma_T, out, data, num_targets, first_seed, target_st
         raise click.ClickException(f'Cannot load network "{network}": {one_line(e)}')
     if not sigma_T < float(net.sigma_max):
         raise click.BadParameter(f'{sigma_T} is not below the network\'s sigma_max {float(net.sigma_max):g}', param_hint='--sigma-T')
-    torch.set_grad_enabled(False)
     t0 = time.time()
     meta = dict(network=network, created=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
     if source == 'ode':
