@@ -76,18 +76,22 @@ def children_cpu():
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
-def train_run(data, outdir, pool, workers, solver, kimg, tick, train_args):
-    run_dir = os.path.join(outdir, f'aot{pool}-workers{workers}-{solver}')
+def run_train(run_dir, data, kimg, tick, args):
+    """Run train.py for kimg without snapshots or grids (shared with bench/train_speed.py);
+    returns read_stats of the run."""
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--outdir={run_dir}', '--nosubdir', f'--data={data}',
-           f'--aot={pool}', f'--aot-solver={solver}', f'--workers={workers}', f'--duration={kimg / 1000}',
-           f'--tick={tick}', '--snap=100000', '--dump=100000', '--grid=0', '--seed=0', *train_args.split()]
-    print(f'train.py --aot={pool} --workers={workers} --aot-solver={solver} ...', flush=True)
-    start, cpu_start = time.time(), children_cpu()
+           f'--duration={kimg / 1000}', f'--tick={tick}', '--snap=100000', '--dump=100000', '--grid=0', '--seed=0', *args]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         raise click.ClickException(f'train.py failed ({" ".join(cmd)}):\n{proc.stdout[-2000:]}')
+    return read_stats(run_dir)
+
+def train_run(data, outdir, pool, workers, solver, kimg, tick, train_args):
+    print(f'train.py --aot={pool} --workers={workers} --aot-solver={solver} ...', flush=True)
+    start, cpu_start = time.time(), children_cpu()
+    wait, sec_per_kimg, first = run_train(os.path.join(outdir, f'aot{pool}-workers{workers}-{solver}'), data, kimg, tick,
+        [f'--aot={pool}', f'--aot-solver={solver}', f'--workers={workers}', *train_args.split()])
     cpu_per_kimg = (children_cpu() - cpu_start) / kimg
-    wait, sec_per_kimg, first = read_stats(run_dir)
     print(f'  wall {time.time() - start:.0f}s, steady aot_wait {wait:.1%}, {sec_per_kimg:.1f} sec/kimg, '
           f'{cpu_per_kimg:.1f} CPU s/kimg, first tick {first:.1f}s', flush=True)
     return dict(pool=pool, workers=workers, solver=solver, wait=wait, sec_per_kimg=sec_per_kimg, cpu_per_kimg=cpu_per_kimg)

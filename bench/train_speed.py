@@ -11,7 +11,6 @@ slowest rank's share of the tick spent waiting for a pool) and the speed relativ
 """
 
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,10 +19,9 @@ import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import report
-from bench.aot_cost import read_stats
+from bench.aot_cost import run_train
 from tests.datagen import make_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name: extra train.py options. 'default' is the baseline of the ratios.
 CONFIGS = {
@@ -38,16 +36,10 @@ CONFIGS = {
 }
 
 def train_run(name, data, outdir, kimg, tick, train_args):
-    run_dir = os.path.join(outdir, name)
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--outdir={run_dir}', '--nosubdir', f'--data={data}',
-           f'--duration={kimg / 1000}', f'--tick={tick}', '--snap=100000', '--dump=100000', '--grid=0', '--seed=0',
-           *train_args.split(), *CONFIGS[name]]
-    print(f'{name}: train.py {" ".join(cmd[3:])}', flush=True)
+    args = [*train_args.split(), *CONFIGS[name]]
+    print(f'{name}: train.py {" ".join(args)}', flush=True)
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise click.ClickException(f'train.py failed ({" ".join(cmd)}):\n{proc.stdout[-2000:]}')
-    wait, sec_per_kimg, first = read_stats(run_dir)
+    wait, sec_per_kimg, first = run_train(os.path.join(outdir, name), data, kimg, tick, args)
     print(f'  {sec_per_kimg:.2f} sec/kimg, aot_wait {wait:.1%}, first tick {first:.1f}s, wall {time.time() - start:.0f}s', flush=True)
     return dict(name=name, wait=wait, sec_per_kimg=sec_per_kimg, first=first)
 
