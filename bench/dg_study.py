@@ -5,7 +5,7 @@ pixel space); every method samples the same seeds with EDM's Heun sampler.
 
     python bench/dg_study.py --data=datasets/uci-digits-16x16.zip --network=aot.pkl \\
         --dg=dg/discriminator.safetensors --name=DG --dg=dg-aot/discriminator.safetensors --name=DG-AOT \\
-        --dg-weight=2 --seeds=0-499 --nfe=7,11,15,19,27,35 --out=out/dg
+        --dg-weight=0.5,2 --seeds=0-399 --draws=2 --nfe=7,11,15,19,27,35 --out=out/dg
 """
 
 import json
@@ -27,15 +27,28 @@ from training.network_io import load_network
 from tools.trajectory import heun_steps, parse_int_list, pyplot
 
 def plot(result, path):
+    """FD per NFE, one line per method: the mean over the seed draws, bars from the best to the worst draw."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for ax, key, title in zip(axes, ('fd_digits', 'fd_pixels'), ('FD in digit-classifier features', 'FD in pixel space')):
         for method, rows in result['methods'].items():
-            ax.plot([r['nfe'] for r in rows], [r[key] for r in rows], 'o-', label=method)
+            v = np.array([r[key] for r in rows], dtype=float).reshape(len(rows), -1)
+            mean = v.mean(1)
+            ax.errorbar([r['nfe'] for r in rows], mean, yerr=[mean - v.min(1), v.max(1) - mean], fmt='o-', capsize=3, label=method)
         ax.set_xlabel('NFE (Heun)'); ax.set_ylabel('Frechet distance'); ax.set_yscale('log'); ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which='both'); ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+
+def table(result):
+    """Markdown: FD-digits per NFE and method, each cell the seed draws separated by /."""
+    methods = list(result['methods'])
+    nfes = [r['nfe'] for r in result['methods'][methods[0]]]
+    cell = lambda v: ' / '.join(f'{x:.1f}' for x in np.atleast_1d(v))
+    lines = ['| NFE | ' + ' | '.join(methods) + ' |', '|---:|' + '---:|' * len(methods)]
+    for i, n in enumerate(nfes):
+        lines.append(f'| {n} | ' + ' | '.join(cell(result['methods'][m][i]['fd_digits']) for m in methods) + ' |')
+    return '\n'.join(lines)
 
 def merge(paths, out):
     """One table and plot from several runs of this script (same data, seeds and NFE)."""
@@ -44,16 +57,16 @@ def merge(paths, out):
     with open(out + '.json', 'w') as f:
         json.dump(merged, f, indent=1)
     plot(merged, out + '.png')
-    for method, rows in merged['methods'].items():
-        print(f'{method:>12}: ' + '  '.join(f'NFE {r["nfe"]} {r["fd_digits"]:.2f} / {r["fd_pixels"]:.3f}' for r in rows))
+    print(table(merged))
 
 @click.command()
 @click.option('--data',      help='Labelled digits dataset', metavar='ZIP|DIR', type=str)
 @click.option('--network',   help='Network to guide', metavar='PATH', type=str)
 @click.option('--dg', 'dgs', help='Discriminator (train_discriminator.py); repeat to compare', metavar='PATH', multiple=True)
 @click.option('--name', 'names', help='Label of each --dg', metavar='STR', multiple=True)
-@click.option('--dg-weight', help='DG weight (first order)', metavar='FLOAT', type=float, default=2.0, show_default=True)
+@click.option('--dg-weight', help='DG weights (first order) to try with each --dg', metavar='LIST', type=str, default='2', show_default=True)
 @click.option('--seeds',     help='Seeds', metavar='LIST', default='0-499', show_default=True)
+@click.option('--draws',     help='Split the seeds into this many equal draws, one FD each (the spread between seed draws)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--nfe',       help='Heun NFE budgets (odd)', metavar='LIST', default='7,11,15,19,27,35', show_default=True)
 @click.option('--rho',       help='Time step exponent', metavar='FLOAT', type=float, default=7, show_default=True)
 @click.option('--batch',     help='Images per sampler call', metavar='INT', type=int, default=250, show_default=True)
@@ -61,7 +74,7 @@ def merge(paths, out):
 @click.option('--merge', 'merge_paths', help='Only merge these PREFIX.json of earlier runs into --out', metavar='LIST', type=str)
 @click.option('--out',       help='Output prefix: PREFIX.json, PREFIX.png, PREFIX-samples.png', metavar='PATH', type=str, required=True)
 @torch.no_grad() # scoped to main(), not process-wide: callers that import main() keep autograd
-def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, baseline, merge_paths, out):
+def main(data, network, dgs, names, dg_weight, seeds, draws, nfe, rho, batch, baseline, merge_paths, out):
     """FD-digits per NFE for no guidance and each discriminator."""
     if merge_paths:
         return merge(merge_paths.split(','), out)
@@ -71,6 +84,12 @@ def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, baseline,
     names = list(names) or [os.path.basename(os.path.dirname(p)) for p in dgs]
     if len(names) != len(dgs):
         raise click.BadParameter('give one --name per --dg', param_hint='--name')
+    try:
+        weights = [float(w) for w in dg_weight.split(',')]
+    except ValueError:
+        raise click.BadParameter(f'"{dg_weight}" is not a comma-separated list of numbers', param_hint='--dg-weight')
+    if len(seeds) % draws:
+        raise click.BadParameter(f'{len(seeds)} seeds do not split into {draws} equal draws', param_hint='--draws')
     warnings.filterwarnings('ignore', category=scipy.linalg.LinAlgWarning)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
@@ -78,29 +97,37 @@ def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, baseline,
     with torch.enable_grad():
         classifier, accuracy, _ = train_classifier(images, labels)
     real_feat, real_pix = classifier.features(images), images.flatten(1)
+    # The floor that sample size alone gives: FD of random real images (as many as one draw) to all.
+    subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:len(seeds) // draws]
+    floor = frechet(classifier.features(images[subset]), real_feat)
+    print(f'FD-digits of {len(subset)} real images to all {len(images)}: {floor:.3f}')
     net = load_network(network)
-    methods = {'no guidance': None} if baseline else {}
+    methods = {'no guidance': (None, 0)} if baseline else {}
     for name, path in zip(names, dgs):
         disc = guidance.load_discriminator(path)
         problem = guidance.incompatibility(disc, net)
         if problem:
             raise click.ClickException(f'{path}: {problem}')
-        methods[name] = guidance.DiscriminatorGuidance(disc)
-    result = dict(settings=dict(data=data, network=network, seeds=[seeds[0], seeds[-1]], nfe=nfes, rho=rho, dg_weight=dg_weight,
+        for w in weights:
+            methods[name if len(weights) == 1 else f'{name} w={w:g}'] = (guidance.DiscriminatorGuidance(disc), w)
+    result = dict(settings=dict(data=data, network=network, seeds=[seeds[0], seeds[-1]], draws=draws, fd_digits_real_floor=floor, nfe=nfes, rho=rho, dg_weight=weights,
                                 classifier_accuracy=accuracy, discriminators=dict(zip(names, dgs))), methods={})
     grid = []
-    for method, dg in methods.items():
+    for method, (dg, w) in methods.items():
         rows = []
         for n in nfes:
             samples = []
             for chunk in tqdm.tqdm([seeds[i:i + batch] for i in range(0, len(seeds), batch)], desc=f'{method} NFE {n}', unit='batch'):
                 latents, class_labels, rnd = sampling.latents_for_seeds(net, chunk)
-                kwargs = dict(guidance=dg, dg_weight=dg_weight) if dg is not None else {}
+                kwargs = dict(guidance=dg, dg_weight=w) if dg is not None else {}
                 x = sampling.edm_sampler(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, num_steps=heun_steps(n), rho=rho, **kwargs)
                 samples.append(torch.as_tensor(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1)
             samples = torch.cat(samples)
-            rows.append(dict(nfe=n, fd_digits=frechet(classifier.features(samples), real_feat), fd_pixels=frechet(samples.flatten(1), real_pix)))
-            print(f'{method} NFE {n:3d}: FD-digits {rows[-1]["fd_digits"]:.3f}  FD-pixels {rows[-1]["fd_pixels"]:.3f}', flush=True)
+            parts = samples.chunk(draws)
+            rows.append(dict(nfe=n, fd_digits=[frechet(classifier.features(x), real_feat) for x in parts],
+                             fd_pixels=[frechet(x.flatten(1), real_pix) for x in parts]))
+            print(f'{method} NFE {n:3d}: FD-digits {" / ".join(f"{v:.3f}" for v in rows[-1]["fd_digits"])}  '
+                  f'FD-pixels {" / ".join(f"{v:.3f}" for v in rows[-1]["fd_pixels"])}', flush=True)
             if n == nfes[-1]:
                 grid.append(to_uint8(samples[:16]))
         result['methods'][method] = rows
@@ -109,6 +136,7 @@ def main(data, network, dgs, names, dg_weight, seeds, nfe, rho, batch, baseline,
     save_image_grid(np.concatenate(grid), f'{out}-samples.png', cols=16)
 
     plot(result, out + '.png')
+    print(table(result))
     print(f'Wrote {out}.json, {out}.png, {out}-samples.png')
 
 if __name__ == '__main__':

@@ -96,9 +96,7 @@ def golden_edm_net():
     net.load_state_dict(torch.load(os.path.join(GOLDEN, 'edm_net_32.pt'), weights_only=True), strict=True)
     return net.eval().requires_grad_(False), meta
 
-# w2_first_only is left out to keep the suite fast (~30 s per guided case on one core): w2_boosting
-# runs the same weight-2 correction and, on top of it, boosting's doubling of fake samples.
-@pytest.mark.parametrize('case', ['w0_plain', 'w1_cond', 'w2_boosting'])
+@pytest.mark.parametrize('case', ['w0_plain', 'w2_first_only', 'w1_cond', 'w2_boosting'])
 def test_sampler_matches_dg(case, dg_modules):
     net, meta = golden_edm_net()
     cfg = meta['cases'][case]

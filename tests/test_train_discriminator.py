@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,7 @@ def test_train_resume_and_load(data, tmp_path):
     assert 'DG-AOT pool 16' in out and 'held-out accuracy all' in out
     stats = [json.loads(line) for line in open(tmp_path / 'whole' / 'stats.jsonl')]
     assert [s['kimg'] for s in stats] == [0.032, 0.064] and 0 <= stats[-1]['heldout_accuracy']['all'] <= 1
+    assert 0 <= stats[-1]['heldout_auc']['all'] <= 1 and 'AUC all' in out
 
     # Stopped half way and run again into the same folder: the same weights as in one go.
     code, out, err = run(args + ['--outdir', str(tmp_path / 'split'), '--kimg=0.032'])
@@ -79,10 +81,20 @@ def test_errors(case, data, tmp_path):
     lines = err.strip().splitlines()
     assert code != 0 and 'Traceback' not in err and lines[-1].startswith('Error:') and expected in lines[-1], err
 
-def test_heldout_accuracy_is_balanced():
+def test_heldout_accuracy_is_balanced_and_auc_ignores_bias():
     # A discriminator that calls everything real is at chance, however many more real images there are.
-    class AlwaysReal(torch.nn.Module):
+    class Constant(torch.nn.Module):
         def forward(self, x, t, class_labels=None):
             return torch.ones(len(x))
-    real, fake = (torch.zeros([30, 1, 8, 8], dtype=torch.uint8), None), (torch.zeros([10, 1, 8, 8], dtype=torch.uint8), None)
-    assert set(td.heldout_accuracy(AlwaysReal(), real, fake, 'cpu').values()) == {0.5}
+    # One that ranks perfectly (brighter = more real) but calls everything real: accuracy at chance,
+    # AUC 1 (its log-ratio gradient, what guidance uses, is informative all the same).
+    class BiasedBrightness(torch.nn.Module):
+        def forward(self, x, t, class_labels=None):
+            return 0.75 + 0.2 * torch.tanh(x.flatten(1).mean(1))
+    real = (torch.full([30, 1, 8, 8], 200, dtype=torch.uint8), None)
+    fake = (torch.full([10, 1, 8, 8], 50, dtype=torch.uint8), None)
+    acc, area = td.heldout_metrics(Constant(), real, fake, 'cpu')
+    assert set(acc.values()) == {0.5} and set(area.values()) == {0.5}
+    acc, area = td.heldout_metrics(BiasedBrightness(), real, fake, 'cpu')
+    assert set(acc.values()) == {0.5} and area['t<0.2'] == 1 and area['all'] > 0.75 # noise hides brightness at large t
+    assert td.auc(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == 0 and td.auc(np.array([1, 3]), np.array([2, 2])) == 0.5
