@@ -229,6 +229,8 @@ def test_generate_with_dg_is_seed_exact_and_writes_labels(gen_files, tmp_path):
     # The class of each image travels in dataset.json (EDM's dataset format), merged over runs.
     labels_json = json.load(open(tmp_path / 'b1' / 'dataset.json'))['labels']
     assert labels_json == [[f'{s:06d}.png', int(labels[s].argmax())] for s in range(5)]
+    assert json.load(open(tmp_path / 'b3' / 'dataset.json'))['labels'] == labels_json # each image's own class in a batch
+    assert len({label for _, label in labels_json}) > 1 # the seeds draw different classes, so a mix-up shows
     run_generate(['--network', gen_files['net'], '--outdir', str(tmp_path / 'b1'), '--seeds=7', '--steps=2', '--class=3'])
     assert json.load(open(tmp_path / 'b1' / 'dataset.json'))['labels'][-1] == ['000007.png', 3]
     run_generate(['--network', gen_files['uncond'], '--outdir', str(tmp_path / 'u'), '--seeds=0', '--steps=2'])
