@@ -98,6 +98,16 @@ def heldout_metrics(disc, real, fake, device, batch=256, seed=1):
             area[k] = auc(scores[r].numpy(), scores[f].numpy())
     return accuracy, area
 
+def best_auc(stats_path):
+    """(held-out AUC, kimg) of the best snapshot logged so far in stats.jsonl, (-1, None) if none."""
+    best = (-1.0, None)
+    if os.path.isfile(stats_path):
+        for line in open(stats_path):
+            entry = json.loads(line)
+            if entry.get('heldout_auc') and entry['heldout_auc']['all'] > best[0]:
+                best = (entry['heldout_auc']['all'], entry['kimg'])
+    return best
+
 #----------------------------------------------------------------------------
 
 @click.command()
@@ -193,6 +203,7 @@ def main(data, fakes, outdir, cond, aot, classifier, width, kimg, batch, lr, hol
     steps_per_pool = pool // batch_gpu
     snap_steps = max(int(round(snap * 1000 / batch / steps_per_pool)), 1) * steps_per_pool
     loss_fn = torch.nn.BCELoss()
+    best = best_auc(os.path.join(outdir, 'stats.jsonl')) # (AUC, kimg) of discriminator-best.safetensors
     sums = torch.zeros(3)
     bar = tqdm.tqdm(total=total_steps, initial=step, unit='step', disable=(rank != 0), dynamic_ncols=True)
     while step < total_steps:
@@ -225,12 +236,17 @@ def main(data, fakes, outdir, cond, aot, classifier, width, kimg, batch, lr, hol
                     f.write(json.dumps(entry) + '\n')
                 for path in [os.path.join(outdir, f'discriminator-{int(round(kimg_done)):06d}.safetensors'), os.path.join(outdir, 'discriminator.safetensors')]:
                     save_safe(disc, path)
+                if area and area['all'] > best[0]: # early stopping on held-out AUC: past its peak the discriminator memorises
+                    best = (area['all'], kimg_done)
+                    save_safe(disc, os.path.join(outdir, 'discriminator-best.safetensors'))
                 with dnnlib.util.atomic_write(state_path) as temp:
                     torch.save(dict(disc=disc.state_dict(), opt=opt.state_dict(), step=step, gen=gathered), temp)
             sums.zero_()
             dist.barrier()
     bar.close()
     dist.print0(f'Done. generate.py --dg={os.path.join(outdir, "discriminator.safetensors")}')
+    if best[1] is not None:
+        dist.print0(f'Best held-out AUC {best[0]:.3f} at kimg {best[1]:g}: generate.py --dg={os.path.join(outdir, "discriminator-best.safetensors")}')
 
 #----------------------------------------------------------------------------
 

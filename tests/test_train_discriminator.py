@@ -35,6 +35,14 @@ def test_train_resume_and_load(data, tmp_path):
     stats = [json.loads(line) for line in open(tmp_path / 'whole' / 'stats.jsonl')]
     assert [s['kimg'] for s in stats] == [0.032, 0.064] and 0 <= stats[-1]['heldout_accuracy']['all'] <= 1
     assert 0 <= stats[-1]['heldout_auc']['all'] <= 1 and 'AUC all' in out
+    # discriminator-best holds the snapshot of the best held-out AUC (the first one on ties).
+    # (Here the first snapshot: this tiny run scores the same AUC twice, and a tie keeps the earlier one.)
+    best = max(stats, key=lambda s: s['heldout_auc']['all'])
+    assert best is stats[0] and stats[1]['heldout_auc']['all'] <= best['heldout_auc']['all']
+    load = lambda name: guidance.load_discriminator(str(tmp_path / 'whole' / name), verbose=False).state_dict()
+    best_sd, last_sd = load('discriminator-best.safetensors'), load('discriminator.safetensors')
+    assert not all(torch.equal(best_sd[k], last_sd[k]) for k in best_sd)
+    assert f'Best held-out AUC {best["heldout_auc"]["all"]:.3f} at kimg 0.032' in out
 
     # Stopped half way and run again into the same folder: the same weights as in one go.
     code, out, err = run(args + ['--outdir', str(tmp_path / 'split'), '--kimg=0.032'])
@@ -49,6 +57,12 @@ def test_train_resume_and_load(data, tmp_path):
     # What generate.py --dg uses: a discriminator of P(real) on VP states.
     d = whole(torch.zeros([2, 1, 8, 8]), torch.tensor([0.1, 0.9]), torch.tensor([0, 3]))
     assert d.shape == (2,) and ((d > 0) & (d < 1)).all()
+
+def test_best_auc_read_back_for_resume(tmp_path):
+    path = tmp_path / 'stats.jsonl'
+    assert td.best_auc(str(path)) == (-1.0, None)
+    path.write_text('\n'.join(json.dumps(dict(kimg=k, heldout_auc=dict(all=a))) for k, a in [(8, 0.6), (16, 0.7), (24, 0.7), (32, 0.65)]) + '\n')
+    assert td.best_auc(str(path)) == (0.7, 16)
 
 def test_aot_pool_pairs_noise_per_class_and_keeps_it_standard_normal():
     gen_images = torch.Generator().manual_seed(0)
