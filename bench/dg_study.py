@@ -65,6 +65,8 @@ def merge(paths, out):
 @click.option('--dg', 'dgs', help='Discriminator (train_discriminator.py); repeat to compare', metavar='PATH', multiple=True)
 @click.option('--name', 'names', help='Label of each --dg', metavar='STR', multiple=True)
 @click.option('--dg-weight', help='DG weights (first order) to try with each --dg', metavar='LIST', type=str, default='2', show_default=True)
+@click.option('--dg-time-max', help='Guide only at VP times t <= this', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=1.0, show_default=True)
+@click.option('--dg-boosting', help="DG's boosting (extra churn for samples judged fake)", is_flag=True)
 @click.option('--seeds',     help='Seeds', metavar='LIST', default='0-499', show_default=True)
 @click.option('--draws',     help='Split the seeds into this many equal draws, one FD each (the spread between seed draws)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--nfe',       help='Heun NFE budgets (odd)', metavar='LIST', default='7,11,15,19,27,35', show_default=True)
@@ -74,7 +76,7 @@ def merge(paths, out):
 @click.option('--merge', 'merge_paths', help='Only merge these PREFIX.json of earlier runs into --out', metavar='LIST', type=str)
 @click.option('--out',       help='Output prefix: PREFIX.json, PREFIX.png, PREFIX-samples.png', metavar='PATH', type=str, required=True)
 @torch.no_grad() # scoped to main(), not process-wide: callers that import main() keep autograd
-def main(data, network, dgs, names, dg_weight, seeds, draws, nfe, rho, batch, baseline, merge_paths, out):
+def main(data, network, dgs, names, dg_weight, dg_time_max, dg_boosting, seeds, draws, nfe, rho, batch, baseline, merge_paths, out):
     """FD-digits per NFE for no guidance and each discriminator."""
     if merge_paths:
         return merge(merge_paths.split(','), out)
@@ -109,8 +111,8 @@ def main(data, network, dgs, names, dg_weight, seeds, draws, nfe, rho, batch, ba
         if problem:
             raise click.ClickException(f'{path}: {problem}')
         for w in weights:
-            methods[name if len(weights) == 1 else f'{name} w={w:g}'] = (guidance.DiscriminatorGuidance(disc), w)
-    result = dict(settings=dict(data=data, network=network, seeds=[seeds[0], seeds[-1]], draws=draws, fd_digits_real_floor=floor, nfe=nfes, rho=rho, dg_weight=weights,
+            methods[name if len(weights) == 1 else f'{name} w={w:g}'] = (guidance.DiscriminatorGuidance(disc, time_max=dg_time_max), w)
+    result = dict(settings=dict(data=data, network=network, seeds=[seeds[0], seeds[-1]], draws=draws, fd_digits_real_floor=floor, nfe=nfes, rho=rho, dg_weight=weights, dg_time_max=dg_time_max, dg_boosting=dg_boosting,
                                 classifier_accuracy=accuracy, discriminators=dict(zip(names, dgs))), methods={})
     grid = []
     for method, (dg, w) in methods.items():
@@ -119,7 +121,7 @@ def main(data, network, dgs, names, dg_weight, seeds, draws, nfe, rho, batch, ba
             samples = []
             for chunk in tqdm.tqdm([seeds[i:i + batch] for i in range(0, len(seeds), batch)], desc=f'{method} NFE {n}', unit='batch'):
                 latents, class_labels, rnd = sampling.latents_for_seeds(net, chunk)
-                kwargs = dict(guidance=dg, dg_weight=w) if dg is not None else {}
+                kwargs = dict(guidance=dg, dg_weight=w, dg_boosting=dg_boosting) if dg is not None else {}
                 x = sampling.edm_sampler(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, num_steps=heun_steps(n), rho=rho, **kwargs)
                 samples.append(torch.as_tensor(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1)
             samples = torch.cat(samples)
