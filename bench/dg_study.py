@@ -27,16 +27,33 @@ from training.network_io import load_network
 from tools.trajectory import heun_steps, parse_int_list, pyplot
 
 def plot(result, path):
-    """FD per NFE, one line per method: the mean over the seed draws, bars from the best to the worst draw."""
+    """Left: FD-digits per NFE, one line per method (the mean over the seed draws, bars from the best
+    to the worst draw). Right: each method's change against no guidance on the same seeds (paired,
+    so far less noisy than the spread between draws), or FD-pixels when there is no baseline."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
-    for ax, key, title in zip(axes, ('fd_digits', 'fd_pixels'), ('FD in digit-classifier features', 'FD in pixel space')):
-        for method, rows in result['methods'].items():
-            v = np.array([r[key] for r in rows], dtype=float).reshape(len(rows), -1)
-            mean = v.mean(1)
-            ax.errorbar([r['nfe'] for r in rows], mean, yerr=[mean - v.min(1), v.max(1) - mean], fmt='o-', capsize=3, label=method)
-        ax.set_xlabel('NFE (Heun)'); ax.set_ylabel('Frechet distance'); ax.set_yscale('log'); ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3, which='both'); ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    base = result['methods'].get('no guidance')
+    draws = lambda rows, key: np.array([r[key] for r in rows], dtype=float).reshape(len(rows), -1)
+    for method, rows in result['methods'].items():
+        nfe, v = [r['nfe'] for r in rows], draws(rows, 'fd_digits')
+        mean = v.mean(1)
+        line = axes[0].errorbar(nfe, mean, yerr=[mean - v.min(1), v.max(1) - mean], fmt='o-', capsize=3, label=method)
+        if base is None:
+            axes[1].plot(nfe, draws(rows, 'fd_pixels').mean(1), 'o-', color=line[0].get_color(), label=method)
+        elif method != 'no guidance':
+            delta = v - draws(base, 'fd_digits')
+            for k in range(delta.shape[1]):
+                axes[1].plot(nfe, delta[:, k], 'o-' if k == 0 else 's--', color=line[0].get_color(), label=method if k == 0 else None)
+    axes[0].set_yscale('log'); axes[0].set_ylabel('FD-digits'); axes[0].set_title('FD in digit-classifier features', fontsize=10)
+    if base is None:
+        axes[1].set_yscale('log'); axes[1].set_ylabel('FD-pixels'); axes[1].set_title('FD in pixel space', fontsize=10)
+    else:
+        axes[1].axhline(0, color='k', lw=0.8)
+        axes[1].set_yscale('symlog', linthresh=10)
+        axes[1].set_ylabel('FD-digits minus no guidance (< 0: better)')
+        axes[1].set_title('Against no guidance on the same seeds (o: draw 1, s: draw 2)', fontsize=10)
+    for ax in axes:
+        ax.set_xlabel('NFE (Heun)'); ax.grid(alpha=0.3, which='both'); ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
