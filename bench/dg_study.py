@@ -152,7 +152,7 @@ def main(data, network, dgs, names, dg_weight, dg_time_max, dg_boosting, seeds, 
         result['methods'][method] = rows
         with open(out + '.json', 'w') as f: # after each method, so a stopped run keeps what it measured
             json.dump(result, f, indent=1)
-    save_image_grid(np.concatenate(grid), f'{out}-samples.png', cols=16)
+    save_image_grid(np.concatenate(grid), f'{out}-samples.png', cols=16, scale=max(1, 64 // grid[0].shape[1]), gap=2) # one row per method
 
     plot(result, out + '.png')
     print(table(result))
