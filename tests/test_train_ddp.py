@@ -1,6 +1,6 @@
 """Training across processes and devices: every architecture under 2-process DDP (gloo on CPU),
 rank-0 decisions, the pools' random streams kept apart from the trainer's, the fast numeric
-modes, non-finite gradients logged, and the process-group fallback when GPUs are fewer than ranks."""
+modes, non-finite gradients logged. Device and backend choice: tests/test_utils.py."""
 
 import json
 import os
@@ -12,7 +12,6 @@ import torch
 
 from tests.datagen import make_dataset
 from tests.test_train import ROOT, TINY, final_losses, only_run_dir, run
-from torch_utils import distributed as dist
 from training.dataset import ImageFolderDataset
 from training.pools import PoolPrefetcher, PoolStream
 
@@ -161,18 +160,6 @@ def test_nonfinite_gradients_logged_not_skipped(tmp_path, data):
     assert sum(t['Progress/nonfinite_steps']['mean'] for t in ticks) == 2 # both steps
     assert ticks[-1]['Progress/kimg']['mean'] == pytest.approx(0.032) # steps taken, not skipped
     assert 'nonfinite_steps 1' in open(os.path.join(run_dir, 'log.txt')).read()
-
-#----------------------------------------------------------------------------
-# NCCL needs one GPU per rank: with fewer GPUs than processes per node, gloo on the CPU.
-
-@pytest.mark.parametrize('gpus,local_world,expect', [(0, 1, False), (1, 1, True), (1, 2, False), (2, 2, True), (8, 4, True)])
-def test_cuda_only_with_a_gpu_per_rank(monkeypatch, gpus, local_world, expect):
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: gpus > 0)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: gpus)
-    monkeypatch.setenv('LOCAL_WORLD_SIZE', str(local_world))
-    monkeypatch.setenv('LOCAL_RANK', str(local_world - 1))
-    assert dist.use_cuda() == expect
-    assert dist.device() == (torch.device('cuda', local_world - 1) if expect else torch.device('cpu'))
 
 def test_train_speed_bench_runs(data):
     proc = subprocess.run([sys.executable, 'bench/train_speed.py', '--configs=default,bf16', f'--data={data}', '--no-doc',

@@ -234,8 +234,8 @@ import json, sys, torch
 from torch_utils import distributed as dist, training_stats, misc
 dist.init()
 rank, world = dist.get_rank(), dist.get_world_size()
-# A GPU per rank where there are two (NCCL), else the CPU (gloo).
-assert world == 2 and dist.device().type == ('cuda' if torch.cuda.device_count() >= 2 else 'cpu')
+# A GPU wherever one is visible (two ranks may share it, with gloo), else the CPU.
+assert world == 2 and dist.device().type == ('cuda' if torch.cuda.is_available() else 'cpu')
 stats = training_stats.Collector(regex='Test/.*')
 # Ranks report different values, in different orders: rank 0 -> [1], rank 1 -> [2, 2].
 if rank == 0:
@@ -292,6 +292,59 @@ def test_distributed_single_process_without_torchrun(tmp_path):
     proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == 'ok'
+
+#----------------------------------------------------------------------------
+# Which device and backend a process takes (pure function), and init() acting on it.
+
+from torch_utils.distributed import choose_device
+
+@pytest.mark.parametrize('local_rank,local_world,gpus,nccl,device,backend,warns', [
+    (0, 1, 0, True,  'cpu',    'gloo', False), # CPU-only machine: nothing to warn about
+    (0, 1, 1, True,  'cuda:0', 'nccl', False),
+    (3, 4, 8, True,  'cuda:3', 'nccl', False), # a GPU per rank
+    (1, 2, 1, True,  'cuda:0', 'gloo', True),  # two ranks share the one GPU: NCCL would refuse
+    (5, 8, 1, True,  'cuda:0', 'gloo', True),  # launcher shows each process one GPU, LOCAL_WORLD_SIZE=8
+    (3, 4, 2, True,  'cuda:1', 'gloo', True),  # ranks go round the visible GPUs
+    (1, 2, 2, False, 'cuda:1', 'gloo', True),  # torch without NCCL
+])
+def test_choose_device(local_rank, local_world, gpus, nccl, device, backend, warns):
+    dev, back, warning = choose_device(local_rank, local_world, gpus, nccl)
+    assert (dev, back, warning is not None) == (torch.device(device), backend, warns)
+    if warns:
+        assert f'local rank {local_rank} runs on {device} with gloo' in warning
+
+def test_device_never_the_cpu_beside_a_gpu(monkeypatch):
+    # The module's helpers follow choose_device: 8 processes per node, each shown one GPU.
+    from torch_utils import distributed as dist
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')
+    monkeypatch.setenv('LOCAL_RANK', '5')
+    assert dist.use_cuda() and dist.device() == torch.device('cuda', 0)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert not dist.use_cuda() and dist.device() == torch.device('cpu')
+
+def test_init_falls_back_to_gloo_and_says_so(tmp_path):
+    # torchrun's environment for rank 0 of 2 on a node with one (pretended) GPU.
+    code = textwrap.dedent('''
+        import torch
+        torch.cuda.is_available = lambda: True
+        torch.cuda.device_count = lambda: 1
+        torch.cuda.set_device = lambda device: None
+        from torch_utils import distributed as dist
+        dist.init()
+        print('backend', torch.distributed.get_backend(), dist.device())
+    ''')
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=REPO, RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', LOCAL_WORLD_SIZE='2',
+               MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith('Warning (rank 0): 2 processes per node') and 'runs on cuda:0 with gloo' in lines[0]
+    assert lines[-1] == 'backend gloo cuda:0'
 
 #----------------------------------------------------------------------------
 
