@@ -23,11 +23,30 @@ SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
     0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
     -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148]
 
+# Unit luma axis of homogeneous RGB, float32 as the color matrices.
+LUMA = (np.asarray([1, 1, 1, 0]) / np.sqrt(3)).astype(np.float32)
+
+# Values per resampling chunk: the resampler's buffers (the image at 2x with its reflected padding,
+# the sampling grid) take up to ~250 bytes per image value, so a chunk stays under ~0.25 GB.
+CHUNK_VALUES = 1 << 20
+
 #----------------------------------------------------------------------------
 # Batched homogeneous matrices from rows of python numbers or [N] tensors.
+# Numbers become filled tensors: a kernel each, no copy from the host.
 
 def _matrix(rows, n, device):
-    return torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).expand(n) for v in row], dim=-1) for row in rows], dim=-2)
+    def entry(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(torch.float32).expand(n)
+        return torch.full([n], v, dtype=torch.float32, device=device)
+    return torch.stack([torch.stack([entry(v) for v in row], dim=-1) for row in rows], dim=-2)
+
+# Pinned and asynchronous, so the host never waits for the device's queue. (Not shared with
+# training/pools.py: the source of AugmentPipe is pickled with snapshots and imports only torch_utils.)
+def _upload(t, device):
+    if t.device.type == 'cpu' and device.type == 'cuda':
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 def _translate2d(tx, ty, n, device):
     return _matrix([[1, 0, tx], [0, 1, ty], [0, 0, 1]], n, device)
@@ -45,8 +64,8 @@ def _scale3d(s, n, device):
     return _matrix([[s, 0, 0, 0], [0, s, 0, 0], [0, 0, s, 0], [0, 0, 0, 1]], n, device)
 
 def _rotate3d(axis, theta, n, device):
-    # Rodrigues' formula about a fixed unit axis: cos*I + sin*[axis]_x + (1-cos)*axis*axis^T.
-    x, y, z = axis[:3].tolist()
+    # Rodrigues' formula about a fixed unit axis (numbers): cos*I + sin*[axis]_x + (1-cos)*axis*axis^T.
+    x, y, z = axis[:3]
     c, s = theta.cos(), theta.sin()
     k = 1 - c
     return _matrix([
@@ -56,32 +75,42 @@ def _rotate3d(axis, theta, n, device):
         [0,           0,           0,           1]], n, device)
 
 #----------------------------------------------------------------------------
-# Resample every image with its own inverse affine map G_inv [N, 3, 3], which
-# takes output pixel coordinates to input pixel coordinates, both relative to
-# the image center. Works at 2x resolution with the SYM6 filter: up-filtering,
-# bilinear sampling on the 2x grid, down-filtering. Content that the map pulls
-# from outside the image is a reflection of it (zeros further out).
+# Reflect padding [x0, x1, y0, y1] (python ints) that the inverse maps G_inv
+# [N, 3, 3] need: enough for every output corner (plus the filter support) to
+# land inside the image, as far as possible. Computed once for all the images
+# of a call, so that resampling them in chunks gives the same result.
 
-def _resample(images, G_inv):
-    N, C, H, W = images.shape
-    device = images.device
-    taps = len(SYM6)
-    support = taps // 4 # extra pixels per side that the filters reach, in original resolution
+def _padding(G_inv, H, W):
+    support = len(SYM6) // 4 # extra pixels per side that the filters reach, in original resolution
     cx, cy = (W - 1) / 2, (H - 1) / 2
-
-    # Reflect-pad enough for the output corners (plus the filter support) to land inside, as far as possible.
+    device = G_inv.device
     corners = misc.constant([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], device=device)
     src = (G_inv @ corners)[:, :2, :].transpose(0, 1).flatten(1) # [xy, N * corners]
     lo = (-src).amax(dim=1) + 2 * support - misc.constant([cx, cy], device=device)
     hi = src.amax(dim=1) + 2 * support - misc.constant([cx, cy], device=device)
     limit = misc.constant([W - 1, H - 1], device=device)
     (px0, py0), (px1, py1) = [m.clamp(min=0).minimum(limit).ceil().to(torch.int64).tolist() for m in (lo, hi)]
+    return [px0, px1, py0, py1]
+
+#----------------------------------------------------------------------------
+# Resample every image with its own inverse affine map G_inv [N, 3, 3], which
+# takes output pixel coordinates to input pixel coordinates, both relative to
+# the image center. Works at 2x resolution with the SYM6 filter: up-filtering,
+# bilinear sampling on the 2x grid, down-filtering. Content that the map pulls
+# from outside the image is a reflection of it (zeros further out).
+
+def _resample(images, G_inv, pad=None):
+    N, C, H, W = images.shape
+    device = images.device
+    taps = len(SYM6)
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    px0, px1, py0, py1 = _padding(G_inv, H, W) if pad is None else pad
     x = F.pad(images, [px0, px1, py0, py1], mode='reflect')
 
     # Upsample 2x. The filter delays by about 5 taps (its center of mass is at 5.1), so pixel 2i of the
     # result sits on padded-input pixel i; EDM aligns the same way.
     delay = taps // 2 - 1
-    filt = misc.constant(SYM6, dtype=images.dtype, device=device)
+    filt = _upload(torch.tensor(SYM6, dtype=images.dtype), device)
     x = F.conv_transpose2d(x, filt.reshape(1, 1, 1, taps).repeat(C, 1, 1, 1), stride=[1, 2], padding=[0, delay], groups=C)
     x = F.conv_transpose2d(x, filt.reshape(1, 1, taps, 1).repeat(C, 1, 1, 1), stride=[2, 1], padding=[delay, 0], groups=C)
 
@@ -90,11 +119,13 @@ def _resample(images, G_inv):
         q = torch.arange(2 * size + taps - 2, device=device, dtype=torch.float32)
         return (q - delay) / 2 - center
     oy, ox = torch.meshgrid(out_coords(H, cy), out_coords(W, cx), indexing='ij')
-    base = torch.stack([ox, oy, torch.ones_like(ox)], dim=-1) # [Hq, Wq, 3]
-    src = torch.einsum('nij,hwj->nhwi', G_inv[:, :2, :], base) # centered input coordinates
+    # Centered input coordinates, elementwise: a matrix product would round differently for one image than for many.
+    G = G_inv[:, :2, :, None, None] # [N, xy, 3, 1, 1]
+    src_x = G[:, 0, 0] * ox + G[:, 0, 1] * oy + G[:, 0, 2]
+    src_y = G[:, 1, 0] * ox + G[:, 1, 1] * oy + G[:, 1, 2]
     Hu, Wu = x.shape[2], x.shape[3]
-    up_x = (src[..., 0] + cx + px0) * 2
-    up_y = (src[..., 1] + cy + py0) * 2
+    up_x = (src_x + cx + px0) * 2
+    up_y = (src_y + cy + py0) * 2
     grid = torch.stack([(up_x + 0.5) * (2 / Wu) - 1, (up_y + 0.5) * (2 / Hu) - 1], dim=-1).to(images.dtype)
     x = F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
 
@@ -147,11 +178,28 @@ class AugmentPipe:
         self.saturation_std     = float(saturation_std)     # Log2 standard deviation of saturation.
 
     def __call__(self, images, generator=None):
-        # generator: the torch.Generator to draw from (on the images' device), None = the default one.
+        # generator: the torch.Generator to draw from, None = the default one of the images' device.
+        # The parameters of all images are drawn first, on the generator's device (a CPU generator
+        # for CUDA images: no wait for the device at all), in EDM's order; they are then applied in
+        # chunks of about CHUNK_VALUES values, which bounds the memory and does not change the result.
         if images.ndim != 4:
             raise ValueError(f'AugmentPipe expects images of shape [N, C, H, W], got {list(images.shape)}')
         N, C, H, W = images.shape
-        device = images.device
+        params, labels = self._draw(N, H, W, images.device if generator is None else generator.device, generator)
+        pad = _padding(params['G_inv'], H, W) if 'G_inv' in params else None
+        params = {key: _upload(val, images.device) for key, val in params.items()}
+        if not params:
+            return images, _upload(labels, images.device)
+        step = max(CHUNK_VALUES // (C * H * W), 1)
+        out = torch.empty_like(images)
+        for start in range(0, N, step):
+            part = slice(start, start + step)
+            out[part] = self._apply(images[part], {key: val[part] for key, val in params.items()}, pad)
+        return out, _upload(labels, images.device)
+
+    def _draw(self, N, H, W, device, generator):
+        # Per-image parameters {name: [N, ...] tensor} on `device` and the augment labels [N, L].
+        params = {}
         labels = [torch.zeros([N, 0], device=device)]
 
         # Keep value w where an augmentation fires (probability prob * p), zero elsewhere.
@@ -161,33 +209,24 @@ class AugmentPipe:
         # Pixel blitting.
         if self.xflip > 0:
             w = gate(torch.randint(2, [N, 1, 1, 1], device=device, generator=generator), self.xflip, [N, 1, 1, 1])
-            images = torch.where(w == 1, images.flip(3), images)
+            params['xflip'] = w
             labels.append(w)
 
         if self.yflip > 0:
             w = gate(torch.randint(2, [N, 1, 1, 1], device=device, generator=generator), self.yflip, [N, 1, 1, 1])
-            images = torch.where(w == 1, images.flip(2), images)
+            params['yflip'] = w
             labels.append(w)
 
         if self.rotate_int > 0:
             w = gate(torch.randint(4, [N, 1, 1, 1], device=device, generator=generator), self.rotate_int, [N, 1, 1, 1])
-            # Quarter turns w as flips and a transpose: w=1 x-flip+transpose, w=2 both flips, w=3 y-flip+transpose.
-            images = torch.where((w == 1) | (w == 2), images.flip(3), images)
-            images = torch.where((w == 2) | (w == 3), images.flip(2), images)
-            images = torch.where((w == 1) | (w == 3), images.transpose(2, 3), images)
+            params['rotate_int'] = w
             labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]
 
         if self.translate_int > 0:
             w = gate(torch.rand([2, N, 1, 1, 1], device=device, generator=generator) * 2 - 1, self.translate_int, [1, N, 1, 1, 1])
-            tx = (w[0] * (W * self.translate_int_max)).round().to(torch.int64)
-            ty = (w[1] * (H * self.translate_int_max)).round().to(torch.int64)
-            # Output pixel (x, y) reads input (x - tx, y + ty), reflected at the border (EDM's convention).
-            xs = torch.arange(W, device=device).reshape(1, 1, 1, W) - tx
-            ys = torch.arange(H, device=device).reshape(1, 1, H, 1) + ty
-            xs = (W - 1) - ((W - 1) - xs % (2 * W - 2)).abs()
-            ys = (H - 1) - ((H - 1) - ys % (2 * H - 2)).abs()
-            images = images.gather(2, ys.expand(N, C, H, W)).gather(3, xs.expand(N, C, H, W))
-            labels += [tx / (W * self.translate_int_max), ty / (H * self.translate_int_max)]
+            params['tx'] = (w[0] * (W * self.translate_int_max)).round().to(torch.int64)
+            params['ty'] = (w[1] * (H * self.translate_int_max)).round().to(torch.int64)
+            labels += [params['tx'] / (W * self.translate_int_max), params['ty'] / (H * self.translate_int_max)]
 
         # General geometric transformations, composed into one inverse map.
         G_inv = None
@@ -220,11 +259,11 @@ class AugmentPipe:
             labels += [w[0], w[1]]
 
         if G_inv is not None:
-            images = _resample(images, G_inv)
+            params['G_inv'] = G_inv
 
         # Color transformations, composed into one 4x4 matrix on homogeneous RGB.
         M = None
-        luma = misc.constant(np.asarray([1, 1, 1, 0]) / np.sqrt(3), device=device)
+        luma = misc.constant(LUMA, device=device)
         eye = torch.eye(4, device=device)
         def chain(M, T):
             return T if M is None else T @ M
@@ -246,7 +285,7 @@ class AugmentPipe:
 
         if self.hue > 0:
             w = gate((torch.rand([N], device=device, generator=generator) * 2 - 1) * (np.pi * self.hue_max), self.hue, [N])
-            M = chain(M, _rotate3d(luma, w, N, device))
+            M = chain(M, _rotate3d(LUMA.tolist(), w, N, device))
             labels += [w.cos() - 1, w.sin()]
 
         if self.saturation > 0:
@@ -256,6 +295,39 @@ class AugmentPipe:
             labels.append(w)
 
         if M is not None:
+            params['M'] = M
+        return params, torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
+
+    def _apply(self, images, params, pad):
+        # The drawn transformations, in EDM's order, to a chunk of images and its slice of params.
+        N, C, H, W = images.shape
+        device = images.device
+        if 'xflip' in params:
+            images = torch.where(params['xflip'] == 1, images.flip(3), images)
+
+        if 'yflip' in params:
+            images = torch.where(params['yflip'] == 1, images.flip(2), images)
+
+        if 'rotate_int' in params:
+            w = params['rotate_int']
+            # Quarter turns w as flips and a transpose: w=1 x-flip+transpose, w=2 both flips, w=3 y-flip+transpose.
+            images = torch.where((w == 1) | (w == 2), images.flip(3), images)
+            images = torch.where((w == 2) | (w == 3), images.flip(2), images)
+            images = torch.where((w == 1) | (w == 3), images.transpose(2, 3), images)
+
+        if 'tx' in params:
+            # Output pixel (x, y) reads input (x - tx, y + ty), reflected at the border (EDM's convention).
+            xs = torch.arange(W, device=device).reshape(1, 1, 1, W) - params['tx']
+            ys = torch.arange(H, device=device).reshape(1, 1, H, 1) + params['ty']
+            xs = (W - 1) - ((W - 1) - xs % (2 * W - 2)).abs()
+            ys = (H - 1) - ((H - 1) - ys % (2 * H - 2)).abs()
+            images = images.gather(2, ys.expand(N, C, H, W)).gather(3, xs.expand(N, C, H, W))
+
+        if 'G_inv' in params:
+            images = _resample(images, params['G_inv'], pad)
+
+        if 'M' in params:
+            M = params['M']
             flat = images.reshape(N, C, H * W)
             if C == 3:
                 flat = M[:, :3, :3] @ flat + M[:, :3, 3:]
@@ -266,8 +338,6 @@ class AugmentPipe:
             else:
                 raise ValueError(f'AugmentPipe color transformations need 1 or 3 channels, got {C}')
             images = flat.reshape(N, C, H, W)
-
-        labels = torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
-        return images, labels
+        return images
 
 #----------------------------------------------------------------------------
