@@ -109,7 +109,7 @@ def test_pickle_roundtrip():
     assert torch.equal(call(clone, data), call(net, data))
 
 def test_attention_gradient():
-    # AttentionOp's hand-written backward equals autograd through a plain softmax.
+    # AttentionOp's own backward equals autograd through a plain softmax.
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn([2, 8, 5], generator=g), torch.randn([2, 8, 5], generator=g)
     dw = torch.randn([2, 5, 5], generator=g)
@@ -118,6 +118,89 @@ def test_attention_gradient():
     q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
     torch.einsum('ncq,nck->nqk', q2, k2 / np.sqrt(8)).softmax(dim=2).backward(dw)
     assert torch.allclose(q1.grad, q2.grad, atol=1e-6) and torch.allclose(k1.grad, k2.grad, atol=1e-6)
+
+def test_attention_fp16():
+    # fp16 in, fp16 weights and gradients out; the softmax and its backward run in float32.
+    g = torch.Generator().manual_seed(0)
+    q, k, dw = torch.randn([2, 8, 5], generator=g), torch.randn([2, 8, 5], generator=g), torch.randn([2, 5, 5], generator=g)
+    q16, k16 = q.half().requires_grad_(), k.half().requires_grad_()
+    w16 = networks.AttentionOp.apply(q16, k16)
+    w16.backward(dw.half())
+    q32, k32 = q.half().float().requires_grad_(), k.half().float().requires_grad_()
+    w32 = networks.AttentionOp.apply(q32, k32)
+    w32.backward(dw.half().float())
+    assert w16.dtype == q16.grad.dtype == k16.grad.dtype == torch.float16
+    assert torch.allclose(w16.float(), w32, rtol=0, atol=2e-3) # k is scaled in fp16 before the float32 softmax, as in EDM
+    assert torch.allclose(q16.grad.float(), q32.grad, rtol=1e-2, atol=1e-3) and torch.allclose(k16.grad.float(), k32.grad, rtol=1e-2, atol=1e-3)
+    # Logits beyond fp16's range (q.k/sqrt(c) = 8*200*200/sqrt(8) > 65504) stay finite.
+    q16, k16 = (torch.full([1, 8, 3], 200.0, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    w16 = networks.AttentionOp.apply(q16, k16)
+    w16.sum().backward()
+    assert torch.isfinite(w16).all() and torch.isfinite(q16.grad).all() and torch.isfinite(k16.grad).all()
+
+def reference_resample(conv, x):
+    """Conv2d's function from first principles, in float64: upsampling inserts zeros between pixels
+    and filters with 4*f; downsampling filters and keeps every other pixel. Unfused, the resampling
+    pads by f_pad and the convolution by w_pad. Fused, they pad once: upsampling keeps every pixel
+    the filter reaches (f_pad beyond each side), which stands in for the convolution's padding, and
+    downsampling convolves at full resolution first."""
+    x = x.double()
+    w = conv.weight.double() if conv.weight is not None else None
+    f = conv.resample_filter.double() if conv.resample_filter is not None else None
+    w_pad = w.shape[-1] // 2 if w is not None else 0
+    f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+    fused = conv.fused_resample and w is not None and (conv.up or conv.down)
+    pad = lambda x, p: torch.nn.functional.pad(x, [p] * 4) # p < 0 crops
+    filt = lambda x, f: torch.nn.functional.conv2d(x, f.expand(x.shape[1], 1, -1, -1), groups=x.shape[1])
+    if conv.up:
+        z = torch.zeros([*x.shape[:2], 2 * x.shape[2] - 1, 2 * x.shape[3] - 1], dtype=x.dtype)
+        z[:, :, ::2, ::2] = x
+        x = filt(pad(z, f.shape[-1] - 1), 4 * f) # 2n + 2*f_pad pixels
+        x = pad(x, w_pad - f_pad if fused else -f_pad)
+    if conv.down and not fused:
+        x = filt(pad(x, f_pad), f)[:, :, ::2, ::2]
+    if w is not None:
+        x = torch.nn.functional.conv2d(pad(x, 0 if fused and conv.up else w_pad + f_pad if fused else w_pad), w)
+    if conv.down and fused:
+        x = filt(x, f)[:, :, ::2, ::2]
+    if conv.bias is not None:
+        x = x + conv.bias.double().reshape(1, -1, 1, 1)
+    return x
+
+@pytest.mark.parametrize('resample_filter', [[1, 1], [1, 3, 3, 1]])
+@pytest.mark.parametrize('kernel', [0, 1, 3])
+@pytest.mark.parametrize('fused', [False, True])
+@pytest.mark.parametrize('mode', ['up', 'down', 'none'])
+def test_conv2d_resampling(mode, fused, kernel, resample_filter):
+    # Shapes and values for every combination EDM's Conv2d accepts, fused upsampling included
+    # (no EDM architecture uses it, so the golden networks do not cover it).
+    torch.manual_seed(0)
+    cout = 3 if kernel else 2
+    conv = networks.Conv2d(2, cout, kernel=kernel, up=(mode == 'up'), down=(mode == 'down'),
+        resample_filter=resample_filter, fused_resample=fused, init_bias=1)
+    x = torch.randn([2, 2, 8, 8])
+    out = conv(x)
+    size = {'up': 16, 'down': 4, 'none': 8}[mode]
+    assert out.shape == (2, cout, size, size)
+    assert torch.allclose(out.double(), reference_resample(conv, x), rtol=0, atol=1e-5)
+
+def test_conv2d_fused_upsampling():
+    # Without the reference: [1,1] upsampling is nearest-neighbour, fused or not; fused [1,3,3,1]
+    # convolves an upsampled image one pixel larger on each side than the unfused one.
+    x = torch.randn([1, 2, 4, 4], generator=torch.Generator().manual_seed(0))
+    near = x.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    assert torch.equal(networks.Conv2d(2, 2, kernel=0, up=True)(x), near)
+    tap = torch.zeros([2, 2, 3, 3])
+    tap[[0, 1], [0, 1], 1, 1] = 1 # identity
+    conv = networks.Conv2d(2, 2, kernel=3, up=True, fused_resample=True)
+    conv.weight.data = tap
+    assert torch.equal(conv(x), near)
+    tap = tap.roll((-1, -1), (2, 3)) # top-left tap: output = input shifted by one pixel
+    conv = networks.Conv2d(2, 2, kernel=3, up=True, resample_filter=[1, 3, 3, 1], fused_resample=True)
+    conv.weight.data = tap
+    smooth = networks.Conv2d(2, 2, kernel=0, up=True, resample_filter=[1, 3, 3, 1])(x)
+    assert torch.allclose(conv(x)[:, :, 1:, 1:], smooth[:, :, :-1, :-1], rtol=0, atol=1e-6)
+    assert conv(x)[:, :, 0].abs().min() > 0 # the border is upsampled image, not zero padding
 
 @pytest.mark.parametrize('encoder_type,decoder_type', [('skip', 'skip'), ('residual', 'skip'), ('skip', 'standard')])
 def test_songunet_skip_variants_train(encoder_type, decoder_type):

@@ -43,7 +43,7 @@ class Linear(torch.nn.Module):
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
     """Convolution (kernel=0: none) with optional 2x up- or downsampling by a separable FIR filter.
-    fused_resample folds the convolution's padding into the resampling step (EDM's NCSN++ residual encoder)."""
+    fused_resample pads once for both (EDM's NCSN++ residual encoder downsamples this way)."""
 
     def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
             resample_filter=[1,1], fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0):
@@ -67,21 +67,30 @@ class Conv2d(torch.nn.Module):
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-        fused = self.fused_resample and w is not None
 
-        if self.up: # Depthwise transposed conv; the filter sums to 1 and spreads each pixel over 4.
-            c = x.shape[1]
-            x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([c, 1, 1, 1]), groups=c, stride=2,
-                padding=f_pad + w_pad if fused else f_pad)
-        if self.down and not fused:
-            x = self._downsample(x, f, f_pad)
-        if w is not None:
-            x = torch.nn.functional.conv2d(x, w, padding=(w_pad + f_pad if self.down else 0) if fused else w_pad)
-        if self.down and fused:
-            x = self._downsample(x, f, 0)
+        # Fused: pad once, where the larger of the two kernels needs it, so the output is 2x or 1/2x.
+        if self.fused_resample and self.up and w is not None:
+            x = self._upsample(x, f, padding=max(f_pad - w_pad, 0))
+            x = torch.nn.functional.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and self.down and w is not None:
+            x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad)
+            x = self._downsample(x, f, padding=0)
+        else:
+            if self.up:
+                x = self._upsample(x, f, padding=f_pad)
+            if self.down:
+                x = self._downsample(x, f, padding=f_pad)
+            if w is not None:
+                x = torch.nn.functional.conv2d(x, w, padding=w_pad)
         if b is not None:
             x = x.add_(b.reshape(1, -1, 1, 1))
         return x
+
+    @staticmethod
+    def _upsample(x, f, padding):
+        # Depthwise transposed conv; the filter sums to 1 and spreads each pixel over 4.
+        c = x.shape[1]
+        return torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([c, 1, 1, 1]), groups=c, stride=2, padding=padding)
 
     @staticmethod
     def _downsample(x, f, padding):
@@ -114,10 +123,10 @@ class AttentionOp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dw):
         q, k, w = ctx.saved_tensors
-        w, dw = w.to(torch.float32), dw.to(torch.float32)
-        dlogits = w * (dw - (dw * w).sum(dim=2, keepdim=True)) # softmax Jacobian-vector product
-        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), dlogits).to(q.dtype) / np.sqrt(k.shape[1])
-        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), dlogits).to(k.dtype) / np.sqrt(k.shape[1])
+        # PyTorch's own softmax backward, as EDM calls it: EDM's bits, and one attention-sized buffer, not three.
+        db = torch._softmax_backward_data(grad_output=dw.to(torch.float32), output=w.to(torch.float32), dim=2, input_dtype=torch.float32)
+        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), db).to(q.dtype) / np.sqrt(k.shape[1])
+        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), db).to(k.dtype) / np.sqrt(k.shape[1])
         return dq, dk
 
 def attention(q, k, v):
