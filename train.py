@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import sys
 
 import click
 import torch
@@ -12,6 +13,13 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import aot, network_io, training_loop
+
+# Exit status after a stop signal (SIGINT, SIGTERM, SIGUSR1) once the state is saved: EX_TEMPFAIL of
+# sysexits.h, "try again later". torchrun exits 1 instead (docs/training.md, "Preemption").
+EXIT_INTERRUPTED = 75
+
+# Options of one invocation, not of the run: not recorded, not compared on resume.
+PER_INVOCATION = ['resume', 'dry_run']
 
 #----------------------------------------------------------------------------
 
@@ -25,10 +33,25 @@ def parse_int_list(s):
         out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
     return out
 
+def state_nimg(path):
+    """Training images done in a state file: cur_nimg in ours; from the name (kimg) in EDM's,
+    which pickle code; -1 for a damaged file."""
+    try:
+        return int(torch.load(path, map_location='cpu', weights_only=True, mmap=True)['cur_nimg'])
+    except Exception: # any damage, or EDM's pickled state
+        match = re.search(r'training-state-(\d+)\.pt$', path)
+        return int(match.group(1)) * 1000 if match else -1
+
 def latest_state(run_dir):
-    """Newest training-state-*.pt in run_dir, or None."""
-    states = sorted(glob.glob(os.path.join(run_dir, 'training-state-*.pt')))
-    return states[-1] if states else None
+    """Newest training state in run_dir, or None: the highest training-state-NNNNNN.pt, unless the
+    rolling training-state-latest.pt holds more training (it is replaced every --dump-minutes)."""
+    numbered = sorted(glob.glob(os.path.join(run_dir, 'training-state-[0-9]*.pt')))
+    rolling = os.path.join(run_dir, training_loop.ROLLING_STATE)
+    if not os.path.isfile(rolling):
+        return numbered[-1] if numbered else None
+    if numbered and state_nimg(numbered[-1]) >= state_nimg(rolling):
+        return numbered[-1]
+    return rolling
 
 def fail(msg):
     raise click.ClickException(msg)
@@ -49,7 +72,7 @@ class Workers(click.ParamType):
 
 def decide_resume(opts):
     """The state file to resume from (None = start afresh), as rank 0 sees the file system."""
-    if opts.nosubdir and opts.resume is None and opts.transfer is None and latest_state(opts.outdir):
+    if opts.nosubdir and opts.outdir is not None and opts.resume is None and opts.transfer is None and latest_state(opts.outdir):
         print(f'Found {latest_state(opts.outdir)}: resuming from it (pass a new --outdir to start afresh).')
         return latest_state(opts.outdir)
     if opts.resume is not None and os.path.isdir(opts.resume):
@@ -58,6 +81,44 @@ def decide_resume(opts):
             fail(f'--resume={opts.resume}: no training-state-*.pt in that directory')
         return found
     return opts.resume
+
+def recorded_options(state):
+    """The command-line options recorded in the run folder of a state file; None for run folders
+    of older versions and of EDM, whose training_options.json holds only the loop's arguments."""
+    try:
+        with open(os.path.join(os.path.dirname(state), 'training_options.json')) as f:
+            return json.load(f).get('command_line')
+    except (OSError, ValueError, AttributeError):
+        return None
+
+def comparable(name, value):
+    return os.path.abspath(value) if name in ('data', 'outdir') and value is not None else value
+
+def continue_run(opts, given):
+    """On rank 0: the options of this invocation and the folder to continue in (None = a new one).
+    A state whose run folder records its options continues there with them: options given
+    explicitly must agree (every difference is named at once), except a longer --duration."""
+    if 'transfer' in given and opts.resume is not None:
+        fail('--transfer and --resume cannot be specified at the same time')
+    state = decide_resume(opts)
+    recorded = recorded_options(state) if state is not None else None
+    if recorded is None:
+        if opts.data is None or opts.outdir is None:
+            fail(f'--resume={opts.resume}: its folder records no options (an older train.py\'s or EDM\'s run); give them again, at least '
+                 '--data and --outdir (its training_options.json lists them)' if state is not None else
+                 '--data and --outdir are needed to start a run; or continue one with --resume=RUN_DIR')
+        return dnnlib.EasyDict(opts, resume=state), None
+    differ = []
+    for name in sorted(given & recorded.keys()):
+        if name == 'duration' and opts.duration >= recorded['duration']:
+            continue # training on for longer: the one change allowed
+        if comparable(name, opts[name]) != comparable(name, recorded[name]):
+            differ.append(f'--{name.replace("_", "-")}={opts[name]} (the run has {recorded[name]})')
+    if differ:
+        fail(f'{state} continues its run with the options recorded in its folder; these differ: {", ".join(differ)}. Leave them '
+             'out (only a longer --duration may be given), or start a new run, e.g. with --transfer=<network-snapshot>.')
+    keep = {name: value for name, value in recorded.items() if name in opts and name not in given}
+    return dnnlib.EasyDict(opts, **keep, resume=state), os.path.dirname(state)
 
 def on_rank0(fn, *args):
     """fn(*args) evaluated on rank 0 and sent to every rank; an error there stops all ranks alike."""
@@ -80,16 +141,31 @@ def planned_network(c, interface_kwargs):
     with torch.device('meta'):
         return dnnlib.util.construct_class_by_name(**c.network_kwargs, **interface_kwargs)
 
-def misfit(src, dst, source, strict):
-    """Why the weights of src (a network, or a state_dict) do not fit the network dst, in words;
-    [] when they fit. strict (resume): every tensor must match. Otherwise (transfer) tensors that
-    src lacks only in dst's augmentation-label layer may start from scratch, as EDM allows."""
+def state_interface(state):
+    """Resolution, channels and classes of the network in one of our training states: recorded in
+    it, or read off the tensors in older ones (the first encoder convolution is named by resolution)."""
+    if 'img_resolution' in state:
+        return {attr: state[attr] for attr in ('img_resolution', 'img_channels', 'label_dim')}
+    for name, tensor in state['net'].items():
+        match = re.fullmatch(r'model\.enc\.(\d+)x\d+_conv\.weight', name)
+        if match:
+            label = state['net'].get('model.map_label.weight')
+            return dict(img_resolution=int(match.group(1)), img_channels=tensor.shape[1], label_dim=0 if label is None else label.shape[1])
+    return {}
+
+def misfit(src, dst, source, strict, interface=None):
+    """Why the weights of src (a network, or a state_dict with the interface it was trained for)
+    do not fit the network dst, in words; [] when they fit. strict (resume): every tensor must
+    match. Otherwise (transfer) tensors that src lacks only in dst's augmentation-label layer may
+    start from scratch, as EDM allows."""
     said = []
     if isinstance(src, torch.nn.Module):
-        for attr, what, show in [('img_resolution', 'resolution', lambda r: f'{r}x{r}'), ('img_channels', 'image channels', str),
-                                 ('label_dim', 'classes', lambda n: str(n or 'none'))]:
-            if getattr(src, attr, None) is not None and getattr(src, attr) != getattr(dst, attr):
-                said.append(f'{what} {show(getattr(src, attr))} in {source}, {show(getattr(dst, attr))} in this run')
+        interface = {attr: getattr(src, attr, None) for attr in ('img_resolution', 'img_channels', 'label_dim')}
+    for attr, what, show, where in [('img_resolution', 'resolution', lambda r: f'{r}x{r}', '--data'), ('img_channels', 'image channels', str, '--data'),
+                                    ('label_dim', 'classes', lambda n: str(n or 'none'), 'this run')]:
+        if (interface or {}).get(attr) is not None and interface[attr] != getattr(dst, attr):
+            said.append(f'{what} {show(interface[attr])} in {source}, {show(getattr(dst, attr))} in {where}')
+    if isinstance(src, torch.nn.Module):
         if type(src).__name__ != type(dst).__name__:
             said.append(f'preconditioning {type(src).__name__} in {source}, {type(dst).__name__} in this run (--precond)')
         # Constructor arguments that shape the tensors; json makes tuples and lists compare equal.
@@ -115,8 +191,8 @@ def load_for_check(path, what):
     except Exception as err: # a pickle can fail in any way
         fail(f'{what}: cannot load the network: {one_line(err)}')
 
-def check_fits(src, dst, source, strict, fix):
-    said = misfit(src, dst, source, strict)
+def check_fits(src, dst, source, strict, fix, interface=None):
+    said = misfit(src, dst, source, strict, interface)
     if said:
         fail(f'{source} does not fit this run: {"; ".join(said)}. {fix}')
 
@@ -125,8 +201,8 @@ def check_fits(src, dst, source, strict, fix):
 @click.command()
 
 # Main options.
-@click.option('--outdir',        help='Where to save the results', metavar='DIR',                   type=str, required=True)
-@click.option('--data',          help='Path to the dataset', metavar='ZIP|DIR',                     type=str, required=True)
+@click.option('--outdir',        help='Where to save the results  [required unless --resume]', metavar='DIR', type=str)
+@click.option('--data',          help='Path to the dataset  [required unless --resume]', metavar='ZIP|DIR', type=str)
 @click.option('--cond',          help='Train class-conditional model', metavar='BOOL',              type=bool, default=False, show_default=True)
 @click.option('--arch',          help='Network architecture', metavar='ddpmpp|ncsnpp|adm',          type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
 @click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm',       type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
@@ -163,10 +239,11 @@ def check_fits(src, dst, source, strict, fix):
 @click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap',          help='How often to save snapshots', metavar='TICKS',               type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',          help='How often to dump state', metavar='TICKS',                   type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--dump-minutes',  help='How often to replace the rolling state training-state-latest.pt, 0 = never', metavar='MIN', type=click.FloatRange(min=0), default=30, show_default=True)
 @click.option('--grid',          help='Images in the sample grid saved with each snapshot (0 = none)', metavar='INT', type=click.IntRange(min=0), default=64, show_default=True)
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
 @click.option('--transfer',      help='Transfer learning from network pickle', metavar='PKL|URL',   type=str)
-@click.option('--resume',        help='Resume from previous training state', metavar='PT|DIR',      type=str)
+@click.option('--resume',        help='Continue a run: its folder (newest state) or a state file; alone, it takes the run\'s recorded options', metavar='DIR|PT', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit',                            is_flag=True)
 
 def main(**kwargs):
@@ -182,9 +259,14 @@ def main(**kwargs):
     OMP_NUM_THREADS=1 python train.py --outdir=runs --data=datasets/uci-digits-16x16.zip --cond=1 --arch=ddpmpp \\
         --cbase=16 --cres=1,2 --batch=64 --aot=256 --lr-rampup=1 --duration=0.03 --tick=5 --snap=2
     """
-    opts = dnnlib.EasyDict(kwargs)
+    given = {name for name in kwargs if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init()
+
+    # Continue a run with its recorded options, or start one: decided on rank 0, from the file system
+    # it sees, and sent to all ranks (on several nodes the others may see another --outdir, or none).
+    opts, continued_dir = on_rank0(continue_run, dnnlib.EasyDict(kwargs), given)
+    command_line = {name: comparable(name, value) for name, value in opts.items() if name not in PER_INVOCATION}
 
     # Initialize config dict.
     c = dnnlib.EasyDict()
@@ -260,7 +342,7 @@ def main(**kwargs):
     c.update(tf32=opts.tf32, bf16=opts.bf16, compile=opts.compile, deterministic=opts.deterministic)
     if opts.bf16 and opts.fp16:
         fail('--bf16 and --fp16=1 are two kinds of mixed precision; choose one')
-    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, state_dump_minutes=opts.dump_minutes or None)
     c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, grid_images=opts.grid)
 
     # Batch and pool sizes: refuse what EDM-AOT silently got wrong (dropped or empty slices).
@@ -278,19 +360,16 @@ def main(**kwargs):
     except ValueError as err:
         fail(f'--aot-solver={opts.aot_solver}: {err}')
 
-    # Random seed, and resume or not: decided on rank 0, from the file system it sees, and sent to
-    # all ranks (on several nodes the others may see another --outdir, or none).
+    # Random seed.
     c.seed = opts.seed if opts.seed is not None else int(torch.randint(1 << 31, size=[]))
-    opts.resume = on_rank0(decide_resume, opts)
 
-    # Transfer learning and resume.
+    # Transfer learning and resume. A resumed transfer run keeps the EMA without ramp-up.
     if opts.transfer is not None:
-        if opts.resume is not None:
-            fail('--transfer and --resume cannot be specified at the same time')
+        c.ema_rampup_ratio = None
+    if opts.transfer is not None and opts.resume is None:
         if not dnnlib.util.is_url(opts.transfer) and not os.path.isfile(opts.transfer):
             fail(f'--transfer={opts.transfer}: no such file')
         c.resume_pkl = opts.transfer
-        c.ema_rampup_ratio = None
         # Checked here, before the run directory exists: the loop would load whatever names match.
         src, dst = load_for_check(opts.transfer, f'--transfer={opts.transfer}'), planned_network(c, interface_kwargs)
         check_fits(src, dst, f'--transfer={opts.transfer}', strict=False, fix='Transfer from a snapshot of data with the same '
@@ -299,9 +378,9 @@ def main(**kwargs):
             dist.print0('Note: the snapshot has no augmentation-label layer; this run starts that layer from random weights.')
         del src, dst
     elif opts.resume is not None:
-        match = re.fullmatch(r'training-state-(\d+).pt', os.path.basename(opts.resume))
+        match = re.fullmatch(r'training-state-(\d+|latest)\.pt', os.path.basename(opts.resume))
         if not match or not os.path.isfile(opts.resume):
-            fail(f'--resume={opts.resume}: expected an existing training-state-NNNNNN.pt file or a run directory')
+            fail(f'--resume={opts.resume}: expected an existing training-state-NNNNNN.pt or -latest.pt file or a run directory')
         try:
             state = training_loop.load_training_state(opts.resume)
         except Exception as err: # torch raises many types for a damaged file
@@ -319,9 +398,11 @@ def main(**kwargs):
             if state.get('world_size', world) != world:
                 dist.print0(f'Note: the interrupted run had {state["world_size"]} GPU(s), this one {world}: pools are rebuilt for {world} '
                             f'rank(s) from image {state["cur_nimg"]} on, so training continues but not as the uninterrupted run would have.')
-            check_fits(state['net'], dst, f'--resume={opts.resume}', strict=True, fix=fix)
+            check_fits(state['net'], dst, f'--resume={opts.resume}', strict=True, fix=fix, interface=state_interface(state))
             if opts.seed is None:
                 c.seed = state['seed'] # the pools and the random streams continue as before
+        elif match.group(1) == 'latest':
+            fail(f'--resume={opts.resume}: not a training state of this train.py (format {state.get("format")!r})')
         else: # EDM's state dump: the EMA weights live in the snapshot pickle next to it
             c.resume_pkl = os.path.join(os.path.dirname(opts.resume), f'network-snapshot-{match.group(1)}.pkl')
             if not os.path.isfile(c.resume_pkl):
@@ -333,6 +414,7 @@ def main(**kwargs):
         c.resume_state_dump = opts.resume
         del state
     c.seed = dist.broadcast_object(c.seed)
+    command_line['seed'] = c.seed # a re-run draws the same pools
 
     # Description string.
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
@@ -344,6 +426,8 @@ def main(**kwargs):
     # Pick output directory.
     if dist.get_rank() != 0:
         c.run_dir = None
+    elif continued_dir is not None:
+        c.run_dir = continued_dir
     elif opts.nosubdir:
         c.run_dir = opts.outdir
     else:
@@ -383,12 +467,16 @@ def main(**kwargs):
     dist.print0('Creating output directory...')
     if dist.get_rank() == 0:
         os.makedirs(c.run_dir, exist_ok=True)
-        with open(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
-            json.dump(c, f, indent=2)
+        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json')) as tmp, open(tmp, 'wt') as f:
+            json.dump(dict(c, command_line=command_line), f, indent=2) # the loop's arguments, and what --resume=RUN_DIR needs
         dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
 
     # Train.
-    training_loop.training_loop(**c)
+    try:
+        training_loop.training_loop(**c)
+    except training_loop.Interrupted as stop:
+        dist.print0(f'{stop}. Exit status {EXIT_INTERRUPTED}; continue with: python train.py --resume={c.run_dir}')
+        sys.exit(EXIT_INTERRUPTED)
 
 #----------------------------------------------------------------------------
 

@@ -62,14 +62,29 @@ def assert_shape(tensor, ref_shape):
             raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
 
 #----------------------------------------------------------------------------
-# Replace NaN/Inf in gradients before the optimizer step (one bad batch must not poison the weights).
+# Per-step parameter arithmetic in a few kernels instead of one or two per parameter (~400 for
+# EDM's U-Nets), with EDM's numbers bit for bit.
 
 @torch.no_grad()
 def nan_to_num_grads_(module, nan=0.0, posinf=1e5, neginf=-1e5):
-    """Replace NaN/Inf in every parameter gradient of `module`, in place (EDM's training loop values)."""
-    for param in module.parameters():
-        if param.grad is not None:
-            torch.nan_to_num(param.grad, nan=nan, posinf=posinf, neginf=neginf, out=param.grad)
+    """Replace NaN/Inf in every parameter gradient of `module`, in place, with EDM's values; returns
+    a device bool, True when some gradient was not finite (read it when convenient: no host sync).
+    The gradients are cleaned as one flat copy: elementwise, so equal to EDM's per-gradient
+    nan_to_num, at the price of one gradient-sized buffer for the moment."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros([], dtype=torch.bool)
+    flat = torch.cat([g.flatten() for g in grads])
+    nonfinite = flat.isfinite().all().logical_not()
+    torch.nan_to_num(flat, nan=nan, posinf=posinf, neginf=neginf, out=flat)
+    torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
+    return nonfinite
+
+@torch.no_grad()
+def ema_update_(ema_params, net_params, beta):
+    """EDM's EMA step, p_ema.copy_(p_net.detach().lerp(p_ema, beta)), for all parameters at once."""
+    ema_params, net_params = list(ema_params), list(net_params)
+    torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
 
 #----------------------------------------------------------------------------
 # Name a function in the autograd profiler's trace.

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import time
 
 import numpy as np
@@ -22,6 +23,8 @@ from training.images import save_image_grid, to_uint8
 from training.pools import PoolPrefetcher, PoolStream, iterate_slices
 
 STATE_FORMAT = 'edm-aot-training-state/1'
+ROLLING_STATE = 'training-state-latest.pt' # replaced every --dump-minutes and on a stop signal
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
 
 #----------------------------------------------------------------------------
 
@@ -43,6 +46,10 @@ def _float32_output(module, args, output):
 def _single_thread_worker(worker_id):
     # Pool workers run beside the trainer: one thread each keeps them from competing with it.
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group and SLURM signals every process: the trainer decides
+    # when to stop and still needs its pools until then; the workers end with it.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 def _gather_objects(obj):
     if dist.get_world_size() == 1:
@@ -60,6 +67,61 @@ def save_sample_grid(net, path, num_images=64, num_steps=18, device=torch.device
     images = sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
     scale = max(1, 64 // net.img_resolution) # small images enlarged to be seen
     save_image_grid(to_uint8(images), path, scale=scale, gap=scale)
+
+class Interrupted(Exception):
+    """Training stopped on a signal, after all ranks finished the same step and the state was saved."""
+
+class StopRequests:
+    """Stop signals (SIGINT, SIGTERM, SIGUSR1) and the rolling-dump clock, agreed by all ranks.
+
+    A signal may reach only some ranks (SLURM can signal one process; torchrun forwards SIGTERM to
+    all), and clocks differ between ranks, so each rank notes its own requests and the ranks take
+    their maximum. The all_reduce runs over a gloo group on CPU tensors and in the background: it is
+    started after one step and read after the next, so it never waits for the GPU (on NCCL a device
+    all_reduce every step would be a host sync) and rarely for another rank. All ranks act on the
+    same result, one step after the request."""
+
+    def __init__(self, dump_seconds):
+        self.dump_seconds = dump_seconds
+        self.last_dump = time.time()
+        self.received = 0
+        self.group = torch.distributed.new_group(backend='gloo')
+        self.pending = None
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
+
+    def _handler(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt # a second Ctrl-C stops at once, without saving
+        self.received = self.received or signum
+        dist.print0(f'Received {signal.Signals(signum).name}: saving the training state after this step...')
+
+    def poll(self):
+        """(signal number or 0, whether a rolling dump is due), as agreed after the previous step."""
+        due = self.dump_seconds is not None and time.time() - self.last_dump >= self.dump_seconds
+        flags = torch.tensor([self.received, int(due)], dtype=torch.int64)
+        work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
+        agreed, self.pending = self.pending, (work, flags)
+        if agreed is None:
+            return 0, False
+        agreed[0].wait()
+        return int(agreed[1][0]), bool(agreed[1][1])
+
+    def close(self):
+        if self.pending is not None:
+            self.pending[0].wait()
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+def settle_ddp_buckets(ddp, loss_fn, shapes, device):
+    """DDP regroups the gradients into new buckets after its first backward pass (in the order they
+    became ready). With three or more ranks the sums round differently in the other layout, so a
+    resumed run, whose first step would use the initial layout, would drift from the uninterrupted
+    one. One throwaway pass on zeros, before training, gives every run its final layout from the
+    first step on. The random streams are left as they were; the gradients are dropped."""
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        inputs = {name: torch.zeros(shape, device=device) if shape else None for name, shape in shapes.items()}
+        loss_fn(net=ddp, **inputs).sum().backward()
+    ddp.zero_grad(set_to_none=True)
 
 def load_training_state(path):
     """Our own state dumps hold only tensors and plain values and load without running code;
@@ -91,6 +153,7 @@ def training_loop(
     kimg_per_tick       = 50,       # Interval of progress prints.
     snapshot_ticks      = 50,       # How often to save network snapshots, None = disable.
     state_dump_ticks    = 500,      # How often to dump training state, None = disable.
+    state_dump_minutes  = 30,       # How often to replace the rolling training state, None = disable.
     resume_pkl          = None,     # Start from the given network snapshot, None = random initialization.
     resume_state_dump   = None,     # Start from the given training state, None = reset training state.
     resume_kimg         = 0,        # Start from the given training progress (EDM state dumps only).
@@ -112,6 +175,7 @@ def training_loop(
     torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False # EDM's --fp16 numerics
     if deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8') # read when cuBLAS starts, i.e. at the first matmul below
         torch.backends.cudnn.deterministic = True
@@ -160,10 +224,15 @@ def training_loop(
         net.model.register_forward_hook(_float32_output)
     if compile:
         forward = torch.compile(ddp)
+    if ddp is not net:
+        settle_ddp_buckets(forward, loss_fn, device=device, shapes=dict(images=[batch_gpu, net.img_channels, net.img_resolution, net.img_resolution],
+            labels=[batch_gpu, net.label_dim], noise=[batch_gpu, net.img_channels, net.img_resolution, net.img_resolution],
+            augment_labels=[batch_gpu, network_kwargs['augment_dim']] if augment_pipe is not None else None))
 
     # Resume training from previous snapshot or state.
     cur_nimg = resume_kimg * 1000
     cur_tick = 0
+    tick_start_nimg = None # where the current tick began, when a state saved within it says so
     rng_states = None
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
@@ -178,6 +247,7 @@ def training_loop(
             net.load_state_dict(data['net'])
             ema.load_state_dict(data['ema'])
             cur_nimg, cur_tick = data['cur_nimg'], data['cur_tick']
+            tick_start_nimg = data.get('tick_start_nimg')
             if len(data['rng_states']) == dist.get_world_size():
                 rng_states = data['rng_states'][dist.get_rank()]
             else:
@@ -216,129 +286,154 @@ def training_loop(
     if rng_states is not None:
         _set_rng_state(rng_states, device)
 
-    # Train.
+    # Train. From here on a stop signal saves the state.
+    requests = StopRequests(state_dump_minutes * 60 if state_dump_minutes else None)
     dist.print0(f'Training for {total_kimg} kimg: batch {batch_size} ({batch_gpu} per GPU x {num_accumulation_rounds} rounds x {dist.get_world_size()} GPUs), '
                 + (f'AOT pool {aot_pool} per GPU ({aot_solver})' if aot_pool else 'AOT off (plain EDM noise)'))
     dist.print0()
-    tick_start_nimg = cur_nimg
+    tick_start_nimg = cur_nimg if tick_start_nimg is None else tick_start_nimg
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
     stats_jsonl = None
     seen_images = hashlib.sha1() # which images this rank trained on, compared across ranks at the end
     nonfinite_steps = torch.zeros([], device=device) # steps whose gradients had NaN/Inf; read once per tick (no sync per step)
-    params = list(net.parameters())
-    while True:
+    interface = dict(img_resolution=net.img_resolution, img_channels=net.img_channels, label_dim=net.label_dim)
 
-        # Accumulate gradients.
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                part = next(slices)
-                seen_images.update(part['indices'].numpy().tobytes())
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = loss_fn(net=forward, images=part['images'], labels=part['labels'], noise=part['noise'],
-                                   augment_labels=part['augment_labels'])
-                training_stats.report('Loss/loss', loss)
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+    def save_state(name, next_tick, next_tick_start_nimg):
+        """Full dump of the training state, tensors and plain values only (it loads safely), written
+        atomically by rank 0; every rank takes part (the random states are gathered)."""
+        state = dict(format=STATE_FORMAT, net=net.state_dict(), ema=ema.state_dict(), optimizer_state=optimizer.state_dict(),
+                     seed=seed, cur_nimg=cur_nimg, cur_tick=next_tick, tick_start_nimg=next_tick_start_nimg,
+                     rng_states=_gather_objects(_rng_state(device)), batch_size=batch_size, aot_pool=aot_pool, # train.py checks
+                     world_size=dist.get_world_size(), **interface)                                         # these on resume
+        path = os.path.join(run_dir, name) if dist.get_rank() == 0 else None
+        if path is not None:
+            with dnnlib.util.atomic_write(path) as tmp:
+                torch.save(state, tmp)
+        requests.last_dump = time.time()
+        return path
 
-        # Update weights: EDM's fixed loss scale, NaN/Inf in gradients replaced, never skipped.
-        for g in optimizer.param_groups:
-            g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        grads = [p.grad for p in params if p.grad is not None]
-        nonfinite_steps += torch.stack([g.sum() for g in grads]).sum().isfinite().logical_not()
-        misc.nan_to_num_grads_(net)
-        optimizer.step()
+    def save_if_asked(stop_signal, rolling_due):
+        """The rolling state when due or on a stop signal; then, on a signal, the end of training."""
+        if stop_signal or rolling_due:
+            path = save_state(ROLLING_STATE, cur_tick, tick_start_nimg)
+        if stop_signal:
+            raise Interrupted(f'Stopped by {signal.Signals(stop_signal).name} at kimg {cur_nimg / 1e3:.3f}: training state saved to {path}')
 
-        # Update EMA.
-        ema_halflife_nimg = ema_halflife_kimg * 1000
-        if ema_rampup_ratio is not None:
-            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
-        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-        for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-            p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+    try:
+        while True:
 
-        # Perform maintenance tasks once per tick.
-        cur_nimg += batch_size
-        done = (cur_nimg >= round(total_kimg * 1000)) # whole images: 0.11296 Mimg is 112960.00000000001 in floats
-        if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
-            continue
+            # Accumulate gradients.
+            optimizer.zero_grad(set_to_none=True)
+            for round_idx in range(num_accumulation_rounds):
+                with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
+                    part = next(slices)
+                    seen_images.update(part['indices'].numpy().tobytes())
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss = loss_fn(net=forward, images=part['images'], labels=part['labels'], noise=part['noise'],
+                                       augment_labels=part['augment_labels'])
+                    training_stats.report('Loss/loss', loss)
+                    loss.sum().mul(loss_scaling / batch_gpu_total).backward()
 
-        # Print status line, accumulating the same information in training_stats.
-        tick_end_time = time.time()
-        tick_time = tick_end_time - tick_start_time
-        wait = torch.tensor(aot_wait[0], device=device)
-        if dist.get_world_size() > 1:
-            torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX) # the slowest rank holds up all
-        wait_frac = wait.item() / max(tick_time, 1e-8)
-        fields = []
-        fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-        fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.3f}"]
-        fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
-        fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_time):<7.1f}"]
-        fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', tick_time / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
-        fields += [f"aot_wait {training_stats.report0('Timing/aot_wait_frac', wait_frac):<6.1%}"]
-        fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
-        fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
-        if device.type == 'cuda':
-            fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}"]
-            torch.cuda.reset_peak_memory_stats()
-        bad_steps = int(training_stats.report0('Progress/nonfinite_steps', nonfinite_steps.item()))
-        nonfinite_steps.zero_()
-        training_stats.default_collector.update()
-        fields.insert(2, f"loss {training_stats.default_collector['Loss/loss']:<8.4f}")
-        if aot_pool: # how much closer the pairing brought each image's noise (mean distance)
-            before, after = training_stats.default_collector['AOT/cost_before'], training_stats.default_collector['AOT/cost_after']
-            fields.insert(3, f"aot_gain {1 - after / max(before, 1e-8):<5.1%}")
-        if bad_steps:
-            fields += [f'nonfinite_steps {bad_steps}']
-        dist.print0(' '.join(fields))
+            # Update weights: EDM's fixed loss scale, NaN/Inf in gradients replaced, never skipped.
+            for g in optimizer.param_groups:
+                g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+            nonfinite_steps += misc.nan_to_num_grads_(net)
+            optimizer.step()
 
-        # Save network snapshot: EDM's pickle, the safe format of the EMA weights, and a sample grid.
-        if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
-            data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
-            for key, value in data.items():
-                if isinstance(value, torch.nn.Module):
-                    value = copy.deepcopy(value).eval().requires_grad_(False)
-                    misc.check_ddp_consistency(value)
-                    data[key] = value.cpu()
-                del value
+            # Update EMA.
+            ema_halflife_nimg = ema_halflife_kimg * 1000
+            if ema_rampup_ratio is not None:
+                ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+            ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+            misc.ema_update_(ema.parameters(), net.parameters(), ema_beta)
+
+            # Perform maintenance tasks once per tick, and save the state when asked.
+            cur_nimg += batch_size
+            done = (cur_nimg >= round(total_kimg * 1000)) # whole images: 0.11296 Mimg is 112960.00000000001 in floats
+            stop_signal, rolling_due = requests.poll()
+            if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+                save_if_asked(stop_signal, rolling_due)
+                continue
+
+            # Print status line, accumulating the same information in training_stats.
+            tick_end_time = time.time()
+            tick_time = tick_end_time - tick_start_time
+            wait = torch.tensor(aot_wait[0], device=device)
+            if dist.get_world_size() > 1:
+                torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX) # the slowest rank holds up all
+            wait_frac = wait.item() / max(tick_time, 1e-8)
+            fields = []
+            fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
+            fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.3f}"]
+            fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
+            fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_time):<7.1f}"]
+            fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', tick_time / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
+            fields += [f"aot_wait {training_stats.report0('Timing/aot_wait_frac', wait_frac):<6.1%}"]
+            fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
+            fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
+            if device.type == 'cuda':
+                fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}"]
+                torch.cuda.reset_peak_memory_stats()
+            bad_steps = int(training_stats.report0('Progress/nonfinite_steps', nonfinite_steps.item()))
+            nonfinite_steps.zero_()
+            training_stats.default_collector.update()
+            fields.insert(2, f"loss {training_stats.default_collector['Loss/loss']:<8.4f}")
+            if aot_pool: # how much closer the pairing brought each image's noise (mean distance)
+                before, after = training_stats.default_collector['AOT/cost_before'], training_stats.default_collector['AOT/cost_after']
+                fields.insert(3, f"aot_gain {1 - after / max(before, 1e-8):<5.1%}")
+            if bad_steps:
+                fields += [f'nonfinite_steps {bad_steps}']
+            dist.print0(' '.join(fields))
+
+            # Save network snapshot: EDM's pickle, the safe format of the EMA weights, and a sample grid.
+            if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
+                data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+                for key, value in data.items():
+                    if isinstance(value, torch.nn.Module):
+                        value = copy.deepcopy(value).eval().requires_grad_(False)
+                        misc.check_ddp_consistency(value)
+                        data[key] = value.cpu()
+                    del value
+                if dist.get_rank() == 0:
+                    name = f'network-snapshot-{cur_nimg//1000:06d}'
+                    with dnnlib.util.atomic_write(os.path.join(run_dir, f'{name}.pkl')) as tmp, open(tmp, 'wb') as f:
+                        pickle.dump(data, f)
+                    network_io.save_safe(data['ema'], os.path.join(run_dir, f'{name}.safetensors'))
+                    if grid_images:
+                        save_sample_grid(ema, os.path.join(run_dir, f'samples-{cur_nimg//1000:06d}.png'), grid_images, grid_steps, device)
+                del data
+
+            # Save full dump of the training state; the rolling one, older now, goes.
+            state_dumped = (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0
+            if state_dumped:
+                save_state(f'training-state-{cur_nimg//1000:06d}.pt', cur_tick + 1, cur_nimg)
+                if dist.get_rank() == 0 and os.path.exists(os.path.join(run_dir, ROLLING_STATE)):
+                    os.remove(os.path.join(run_dir, ROLLING_STATE))
+
+            # Update logs.
             if dist.get_rank() == 0:
-                name = f'network-snapshot-{cur_nimg//1000:06d}'
-                with dnnlib.util.atomic_write(os.path.join(run_dir, f'{name}.pkl')) as tmp, open(tmp, 'wb') as f:
-                    pickle.dump(data, f)
-                network_io.save_safe(data['ema'], os.path.join(run_dir, f'{name}.safetensors'))
-                if grid_images:
-                    save_sample_grid(ema, os.path.join(run_dir, f'samples-{cur_nimg//1000:06d}.png'), grid_images, grid_steps, device)
-            del data
+                if stats_jsonl is None:
+                    stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+                stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
+                stats_jsonl.flush()
 
-        # Save full dump of the training state: tensors and plain values only, so it loads safely.
-        if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
-            state = dict(format=STATE_FORMAT, net=net.state_dict(), ema=ema.state_dict(), optimizer_state=optimizer.state_dict(),
-                         seed=seed, cur_nimg=cur_nimg, cur_tick=cur_tick + 1, rng_states=_gather_objects(_rng_state(device)),
-                         batch_size=batch_size, aot_pool=aot_pool, world_size=dist.get_world_size()) # train.py checks these on resume
-            if dist.get_rank() == 0:
-                with dnnlib.util.atomic_write(os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt')) as tmp:
-                    torch.save(state, tmp)
-            del state
-
-        # Update logs.
-        if dist.get_rank() == 0:
-            if stats_jsonl is None:
-                stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
-            stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
-            stats_jsonl.flush()
-
-        # Update state.
-        cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
-        maintenance_time = tick_start_time - tick_end_time
-        aot_wait[0] = 0.0
-        if done:
-            break
-
-    if in_process:
-        pools.close()
+            # Update state.
+            cur_tick += 1
+            tick_start_nimg = cur_nimg
+            tick_start_time = time.time()
+            maintenance_time = tick_start_time - tick_end_time
+            aot_wait[0] = 0.0
+            if done:
+                break
+            save_if_asked(stop_signal, rolling_due and not state_dumped)
+    except Interrupted:
+        dist.barrier() # every rank leaves once the state is on disk
+        raise
+    finally:
+        requests.close()
+        if in_process:
+            pools.close()
 
     # All ranks must end with the same weights, each having trained on its own images.
     if dist.get_world_size() > 1:
