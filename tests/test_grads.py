@@ -14,14 +14,6 @@ GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'grads')
 with open(os.path.join(GOLDEN, 'README.json')) as f:
     META = json.load(f)['networks']
 
-@pytest.fixture
-def one_thread():
-    # The reference ran on one thread; more threads may split reductions differently.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def test_all_cases_present():
     assert sorted(META) == ['adm_edm', 'ddpmpp_edm', 'ncsnpp_ve']
 

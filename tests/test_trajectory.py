@@ -16,13 +16,7 @@ from tools import trajectory
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, 'tests', 'golden', 'networks')
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # On a loaded 2-core machine, two torch threads wait on each other: one thread is many times faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 def golden_net():
     with open(os.path.join(GOLDEN, 'ddpmpp_edm_cond.json')) as f:
