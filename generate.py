@@ -6,6 +6,9 @@ and the same image as EDM's generate.py for the same network and options."""
 import json
 import os
 import re
+import shlex
+import signal
+import sys
 import click
 import numpy as np
 import PIL.Image
@@ -21,9 +24,13 @@ GRID_MAX_IMAGES = 256 # --grid shows the first images in seed order; a 50k-image
 
 #----------------------------------------------------------------------------
 
+MAX_SEEDS = 10_000_000 # per run: 200 full FID sets of 50,000; more is better split into runs (the seed list lives in memory on every rank)
+SEED_LIMIT = 1 << 32   # seeds are torch.Generator seeds modulo 2^32 (as in EDM): a larger one would repeat a smaller one's image
+
 def parse_seeds(text):
-    """'0-49999,100,5-7' -> [0, ..., 49999, 100, 5, 6, 7]. Raises ValueError naming the bad part."""
-    seeds = []
+    """'0-49999,100,5-7' -> [0, ..., 49999, 100, 5, 6, 7]. Raises ValueError naming the bad part.
+    The count is checked before any list is built, so a huge range is an error, not a MemoryError."""
+    ranges = []
     for part in text.split(','):
         m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
         if m is None:
@@ -32,7 +39,14 @@ def parse_seeds(text):
         hi = lo if m.group(2) is None else int(m.group(2))
         if hi < lo:
             raise ValueError(f'range "{part}" is empty; write it low-high')
-        seeds.extend(range(lo, hi + 1))
+        ranges.append(range(lo, hi + 1))
+    count = sum(len(r) for r in ranges)
+    if count > MAX_SEEDS:
+        raise ValueError(f'{count:,} seeds, more than the {MAX_SEEDS:,} one run takes; split them into several runs into the same --outdir')
+    top = max(r[-1] for r in ranges)
+    if top >= SEED_LIMIT:
+        raise ValueError(f'seed {top} is above {SEED_LIMIT - 1}: seeds are used modulo 2^32, so it would repeat the image of seed {top % SEED_LIMIT}')
+    seeds = [seed for r in ranges for seed in r]
     repeated = len(seeds) - len(set(seeds))
     if repeated:
         raise ValueError(f'{repeated} seed(s) appear more than once; each seed names one image')
@@ -76,31 +90,82 @@ def check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs)
     if dg_kwargs.get('dg_time_min', 0.01) > dg_kwargs.get('dg_time_max', 1.0):
         raise click.BadParameter(f'--dg-time-min {dg_kwargs["dg_time_min"]} must not exceed --dg-time-max {dg_kwargs.get("dg_time_max", 1.0)}', param_hint='--dg-time-min')
 
-def write_labels(outdir, labels):
-    """Add this run's {file: class} (from every rank) to outdir/dataset.json, EDM's dataset format,
-    so that the images form a labelled dataset (e.g. fakes for train_discriminator.py --cond=1)."""
-    gathered = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(gathered, labels)
-    if dist.get_rank() != 0:
-        return
+#----------------------------------------------------------------------------
+# The output folder: PNGs appear complete or not at all (written under a temporary name and
+# renamed), and dataset.json is rewritten atomically after every batch, so at any moment a run can
+# stop and a later run into the same folder continues where it stopped.
+
+TEMP_FILE = re.compile(r'.+\.(png|json)\.tmp-[0-9a-f]{32}') # dnnlib.util.atomic_write's temporary names
+
+def png_name(seed, subdirs):
+    """Path of seed's PNG relative to --outdir (EDM's layout; dataset.json lists these paths)."""
+    return f'{seed - seed % 1000:06d}/{seed:06d}.png' if subdirs else f'{seed:06d}.png'
+
+def scan_outdir(outdir):
+    """Relative paths of the files in outdir, after removing the temporary files of an interrupted write."""
+    found = set()
+    for dirpath, _dirs, files in os.walk(outdir):
+        for name in files:
+            if TEMP_FILE.fullmatch(name):
+                os.remove(os.path.join(dirpath, name))
+            else:
+                found.add(os.path.relpath(os.path.join(dirpath, name), outdir).replace(os.sep, '/'))
+    return found
+
+def read_labels(outdir):
+    """{file: class} of outdir/dataset.json ({} if there is none)."""
     path = os.path.join(outdir, 'dataset.json')
-    merged = {}
-    if os.path.isfile(path): # images of earlier runs into the same folder keep their labels
+    if not os.path.isfile(path):
+        return {}
+    try:
         with open(path) as f:
-            merged = dict((name, label) for name, label in json.load(f).get('labels') or [])
-    for part in gathered:
-        merged.update(part)
-    with dnnlib.util.atomic_write(path) as temp:
+            return dict((name, int(label)) for name, label in json.load(f).get('labels') or [])
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise click.ClickException(f'{path} is not a dataset.json of class labels ({one_line(e)}); '
+                                   'delete it and generate.py writes it again for the PNGs there')
+
+def write_labels(outdir, labels):
+    """outdir/dataset.json in EDM's dataset format, so that the images form a labelled dataset
+    (e.g. fakes for train_discriminator.py --cond=1)."""
+    with dnnlib.util.atomic_write(os.path.join(outdir, 'dataset.json')) as temp:
         with open(temp, 'w') as f:
-            json.dump(dict(labels=sorted([name, label] for name, label in merged.items())), f)
+            json.dump(dict(labels=sorted([name, label] for name, label in labels.items())), f)
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (sent by torchrun, schedulers) ask the loop to stop after the
+    current batch, so that its PNGs and dataset.json are written. A second signal does not cut
+    this short: torchrun passes Ctrl-C on to its workers, which then see it twice."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handle) for s in [signal.SIGINT, signal.SIGTERM]}
+
+    def _handle(self, signum, _frame):
+        if self.signal is None and dist.get_rank() == 0:
+            print(f'\n{signal.Signals(signum).name}: stopping after this batch...', file=sys.stderr, flush=True)
+        self.signal = self.signal or signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+def continue_command():
+    """The command line that continues this run (without --force, which would start over)."""
+    args = [sys.argv[0]] + [a for a in sys.argv[1:] if a != '--force']
+    if 'LOCAL_WORLD_SIZE' not in os.environ:
+        return shlex.join(['python'] + args)
+    if dist.get_world_size() == dist.get_local_world_size():
+        return shlex.join(['torchrun', '--standalone', f'--nproc_per_node={dist.get_local_world_size()}'] + args)
+    return f'your torchrun command on every node, running {shlex.join(args)}'
 
 #----------------------------------------------------------------------------
 
 @click.command()
 @click.option('--network', 'network_pkl',  help='Snapshot pickle, .safetensors file, or URL of either', metavar='PATH|URL', type=str, required=True)
-@click.option('--outdir',                  help='Output folder for the PNGs', metavar='DIR',                         type=str, required=True)
+@click.option('--outdir',                  help='Output folder for the PNGs; a run into a folder that has some of them continues', metavar='DIR', type=str, required=True)
 @click.option('--seeds',                   help='Seeds and ranges, e.g. 0-49999 or 1,2,5-10', metavar='LIST',       type=SeedList(), default='0-63', show_default=True)
 @click.option('--subdirs',                 help='One folder per 1000 seeds',                                        is_flag=True)
+@click.option('--force',                   help='Generate again the seeds whose PNG is already in --outdir',         is_flag=True)
 @click.option('--class', 'class_idx',      help='Class of every image  [default: random per seed]', metavar='INT',  type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Images per network call and process, at most', metavar='INT',     type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--grid',                    help=f'Also write a grid of the first {GRID_MAX_IMAGES} images', metavar='PATH', type=str, default=None)
@@ -130,7 +195,7 @@ def write_labels(outdir, labels):
 @click.option('--dg-time-max',             help='Apply DG up to this VP time  [default: 1]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
 @click.option('--dg-boosting',             help="DG's boosting: more churn and correction for samples the discriminator finds fake", is_flag=True, default=None)
 
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, dg_path, dg_classifier, dg_head, ot_map_path, **sampler_kwargs):
+def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, grid, device, dg_path, dg_classifier, dg_head, ot_map_path, **sampler_kwargs):
     """Sample images from a trained EDM / EDM-AOT network, one PNG per seed.
 
     Without --solver/--disc/--schedule/--scaling this is EDM's Heun sampler; with any of them, the
@@ -144,6 +209,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
     # 50,000 images for FID, EDM-AOT's unconditional setting (27 NFE), 2 GPUs
     torchrun --standalone --nproc_per_node=2 generate.py --network=network-snapshot.pkl \\
         --outdir=out --seeds=0-49999 --subdirs --batch=200 --rho=90 --steps=14
+
+    Stopped (Ctrl-C, SIGTERM) after the current batch, a run says how many images are done and the
+    command that continues it: the same command, which skips the seeds whose PNG is in --outdir
+    (--force makes them again). A continued run writes the same images as one without a break.
     """
     # Check the options that need no network before anything else.
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
@@ -159,8 +228,6 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
     except (RuntimeError, AssertionError) as e:
         raise click.BadParameter(f'device "{device}" is not usable here ({one_line(e)}); try --device=cpu', param_hint='--device')
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
-    rank_batches = torch.as_tensor(seeds).tensor_split(num_batches)[rank :: world_size]
 
     # Load the network; rank 0 first, so that a download lands in the cache once.
     if rank != 0:
@@ -226,30 +293,73 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, grid, d
                     f'VP times {dg.time_min:g}-{dg.time_max:g}, boosting {"on" if dg_kwargs["dg_boosting"] else "off"}')
         sampler_kwargs.update(guidance=dg, **dg_kwargs)
 
-    # Generate; each batch's latents come from its seeds only.
-    dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
-    labels = {} # file name -> class, for dataset.json
-    for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(rank != 0)):
-        if len(batch_seeds) == 0:
-            continue
-        latents, class_labels, rnd = sampling.latents_for_seeds(net, batch_seeds.tolist(), device=device, class_idx=class_idx)
+    def draw(batch_seeds):
+        """Latents, class labels and noise of these seeds; they depend on each seed alone."""
+        latents, class_labels, rnd = sampling.latents_for_seeds(net, batch_seeds, device=device, class_idx=class_idx)
         if ot_map is not None and net.label_dim:
             class_labels = ot_map.labels_for(latents) # the picked targets' classes
-        with torch.no_grad():
-            images = sampler_fn(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
-        for i, (seed, image) in enumerate(zip(batch_seeds.tolist(), to_uint8(images))):
-            name = f'{seed - seed % 1000:06d}/{seed:06d}.png' if subdirs else f'{seed:06d}.png'
-            os.makedirs(os.path.dirname(os.path.join(outdir, name)), exist_ok=True)
-            save_png(image, os.path.join(outdir, name))
-            if class_labels is not None:
-                labels[name] = int(class_labels[i].argmax())
-    dist.barrier()
-    if net.label_dim:
-        write_labels(outdir, labels)
+        return latents, class_labels, rnd
+
+    # Continue in a folder that has some of the PNGs: rank 0 decides which seeds remain, and brings
+    # dataset.json up to date with the PNGs there (an interruption can leave the last batch unlisted).
+    todo, labels = None, {}
+    if rank == 0:
+        files = scan_outdir(outdir)
+        present = {png_name(seed, subdirs) for seed in seeds} & files
+        todo = seeds if force else [seed for seed in seeds if png_name(seed, subdirs) not in present]
+        if net.label_dim:
+            labels = {name: label for name, label in read_labels(outdir).items() if name in files}
+            unlisted = [seed for seed in seeds if png_name(seed, subdirs) in present - labels.keys()]
+            for chunk in (unlisted[i : i + max_batch_size] for i in range(0, len(unlisted), max_batch_size)):
+                labels.update((png_name(seed, subdirs), int(label.argmax())) for seed, label in zip(chunk, draw(chunk)[1]))
+            if labels or 'dataset.json' in files:
+                write_labels(outdir, labels)
+        kept = f'; {len(present)} of the {len(seeds)} are there already and kept (--force makes them again)' if present and not force else ''
+        print(f'Generating {len(todo)} images to "{outdir}"{kept}...')
+    todo = dist.broadcast_object(todo)
+
+    # Each batch's latents come from its seeds only, so skipping the seeds that are done changes no other image.
+    num_batches = ((len(todo) - 1) // (max_batch_size * world_size) + 1) * world_size if todo else 0
+    rank_batches = torch.as_tensor(todo, dtype=torch.int64).tensor_split(num_batches)[rank :: world_size] if todo else []
+    stop, signum = StopRequest(), None
+    progress = tqdm.tqdm(rank_batches, unit='batch', disable=(rank != 0))
+    try:
+        for batch_seeds in progress:
+            written = {} # file name -> class (None when unconditional)
+            if len(batch_seeds) > 0:
+                latents, class_labels, rnd = draw(batch_seeds.tolist())
+                with torch.no_grad():
+                    images = sampler_fn(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+                for i, (seed, image) in enumerate(zip(batch_seeds.tolist(), to_uint8(images))):
+                    name = png_name(seed, subdirs)
+                    os.makedirs(os.path.dirname(os.path.join(outdir, name)), exist_ok=True)
+                    save_png(image, os.path.join(outdir, name))
+                    written[name] = None if class_labels is None else int(class_labels[i].argmax())
+            # Every rank's batch is on disk: list it in dataset.json, and stop together if any rank was asked to.
+            gathered = [None] * world_size
+            torch.distributed.all_gather_object(gathered, (written, stop.signal))
+            if rank == 0:
+                for part, _ in gathered:
+                    present.update(part)
+                    labels.update(part)
+                if net.label_dim:
+                    write_labels(outdir, labels)
+            signum = next((s for _, s in gathered if s is not None), None)
+            if signum is not None:
+                break
+    finally:
+        progress.close()
+        stop.restore()
+    if signum is not None:
+        if rank == 0:
+            print(f'Interrupted: {len(present)} of {len(seeds)} images are in "{outdir}"'
+                  f'{" and listed in its dataset.json" if net.label_dim else ""}. Continue with:\n  {continue_command()}',
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
     # The grid is read back from the written files, so it holds every rank's images.
     if grid is not None and rank == 0:
-        paths = [os.path.join(outdir, f'{s - s % 1000:06d}' if subdirs else '', f'{s:06d}.png') for s in seeds[:GRID_MAX_IMAGES]]
+        paths = [os.path.join(outdir, png_name(s, subdirs)) for s in seeds[:GRID_MAX_IMAGES]]
         os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
         images = []
         for path in paths:

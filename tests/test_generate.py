@@ -1,9 +1,13 @@
 """generate.py end to end: seed-exact PNGs across batch sizes, processes and network formats; errors."""
 
 import copy
+import json
 import os
 import pickle
+import shlex
+import signal
 import subprocess
+import time
 import sys
 import numpy as np
 import PIL.Image
@@ -125,6 +129,81 @@ def test_forced_class_with_ablation_sampler(nets, tmp_path):
     for s, image in zip([3, 4, 5], expected):
         assert np.array_equal(images[f'{s:06d}.png'], image)
 
+#----------------------------------------------------------------------------
+# Continuing in a folder that has some of the images: after Ctrl-C, with --force, across processes.
+
+def read_bytes(outdir):
+    """{relative path: file bytes} of every PNG under outdir."""
+    return {name: (outdir / name).read_bytes() for name in pngs(outdir)}
+
+def listed(outdir):
+    """dataset.json's labels as [name, label] pairs, with each name checked to be listed once."""
+    labels = json.loads((outdir / 'dataset.json').read_text())['labels']
+    assert len({name for name, _ in labels}) == len(labels), labels
+    return labels
+
+def expected_labels(net, seeds, subdirs=False):
+    labels = sampling.latents_for_seeds(net, seeds)[1].argmax(1).tolist()
+    return sorted([f'{s - s % 1000:06d}/{s:06d}.png' if subdirs else f'{s:06d}.png', label] for s, label in zip(seeds, labels))
+
+def test_interrupted_run_continues_with_the_same_images(nets, tmp_path):
+    args = ['--network', nets['pkl'], '--seeds=993-1004', '--subdirs', '--batch=2', *STEPS, *CPU]
+    whole = start([*args, '--outdir', str(tmp_path / 'whole')])
+    parts = tmp_path / 'parts'
+    proc = start([*args, '--outdir', str(parts)])
+    while proc.poll() is None and not any(n.endswith('.png') for _, _, files in os.walk(parts) for n in files):
+        time.sleep(0.02) # Ctrl-C once the first PNG is written
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    done = pngs(parts)
+    assert code == 130 and 0 < len(done) < 12, f'{code} {sorted(done)}\n{err}'
+    assert f'Interrupted: {len(done)} of 12 images are in "{parts}" and listed in its dataset.json' in err, err
+    assert [name for name, _ in listed(parts)] == sorted(done) # every PNG there, and only those
+
+    # A write cut off by a harder kill: a temporary file, and the last PNG not yet in dataset.json.
+    (parts / '000000' / '000999.png.tmp-0123456789abcdef0123456789abcdef').write_bytes(b'half a PNG')
+    (parts / 'dataset.json').write_text(json.dumps(dict(labels=listed(parts)[:-1])))
+
+    command = shlex.split(err.strip().splitlines()[-1]) # the command the message gives
+    assert command[:2] == ['python', 'generate.py'] and command[2:] == [*args, '--outdir', str(parts)], command
+    code, out, err = finish(start(command[2:]))
+    assert code == 0, f'{out}\n{err}'
+    assert f'Generating {12 - len(done)} images' in out and f'{len(done)} of the 12 are there already' in out, out
+    code, out, err = finish(whole)
+    assert code == 0, f'{out}\n{err}'
+    assert read_bytes(parts) == read_bytes(tmp_path / 'whole') # byte for byte
+    assert listed(parts) == listed(tmp_path / 'whole') == expected_labels(nets['net'], list(range(993, 1005)), subdirs=True)
+
+def test_existing_images_are_kept_unless_forced(nets, tmp_path):
+    args = ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-3', *STEPS, *CPU]
+    assert finish(start(args))[0] == 0
+    expected = expected_images(nets['net'], [0, 1, 2, 3])
+    PIL.Image.fromarray(np.zeros_like(expected[2])).save(tmp_path / '000002.png') # stands for an image made with other options
+    os.remove(tmp_path / '000003.png')
+    code, out, err = finish(start(args))
+    assert code == 0 and 'Generating 1 images' in out and '3 of the 4 are there already' in out, f'{out}\n{err}'
+    images = pngs(tmp_path)
+    assert not images['000002.png'].any() and np.array_equal(images['000003.png'], expected[3])
+    code, out, err = finish(start([*args, '--force']))
+    assert code == 0 and 'Generating 4 images' in out, f'{out}\n{err}'
+    images = pngs(tmp_path)
+    assert all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(4))
+    assert listed(tmp_path) == expected_labels(nets['net'], [0, 1, 2, 3])
+
+def test_two_processes_continue_a_folder_and_merge_the_labels(nets, tmp_path):
+    common = ['--network', nets['pkl'], '--outdir', str(tmp_path), '--batch=2', *STEPS, *CPU]
+    assert finish(start([*common, '--seeds=0-4']))[0] == 0
+    before = read_bytes(tmp_path)
+    code, out, err = finish(start_torchrun([*common, '--seeds=0-12']))
+    assert code == 0, f'{out}\n{err}'
+    assert 'Generating 8 images' in out
+    images = pngs(tmp_path)
+    assert sorted(images) == [f'{s:06d}.png' for s in range(13)]
+    assert all(read_bytes(tmp_path)[name] == data for name, data in before.items()) # kept, not made again
+    expected = expected_images(nets['net'], list(range(13)))
+    assert all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(13))
+    assert listed(tmp_path) == expected_labels(nets['net'], list(range(13))) # both ranks' images and the earlier run's
+
 BAD_INPUTS = {
     # name: (arguments, text the error line must contain)
     'missing network': (['--network={tmp}/nope.pkl'], 'nope.pkl'),
@@ -132,6 +211,8 @@ BAD_INPUTS = {
     'malformed seeds': (['--network={pkl}', '--seeds=0-x'], '--seeds'),
     'reversed range':  (['--network={pkl}', '--seeds=7-5'], 'empty'),
     'repeated seed':   (['--network={pkl}', '--seeds=0-3,2'], 'more than once'),
+    'huge range':      (['--network={pkl}', '--seeds=0-99999999999'], 'more than the 10,000,000 one run takes'),
+    'seed over 2^32':  (['--network={pkl}', '--seeds=4294967296'], 'above 4294967295'),
     'class uncond':    (['--network={uncond}', '--class=1'], 'unconditional'),
     'class range':     (['--network={pkl}', '--class=10'], 'out of range'),
     'unknown solver':  (['--network={pkl}', '--solver=rk4'], '--solver'),
