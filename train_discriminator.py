@@ -108,6 +108,14 @@ def best_auc(stats_path):
                 best = (entry['heldout_auc']['all'], entry['kimg'])
     return best
 
+def renumber_optimizer_state(opt_state, saved_names, names):
+    """Optimizer state saved for the parameters saved_names, for the parameters names (a subset, in
+    the same order). Runs begun before the small encoder lost its unused output pool also gave that
+    pool to Adam; it never had a gradient, hence no state, and is dropped on resume."""
+    keep = [saved_names.index(name) for name in names]
+    state = {i: opt_state['state'][j] for i, j in enumerate(keep) if j in opt_state['state']}
+    return dict(state=state, param_groups=[dict(opt_state['param_groups'][0], params=list(range(len(names))))])
+
 #----------------------------------------------------------------------------
 
 @click.command()
@@ -190,6 +198,8 @@ def main(data, fakes, outdir, cond, aot, classifier, width, kimg, batch, lr, hol
     if os.path.isfile(state_path):
         state = torch.load(state_path, map_location='cpu', weights_only=True)
         disc.load_state_dict(state['disc'])
+        if disc.trains_extractor and any(k.startswith('classifier.out.') for k in state['disc']):
+            state['opt'] = renumber_optimizer_state(state['opt'], list(state['disc']), [n for n, _ in disc.named_parameters()])
         opt.load_state_dict(state['opt'])
         step = state['step']
         gen.set_state(state['gen'][rank])

@@ -180,6 +180,28 @@ def small_discriminator(res=16, channels=3, label_dim=10, seed=4):
     fill_params(disc, seed)
     return disc.eval().requires_grad_(False)
 
+def with_output_pool(disc):
+    """A small-extractor discriminator as built before the fix of the DDP crash: with the encoder's
+    unused output pool, registered after all its other layers."""
+    ch = disc.classifier.feature_channels
+    disc.classifier.out = torch.nn.Sequential(guidance.GroupNorm32(ch), torch.nn.SiLU(),
+                                              guidance.AttentionPool2d(disc.img_resolution, ch, 32, 1))
+    return disc
+
+def test_small_extractor_has_no_unused_parameters_and_older_files_load(tmp_path):
+    # Under DDP every trainable parameter must receive a gradient: the small encoder has no output pool.
+    disc = Discriminator(8, 1, label_dim=4, extractor='small')
+    disc(torch.randn([3, 1, 8, 8]), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 1, 3])).sum().backward()
+    assert all(p.grad is not None for p in disc.parameters())
+    assert not any(k.startswith('classifier.out.') for k in disc.state_dict())
+    # Files written before held that unused pool (after all the encoder's other layers): they load, the same function.
+    from training.network_io import save_safe
+    old = with_output_pool(small_discriminator(res=8, channels=1, label_dim=4))
+    save_safe(old, tmp_path / 'old.safetensors')
+    loaded = guidance.load_discriminator(str(tmp_path / 'old.safetensors'), verbose=False)
+    x, t, y = torch.randn([3, 1, 8, 8]), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 1, 3])
+    assert torch.equal(loaded(x, t, y), old(x, t, y))
+
 @pytest.fixture(scope='module')
 def gen_files(tmp_path_factory):
     from training.network_io import save_safe

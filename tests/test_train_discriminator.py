@@ -12,6 +12,7 @@ import torch
 import train_discriminator as td
 from training import aot, guidance
 from tests.datagen import make_dataset
+from tests.test_guidance import with_output_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,3 +113,37 @@ def test_heldout_accuracy_is_balanced_and_auc_ignores_bias():
     acc, area = td.heldout_metrics(BiasedBrightness(), real, fake, 'cpu')
     assert set(acc.values()) == {0.5} and area['t<0.2'] == 1 and area['all'] > 0.75 # noise hides brightness at large t
     assert td.auc(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == 0 and td.auc(np.array([1, 3]), np.array([2, 2])) == 0.5
+
+def test_two_ranks_small_extractor(data, tmp_path):
+    # Every trainable parameter must get a gradient each step: DDP (here gloo on 2 CPU processes)
+    # stops at the second step otherwise. Without --classifier the encoder is trained with the head.
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_discriminator.py',
+           '--data', data['real'], '--fakes', data['fake'], '--cond=1', '--batch=8', '--kimg=0.032', '--outdir', str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
+    assert [s['kimg'] for s in stats] == [0.032] # 4 steps of 8 images, 4 on each rank
+    disc = guidance.load_discriminator(str(tmp_path / 'discriminator.safetensors'), verbose=False)
+    assert disc.extractor == 'small' and disc.label_dim == 4
+
+def test_resume_of_run_that_trained_the_unused_output_pool(data, tmp_path):
+    # Such runs (before the fix of the DDP crash) gave Adam the small encoder's output pool too, last among its layers.
+    torch.manual_seed(0)
+    old = with_output_pool(guidance.Discriminator(8, 1, label_dim=4, extractor='small'))
+    opt = torch.optim.Adam(old.parameters(), lr=3e-4, weight_decay=1e-7)
+    old(torch.randn([4, 1, 8, 8]), torch.rand([4]), torch.tensor([0, 1, 2, 3])).sum().backward()
+    opt.step()
+    (tmp_path / 'out').mkdir()
+    gen = [torch.Generator().manual_seed(1).get_state()]
+    torch.save(dict(disc=old.state_dict(), opt=opt.state_dict(), step=4, gen=gen), tmp_path / 'out' / 'training-state.pt')
+    code, out, err = run(['--data', data['real'], '--fakes', data['fake'], '--cond=1', '--batch=8', '--kimg=0.064', '--outdir', str(tmp_path / 'out')])
+    assert code == 0 and 'Resuming from' in out and 'at 0.032 kimg' in out, out + err
+
+    # Each remaining parameter keeps its own Adam moments.
+    new = guidance.Discriminator(8, 1, label_dim=4, extractor='small')
+    names = [n for n, _ in new.named_parameters()]
+    new_opt = torch.optim.Adam(new.parameters())
+    new_opt.load_state_dict(td.renumber_optimizer_state(opt.state_dict(), list(old.state_dict()), names))
+    old_params = dict(old.named_parameters())
+    for name, p in new.named_parameters():
+        assert torch.equal(new_opt.state[p]['exp_avg'], opt.state[old_params[name]]['exp_avg']), name

@@ -115,7 +115,8 @@ class TimestepSequential(torch.nn.Sequential):
 #----------------------------------------------------------------------------
 # guided-diffusion's EncoderUNetModel (pool='attention', scale-shift norm, resblock down-sampling)
 # with DG's additions: feature=True returns the activations before the output pool, sigmoid=True
-# the probability, and condition= adds a class embedding (conditional heads).
+# the probability, and condition= adds a class embedding (conditional heads). out_channels=0 builds
+# a feature extractor without the output pool: under DDP every trainable parameter must be used.
 
 class EncoderUNet(torch.nn.Module):
     def __init__(self, img_resolution, in_channels, model_channels, out_channels, num_res_blocks,
@@ -144,9 +145,17 @@ class EncoderUNet(torch.nn.Module):
         self.input_blocks = torch.nn.ModuleList(blocks)
         self.middle_block = TimestepSequential(ResBlock(ch, emb_channels, dropout=dropout), AttentionBlock(ch, num_head_channels),
                                                ResBlock(ch, emb_channels, dropout=dropout))
-        self.out = torch.nn.Sequential(GroupNorm32(ch), torch.nn.SiLU(),
-                                       AttentionPool2d(img_resolution // ds, ch, num_head_channels, out_channels))
+        if out_channels:
+            self.out = torch.nn.Sequential(GroupNorm32(ch), torch.nn.SiLU(),
+                                           AttentionPool2d(img_resolution // ds, ch, num_head_channels, out_channels))
         self.feature_channels, self.feature_resolution = ch, img_resolution // ds
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Small extractors saved before they lost their unused output pool carry its weights: ignored.
+        if not self.out_channels:
+            for key in [k for k in state_dict if k.startswith(prefix + 'out.')]:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x, timesteps, feature=False, sigmoid=False, condition=None):
         """x [N, C, H, W] at VP times `timesteps` [N] in [0, 1]; condition: one-hot [N, K] or indices [N]."""
@@ -159,7 +168,7 @@ class EncoderUNet(torch.nn.Module):
         for block in self.input_blocks:
             h = block(h, emb)
         h = self.middle_block(h, emb)
-        if feature:
+        if feature or not self.out_channels:
             return h
         out = self.out(h)
         return torch.sigmoid(out) if sigmoid else out
@@ -189,12 +198,13 @@ def discriminator_head(cond=False, in_channels=512, feature_resolution=8, model_
 
 def small_encoder(img_resolution, img_channels, model_channels=32, depth=1):
     """A small noise-conditional encoder of the same family, for data without a pretrained extractor:
-    it down-samples to 8x8 (or keeps a smaller size) and is trained here together with the head."""
+    it down-samples to 8x8 (or keeps a smaller size) and is trained here together with the head.
+    Features only: no output pool."""
     levels = max(int(round(math.log2(img_resolution / 8))), 0) + 1
     if img_resolution != 8 * 2 ** (levels - 1) and img_resolution > 8 or img_resolution & (img_resolution - 1):
         raise ValueError(f'image resolution {img_resolution} is not a power of two')
     mult = tuple(2 ** i for i in range(levels))
-    return EncoderUNet(img_resolution, img_channels, model_channels, 1, depth, (2 ** (levels - 1),), mult,
+    return EncoderUNet(img_resolution, img_channels, model_channels, 0, depth, (2 ** (levels - 1),), mult,
                        num_head_channels=model_channels)
 
 #----------------------------------------------------------------------------
