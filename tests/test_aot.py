@@ -134,3 +134,25 @@ def test_bad_inputs():
         aot.assign(images.numpy(), noise)
 
 #----------------------------------------------------------------------------
+
+def test_group_costs_are_the_per_class_distances():
+    # Sizes across several power-of-two classes, single members and one of exactly 2^k rows.
+    sizes = [1, 1, 2, 3, 5, 8, 9, 17, 30, 32, 33]
+    images, noise, _ = random_pool(sum(sizes), seed=5)
+    x, n = images.flatten(1), noise.flatten(1)
+    perm = np.random.default_rng(0).permutation(sum(sizes))
+    groups = np.split(perm, np.cumsum(sizes)[:-1])
+    costs = aot.group_costs(x, n, groups)
+    assert [c.shape for c in costs] == [(s, s) for s in sizes]
+    for g, cost in zip(groups, costs):
+        np.testing.assert_allclose(cost, torch.cdist(x[g], n[g]).numpy(), rtol=1e-5, atol=1e-5)
+
+def test_class_groups_on_the_host():
+    classes = np.array([3, 0, 3, 7, 0, 3])
+    groups = aot.class_groups(classes, 6)
+    assert [g.tolist() for g in groups] == [[1, 4], [0, 2, 5], [3]] # class order, ascending indices
+    assert [g.tolist() for g in aot.class_groups(None, 3)] == [[0, 1, 2]]
+    # The pairing maps each group through its own solution only.
+    assert aot.pairing(groups, [np.array([1, 0]), np.array([2, 0, 1]), np.array([0])]).tolist() == [5, 4, 0, 3, 1, 2]
+
+#----------------------------------------------------------------------------

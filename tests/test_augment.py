@@ -100,6 +100,41 @@ def test_color_transformations(channels):
     y, labels = AugmentPipe(brightness=1, brightness_std=0.2)(x)
     torch.testing.assert_close(y, x + labels[:, 0].reshape(-1, 1, 1, 1) * 0.2)
 
+@pytest.mark.parametrize('per_chunk', [1, 3, 7])
+def test_chunks_bound_memory_and_leave_result_alone(per_chunk, monkeypatch):
+    # A pool is a function of its seed, not of how it is cut: the same images and labels with any
+    # chunk size (one image included), and the resampler never sees more than a chunk.
+    x = images(n=20, h=10, w=10, seed=7)
+    pipe = AugmentPipe(p=0.8, xflip=1e8, yflip=1, rotate_int=1, translate_int=1, scale=1, rotate_frac=1, aniso=1,
+                       translate_frac=1, brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
+    whole = pipe(x, generator=torch.Generator().manual_seed(3))
+    seen = []
+    resample = augment._resample
+    monkeypatch.setattr(augment, '_resample', lambda images, *args: seen.append(len(images)) or resample(images, *args))
+    monkeypatch.setattr(augment, 'CHUNK_VALUES', per_chunk * 3 * 10 * 10)
+    chunked = pipe(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    assert max(seen) == per_chunk and sum(seen) == 20
+
+def test_cuda_chunks_bound_memory(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip('needs CUDA: measures the device memory that augmenting a pool takes')
+    x = torch.randn([2048, 3, 32, 32], device='cuda')
+    pipe = AugmentPipe(p=1, **EDM_KWARGS)
+    def run(chunk_values):
+        monkeypatch.setattr(augment, 'CHUNK_VALUES', chunk_values)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = pipe(x, generator=torch.Generator().manual_seed(0))
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - start
+    (whole, labels), whole_peak = run(1 << 40)
+    (chunked, chunked_labels), chunked_peak = run(1 << 18) # 85 images a chunk
+    assert chunked_peak < whole_peak / 4, (chunked_peak, whole_peak)
+    assert torch.equal(chunked_labels, labels)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match=r'\[N, C, H, W\]'):
         AugmentPipe(xflip=1)(torch.zeros([3, 8, 8]))

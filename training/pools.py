@@ -5,21 +5,32 @@ assignment of `training.aot` and hands the pool to the loop, which trains on it 
 slices over the following accumulation rounds and steps. Pools are built ahead, while the previous
 pool is being trained on, in one of two ways:
 
-- in the training process (`PoolPrefetcher`, train.py --workers 0): augmentation, noise and
-  distances run on the training device in a background thread, and only the assignment runs on the
-  CPU (scipy's solver releases the GIL; lap's does not and runs in a helper process);
-- in DataLoader worker processes (--workers N): the whole pool is built on the CPU.
+- in DataLoader worker processes (--workers N): the whole pool is built on the CPU; auto_workers()
+  says how many keep a GPU from waiting;
+- in the training process (`PoolPrefetcher`, --workers 0): augmentation, noise and distances run
+  on the training device in background threads, each pool on a CUDA stream of its own that the
+  training stream waits for with an event; the host waits for that stream once per pool (for its
+  distances), never for training kernels. Only the assignment runs on the CPU (scipy's solver
+  releases the GIL; lap's does not and runs in a small helper process, training/lap_helper.py).
 
 Pool k of rank r is a pure function of (seed, r, k) and of the kind of device that builds it:
-image indices come from seeded epoch permutations, augmentation and noise from a generator of its
-own seeded by (seed, r, k) (so the trainer's random streams are never touched). A resumed run
-therefore rebuilds exactly the pools, pairings included, that the interrupted run would have seen.
-On the CPU both ways give identical pools; a CUDA generator draws other numbers than the CPU's.
+image indices come from seeded epoch permutations, augmentation parameters (always drawn on the
+CPU) and noise from generators of their own seeded by (seed, r, k) (so the trainer's random streams
+are never touched). A resumed run therefore rebuilds exactly the pools, pairings included, that the
+interrupted run would have seen. On the CPU both ways give identical pools; a CUDA generator draws
+other noise than the CPU's.
 """
 
 import collections
 import concurrent.futures
-import multiprocessing
+import contextlib
+import functools
+import math
+import os
+import pickle
+import queue
+import subprocess
+import sys
 import threading
 import time
 
@@ -43,11 +54,24 @@ _EPOCH_TAG = 0x65706f6368 # 'epoch': keeps permutation seeds apart from pool see
 def _epoch_seed(seed, epoch):
     return _mix(_EPOCH_TAG, seed, epoch)
 
-def solve_costs(costs, solver):
-    """Columns assigned to the rows of each float32 cost matrix (a list; picklable, so that it can
-    run in a helper process)."""
-    solve = aot.check_solver(solver)
-    return [solve(cost.astype(np.float64)) for cost in costs]
+# Pools built ahead hold images and noise on the device (in host memory for the CPU): at most this
+# many bytes of them, the pool in use included, but always one pool ahead.
+MAX_BYTES_AHEAD = 2 << 30
+
+def auto_workers(pool_size, num_classes, cpu_cores_per_gpu, cuda):
+    """Pool worker processes per GPU for train.py --workers auto: 1 on the CPU (a spare core); on
+    CUDA as many as keep the GPU from waiting for pools, leaving a core to the trainer.
+
+    One worker builds a pool on one core. On an H100 at EDM's CIFAR-10 settings (--aot 512, 3.25
+    s/kimg) 1 worker left the loop waiting 5-9% of the time and 4 workers 0.0%: 4 at pool 512.
+    Per image, building costs the same at any pool size but for the assignment, which grows with the
+    class size n = pool / classes as (n / 512)^1.45 and is ~2.7% of the build at n = 512 (scipy, one
+    core: 0.09 ms of ~3.4 ms per image)."""
+    if not cuda:
+        return 1
+    n = pool_size / max(num_classes, 1)
+    need = math.ceil(4 * (1 + 0.027 * ((n / 512) ** 1.45 - 1)))
+    return max(min(need, cpu_cores_per_gpu - 1), 1)
 
 #----------------------------------------------------------------------------
 
@@ -102,50 +126,67 @@ class PoolStream(torch.utils.data.IterableDataset):
             out[sel] = self._epoch_perm(int(epoch))[pos[sel] % n]
         return out
 
+    def pool_bytes(self):
+        """Bytes of a pool's images and noise (float32)."""
+        return 2 * 4 * self.pool_size * int(np.prod(self.dataset.image_shape))
+
     def prepare(self, k):
-        """Pool k before the assignment: the pool dict with unpaired noise, and the cost matrices
-        (float32 numpy, one per class) that solve_costs() takes."""
+        """Pool k before the assignment: the pool dict with unpaired noise, the class groups (index
+        arrays) and their cost matrices (float32 numpy) that aot.solve_costs() takes."""
         idx = self.pool_indices(k)
         with self._load_lock:
             items = [self.dataset[int(i)] for i in idx]
-        images = torch.from_numpy(np.stack([img for img, _ in items])).to(self.device, torch.float32) / 127.5 - 1
-        labels = torch.from_numpy(np.stack([lbl for _, lbl in items]).astype(np.float32)).to(self.device)
-        # The pool's own generator: the trainer's random streams are left alone.
-        gen = torch.Generator(device=self.device).manual_seed(_pool_seed(self.seed, self.rank, k))
+        # Labels are grouped by class on the host; uploads are pinned and asynchronous.
+        labels = torch.from_numpy(np.stack([lbl for _, lbl in items]).astype(np.float32))
+        images = aot.upload(torch.from_numpy(np.stack([img for img, _ in items])), self.device).to(torch.float32) / 127.5 - 1
+        # The pool's own generators: the trainer's random streams are left alone. Augmentation
+        # parameters come from the CPU one, so drawing them never waits for the device.
+        seed = _pool_seed(self.seed, self.rank, k)
+        gen = torch.Generator().manual_seed(seed)
         augment_labels = None
         if self.augment_pipe is not None:
             images, augment_labels = self.augment_pipe(images, generator=gen)
-        noise = torch.randn(images.shape, device=self.device, generator=gen)
-        pool = dict(images=images, labels=labels, augment_labels=augment_labels, noise=noise, indices=torch.from_numpy(idx))
+        noise_gen = gen if self.device.type == 'cpu' else torch.Generator(self.device).manual_seed(seed)
+        noise = torch.randn(images.shape, device=self.device, generator=noise_gen)
+        pool = dict(images=images, labels=aot.upload(labels, self.device), augment_labels=augment_labels, noise=noise, indices=torch.from_numpy(idx))
 
-        # Groups and distances as training.aot.assign computes them (same pairings, tested).
-        classes = aot.class_indices(labels if labels.shape[1] > 0 else None, len(idx))
-        groups = [np.arange(len(idx))] if classes is None else \
-            [torch.nonzero(classes == c).flatten().cpu().numpy() for c in torch.unique(classes)]
+        # Groups and distances as training.aot.assign computes them (same pairings, tested): all
+        # classes at once, one copy to the host.
+        groups = aot.class_groups(aot.class_indices(labels, len(idx)), len(idx))
         x, n = images.flatten(1), noise.flatten(1)
-        before = (x - n).norm(dim=1).mean().item()
+        costs = aot.group_costs(x, n, groups) if self.pair else []
+        # Before pairing each image has noise slot i: the diagonals of the costs (no more copies).
+        before = sum(float(np.trace(cost, dtype=np.float64)) for cost in costs) / len(idx) if self.pair else \
+            (x - n).norm(dim=1).mean().item()
         alone = sum(len(g) for g in groups if len(g) == 1) / len(idx)
         pool['stats'] = dict(cost_before=before, cost_after=before, alone=alone)
-        costs = []
-        if self.pair:
-            costs = [torch.cdist(x[g], n[g]).cpu().numpy() for g in (torch.from_numpy(g).to(self.device) for g in groups)]
         return pool, groups, costs
 
     def finish(self, pool, groups, costs, cols):
         """Apply the assignment: noise[i] becomes the partner of images[i]."""
         if self.pair:
-            perm = np.empty(len(pool['indices']), dtype=np.int64)
-            total = 0.0
-            for members, cost, c in zip(groups, costs, cols):
-                perm[members] = members[c]
-                total += float(cost[np.arange(len(c)), c].astype(np.float64).sum())
-            pool['noise'] = pool['noise'][torch.from_numpy(perm).to(self.device)]
+            perm = aot.pairing(groups, cols)
+            pool['noise'] = pool['noise'][aot.upload(torch.from_numpy(perm), self.device)]
+            total = sum(float(cost[np.arange(len(c)), c].astype(np.float64).sum()) for cost, c in zip(costs, cols))
             pool['stats']['cost_after'] = total / len(perm)
         return pool
 
+    def build(self, k, solve=None):
+        """Pool k and the CUDA event that marks it ready (None on the CPU); hand_over() makes it
+        usable. On CUDA the pool is built on a stream of its own: its kernels run beside the
+        training kernels, and its wait for the device waits for its own work only.
+        solve: cost matrices -> columns (default: aot.solve_costs here)."""
+        solve = solve or functools.partial(aot.solve_costs, solver=self.solver)
+        cuda = self.device.type == 'cuda'
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            pool, groups, costs = self.prepare(k)
+            pool = self.finish(pool, groups, costs, solve(costs))
+            return pool, stream.record_event() if cuda else None
+
     def make_pool(self, k):
-        pool, groups, costs = self.prepare(k)
-        return self.finish(pool, groups, costs, solve_costs(costs, self.solver))
+        """Pool k, ready for use on the current stream."""
+        return hand_over(*self.build(k))
 
     def __iter__(self):
         # With several DataLoader workers, worker w builds pools w, w+W, ...; the DataLoader
@@ -160,35 +201,40 @@ class PoolStream(torch.utils.data.IterableDataset):
 
 #----------------------------------------------------------------------------
 
+def hand_over(pool, ready):
+    """Pool built on a side stream (ready: its event), made safe to use on the current stream: that
+    waits for the pool, and the pool's memory is not reused before its work on it is done."""
+    if ready is not None:
+        stream = torch.cuda.current_stream(pool['images'].device)
+        stream.wait_event(ready)
+        for key in ['images', 'labels', 'augment_labels', 'noise']:
+            if pool[key] is not None:
+                pool[key].record_stream(stream)
+    return pool
+
 class PoolPrefetcher:
     """Iterates over the pools of `stream` from start_pool on, building them in background threads
     of this process while the loop trains. One pool is built ahead at first; each time the loop has
-    to wait for a pool (after the first), one more is built ahead, up to max_ahead, so that slow
-    solvers (large pools) get more pools solved in parallel. Which pools are built does not depend
-    on timing: the stream is the same."""
+    to wait for a pool (after the first), one more is built ahead, up to max_ahead and to what
+    MAX_BYTES_AHEAD holds (max_bytes), so that slow solvers (large pools) get more pools solved in
+    parallel. Which pools are built does not depend on timing: the stream is the same."""
 
-    def __init__(self, stream, max_ahead=4):
+    def __init__(self, stream, max_ahead=4, max_bytes=MAX_BYTES_AHEAD):
         self.stream = stream
-        self.max_ahead = max(int(max_ahead), 1)
+        self.max_ahead = max(min(int(max_ahead), max_bytes // stream.pool_bytes() - 1), 1)
         self.ahead = 1
         self.next_pool = stream.start_pool
         self.pending = collections.deque()
         self.first = True
-        device = stream.device
-        init = (lambda: torch.cuda.set_device(device)) if device.type == 'cuda' else None # CUDA's current device is per thread
+        init = None
+        if stream.device.type == 'cuda': # CUDA's current device is per thread
+            index = torch.cuda.current_device() if stream.device.index is None else stream.device.index
+            init = lambda: torch.cuda.set_device(index)
         self.threads = concurrent.futures.ThreadPoolExecutor(self.max_ahead, thread_name_prefix='aot-pool', initializer=init)
-        # lap's solver holds the GIL for the whole solve; a helper process keeps it off the trainer.
-        self.solvers = None
-        if stream.pair and stream.solver != 'scipy':
-            self.solvers = concurrent.futures.ProcessPoolExecutor(self.max_ahead, mp_context=multiprocessing.get_context('spawn'))
+        self.solvers = LapHelpers(self.max_ahead) if stream.pair and stream.solver == 'lap' else None
 
     def _build(self, k):
-        pool, groups, costs = self.stream.prepare(k)
-        if self.solvers is not None:
-            cols = self.solvers.submit(solve_costs, costs, self.stream.solver).result()
-        else:
-            cols = solve_costs(costs, self.stream.solver)
-        return self.stream.finish(pool, groups, costs, cols)
+        return self.stream.build(k, None if self.solvers is None else self.solvers.solve)
 
     def _fill(self):
         while len(self.pending) < self.ahead:
@@ -204,7 +250,7 @@ class PoolPrefetcher:
         if not future.done() and not self.first and self.ahead < self.max_ahead:
             self.ahead += 1
         self.first = False
-        pool = future.result()
+        pool = hand_over(*future.result())
         self._fill()
         return pool
 
@@ -213,7 +259,48 @@ class PoolPrefetcher:
             future.cancel()
         self.threads.shutdown(wait=True)
         if self.solvers is not None:
-            self.solvers.shutdown(wait=True)
+            self.solvers.close()
+
+class LapHelpers:
+    """Processes that run lap's solver (which holds the GIL) beside the trainer: started when a
+    solve finds none idle, at most `limit`. Each runs training/lap_helper.py, which imports only
+    numpy and lap (not torch, not the training script)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.idle = queue.Queue()
+        self.procs = []
+        self.lock = threading.Lock()
+
+    def _start(self):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.Popen([sys.executable, '-m', 'training.lap_helper'], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.procs.append(proc)
+        return proc
+
+    def solve(self, costs):
+        try:
+            proc = self.idle.get_nowait()
+        except queue.Empty:
+            with self.lock:
+                proc = self._start() if len(self.procs) < self.limit else None
+            proc = proc or self.idle.get()
+        try:
+            pickle.dump(costs, proc.stdin)
+            proc.stdin.flush()
+            cols = pickle.load(proc.stdout)
+        except (EOFError, OSError) as err:
+            raise RuntimeError(f'the lap solver helper process ended (exit code {proc.poll()}); see its error above, '
+                               'or use --aot-solver=scipy') from err
+        finally:
+            self.idle.put(proc) # even dead: a solve waiting for it then fails too, rather than waiting forever
+        return cols
+
+    def close(self):
+        for proc in self.procs:
+            proc.stdin.close() # the helper returns at the end of its input
+            proc.wait()
+            proc.stdout.close()
 
 #----------------------------------------------------------------------------
 
