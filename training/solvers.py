@@ -46,17 +46,16 @@ def time_uniform_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=1, device=
     (diff_sampler_vp) ends these levels at 0.0020132 for sigma_min=0.002, as diff-sampler's."""
     fraction = torch.arange(num_steps, dtype=torch.float32, device=device) / (num_steps - 1)
     t = (1 + fraction * (VP_EPSILON ** (1 / rho) - 1)) ** rho
-    beta_d, beta_min = diff_sampler_vp(sigma_min, sigma_max)
-    return vp_sigma(beta_d.to(t.device), beta_min.to(t.device))(t).double()
+    return vp_sigma(*diff_sampler_vp(sigma_min, sigma_max))(t).double()
 
 VP_EPSILON = 1e-3 # smallest time of the VP SDE fits
 
 def diff_sampler_vp(sigma_min=0.002, sigma_max=80):
-    """(beta_d, beta_min) of the VP SDE through sigma_min at t=1e-3 and sigma_max at t=1, float32
-    tensors as diff-sampler fits it: its log(1 + sigma_min^2) is 1% off at sigma_min=0.002, which
-    moves its time-uniform levels and DEIS weights; kept, so that both match diff-sampler's."""
-    f32 = lambda v: torch.tensor(v, dtype=torch.float32)
-    return vp_betas(f32(sigma_min), f32(sigma_max), VP_EPSILON)
+    """(beta_d, beta_min) of the VP SDE through sigma_min at t=1e-3 and sigma_max at t=1, fitted in
+    float32 as diff-sampler does: its log(1 + sigma_min^2) is 1% off at sigma_min=0.002, which moves
+    its time-uniform levels and DEIS weights; kept, so that both match diff-sampler's. Python floats
+    (exactly the float32 values)."""
+    return tuple(float(beta) for beta in vp_betas(np.float32(sigma_min), np.float32(sigma_max), VP_EPSILON))
 
 DISCRETIZATIONS = ('edm', 'logsnr', 'time-uniform')
 
@@ -212,7 +211,6 @@ def deis_coefficients(sigmas, order=3, N=10000):
     computed in float32 as diff-sampler does (it moves the last step's weights by 1e-3)."""
     beta_d, beta_min = diff_sampler_vp()
     t = noise_schedule('vp', beta_d, beta_min)[2](torch.as_tensor(sigmas, dtype=torch.float32).cpu()).double()
-    beta_d, beta_min = float(beta_d), float(beta_min)
     coefficients = []
     for i in range(len(t) - 1):
         k = min(i + 1, order)
