@@ -3,13 +3,17 @@
 1. assign() on random 3x32x32 images and unit noise at each pool size, for every solver
    (scipy's linear_sum_assignment, lap's LAPJV), with the ratio lap/scipy and a check that both
    give pairings of the same cost.
-2. train.py on one small config (default: the bundled digits, unconditional, a small DDPM++) at --aot 0 and each --train-pools size, with the pools prepared in a
+2. One pool built by training.pools.PoolStream (loading, EDM's augmentation at p=0.12, noise,
+   distances, scipy's assignment) at each --build-pools size and class count: seconds on one CPU
+   thread, as a DataLoader worker builds it (--workers N), and, where CUDA is present, on the GPU
+   as the in-process builder does (--workers 0).
+3. train.py on one small config (default: the bundled digits, unconditional, a small DDPM++) at --aot 0 and each --train-pools size, with the pools prepared in a
    DataLoader worker (--workers 1) and in the training process (--workers 0): the fraction of the
    wall time the loop spent waiting for a pool (stats.jsonl 'Timing/aot_wait_frac', steady state =
    ticks after the first) and sec/kimg relative to --aot 0.
 
     python bench/aot_cost.py                       # both parts, rewrites its section of docs/benchmarks.md
-    python bench/aot_cost.py --no-train            # solver timings only
+    python bench/aot_cost.py --no-train            # solver and pool build timings only
 """
 
 import json
@@ -27,6 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import report
 from training import aot
+from training.augment import AugmentPipe
+from training.dataset import ImageFolderDataset
+from training.pools import PoolStream
 from tests.datagen import make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +63,37 @@ def time_assign(pools, solvers, repeats, shape=(3, 32, 32)):
         print(f'pool {pool:5d}: ' + '  '.join(f'{s} {t:7.3f}s' for s, t in times.items())
               + (f'  lap/scipy {times["lap"] / times["scipy"]:.2f}' if {'lap', 'scipy'} <= set(times) else '')
               + f'  cost gap {gap:.1e}', flush=True)
+    return rows
+
+#----------------------------------------------------------------------------
+
+def time_builds(pools, classes, repeats, workdir):
+    """[{pool, classes, seconds per placement}]: best of `repeats` pools built by PoolStream on random
+    3x32x32 images with EDM's CIFAR-10 augmentation (p=0.12), on one CPU thread and on the GPU."""
+    devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+    rows = []
+    for c in classes:
+        path = make_dataset(os.path.join(workdir, f'build-data-{c}'), n=max(pools), res=32, channels=3, num_classes=c, labels=c > 1)
+        dataset = ImageFolderDataset(path, use_labels=c > 1)
+        for pool in pools:
+            times = {}
+            for device in devices:
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1 if device == 'cpu' else threads) # as in a DataLoader worker
+                pipe = AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+                stream = PoolStream(dataset, pool, augment_pipe=pipe, device=device)
+                stream.make_pool(0) # warm-up: kernels, caches, allocator
+                best = float('inf')
+                for k in range(1, repeats + 1):
+                    start = time.perf_counter()
+                    stream.make_pool(k)
+                    if device == 'cuda':
+                        torch.cuda.synchronize()
+                    best = min(best, time.perf_counter() - start)
+                torch.set_num_threads(threads)
+                times[device] = best
+            rows.append(dict(pool=pool, classes=c, times=times))
+            print(f'pool {pool:5d}, {c:4d} classes: ' + '  '.join(f'{d} {t:7.3f}s' for d, t in times.items()), flush=True)
     return rows
 
 #----------------------------------------------------------------------------
@@ -102,6 +140,9 @@ def train_run(data, outdir, pool, workers, solver, kimg, tick, train_args):
 @click.option('--pools',       help='Pool sizes for the solver timings', metavar='LIST', default='256,512,1024,2048,4096', show_default=True)
 @click.option('--solvers',     help='Solvers to time', metavar='LIST', default='scipy,lap', show_default=True)
 @click.option('--repeats',     help='Timings per pool and solver (best is kept)', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--builds/--no-builds', help='Time whole pool builds per placement', default=True, show_default=True)
+@click.option('--build-pools', help='Pool sizes for the build timings', metavar='LIST', default='512,4096', show_default=True)
+@click.option('--build-classes', help='Class counts for the build timings (1 = unconditional)', metavar='LIST', default='1,10', show_default=True)
 @click.option('--train/--no-train', help='Also measure the training loop\'s wait', default=True, show_default=True)
 @click.option('--train-pools', help='--aot values to train with (0 = plain EDM, the baseline)', metavar='LIST', default='0,512,4096', show_default=True)
 @click.option('--workers',     help='--workers values to train with', metavar='LIST', default='1,0', show_default=True)
@@ -114,7 +155,7 @@ def train_run(data, outdir, pool, workers, solver, kimg, tick, train_args):
 @click.option('--threads',     help='Torch threads here and in train.py (OMP_NUM_THREADS)  [default: torch default]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--workdir',     help='Where the dataset and runs go  [default: a temporary directory]', metavar='DIR', type=str)
 @click.option('--doc/--no-doc', help='Rewrite the section in docs/benchmarks.md', default=True, show_default=True)
-def main(pools, solvers, repeats, train, train_pools, workers, train_solvers, data, kimg, tick, train_args, threads, workdir, doc):
+def main(pools, solvers, repeats, builds, build_pools, build_classes, train, train_pools, workers, train_solvers, data, kimg, tick, train_args, threads, workdir, doc):
     """Time AOT pairing and the training loop's wait for it."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -137,9 +178,21 @@ def main(pools, solvers, repeats, train, train_pools, workers, train_solvers, da
         ratio = f' | {r["times"]["lap"] / r["times"]["scipy"]:.2f}' if {'lap', 'scipy'} <= set(solvers) else ''
         lines.append(f'| {r["pool"]} | ' + ' | '.join(f'{r["times"][s]:.3f}' for s in solvers) + ratio + f' | {r["cost_gap"]:.1e} |')
 
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+    if builds:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            rows = time_builds(parse_list(build_pools), parse_list(build_classes), repeats, tmp)
+        devices = list(rows[0]['times'])
+        lines += ['', f'One whole pool built by `training.pools.PoolStream` (random 3x32x32 images, EDM\'s augmentation at p=0.12, '
+                  f'noise, distances, scipy\'s assignment; best of {repeats} after a warm-up): on one CPU thread as a pool worker '
+                  'process builds it (`--workers N`)' + (', and on the GPU as the in-process builder does (`--workers 0`)' if 'cuda' in devices else '') + '.', '',
+                  '| pool | classes | ' + ' | '.join('worker, 1 CPU thread (s)' if d == 'cpu' else 'in-process, GPU (s)' for d in devices) + ' |',
+                  '|---:|---:|' + '---:|' * len(devices)]
+        for r in rows:
+            lines.append(f'| {r["pool"]} | {r["classes"]} | ' + ' | '.join(f'{r["times"][d]:.3f}' for d in devices) + ' |')
+
     if train:
-        if workdir:
-            os.makedirs(workdir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             data_desc = f'`{data}`' if data else '1024 random 32x32 RGB images'
             data = os.path.join(ROOT, data) if data else make_dataset(os.path.join(tmp, 'data'), n=1024, res=32, channels=3, labels=False)
