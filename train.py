@@ -475,7 +475,7 @@ def main(**kwargs):
     try:
         training_loop.training_loop(**c)
     except training_loop.Interrupted as stop:
-        dist.print0(f'{stop}. Exit status {EXIT_INTERRUPTED}; continue with: python train.py --resume={c.run_dir}')
+        dist.print0(f'{stop}. Exit status {EXIT_INTERRUPTED}. To continue: train.py --resume={c.run_dir}')
         sys.exit(EXIT_INTERRUPTED)
 
 #----------------------------------------------------------------------------

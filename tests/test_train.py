@@ -6,6 +6,8 @@ import json
 import math
 import os
 import pickle
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -108,10 +110,92 @@ def test_resume_continues(resume_runs):
     assert {int(s['step']) for s in state['optimizer_state']['state'].values()} == {8}
     assert (state['batch_size'], state['aot_pool'], state['world_size']) == (16, 48, 1)
 
+def test_resume_refuses_every_difference_at_once(resume_runs, data, tmp_path):
+    # expect_cli_error adds --outdir (another one) and --duration=0.000016 (shorter than the run's)
+    line = expect_cli_error(tmp_path, ['--resume', str(resume_runs / 'full'), '--data', data, '--aot=32', '--batch=48', '--seed=1', '--cbase=8'],
+                            'these differ: ')
+    for difference in ['--aot=32 (the run has 48)', '--batch=48 (the run has 16)', '--seed=1 (the run has 0)', '--duration=1.6e-05 (the run has 0.000128)',
+                       f'--outdir={tmp_path / "out"} (the run has {resume_runs / "full"})']:
+        assert difference in line
+    assert '--cbase' not in line and '--data' not in line # given, and the same as the run's
+
+def test_resume_by_folder_alone_and_longer(resume_runs, tmp_path):
+    # The run's own options, its folder, and a longer --duration: the one change allowed.
+    result = cli(['--resume', str(resume_runs / 'full'), '--duration=0.000160', '--dry-run'])
+    assert result.exit_code == 0, result.output[-2000:]
+    c = json.loads(result.output.split('Training options:\n', 1)[1].split('\nOutput directory:', 1)[0])
+    assert c['total_kimg'] == pytest.approx(0.16) and c['aot_pool'] == 48 and c['network_kwargs']['model_channels'] == 8
+    assert c['resume_state_dump'] == str(resume_runs / 'full' / 'training-state-000000.pt')
+    assert f'Output directory:        {resume_runs / "full"}\n' in result.output
+
+def old_run_folder(resume_runs, path, **edit):
+    """A copy of the full run's final state in a folder as older versions left it: no recorded options."""
+    path.mkdir()
+    state = torch.load(resume_runs / 'full' / 'training-state-000000.pt', weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in edit or edit[k] is not None} | {k: v for k, v in edit.items() if v is not None},
+               path / 'training-state-000000.pt')
+    options = json.loads((resume_runs / 'full' / 'training_options.json').read_text())
+    (path / 'training_options.json').write_text(json.dumps({k: v for k, v in options.items() if k != 'command_line'}))
+    return path
+
 @pytest.mark.parametrize('flag,value', [('--aot', '32'), ('--batch', '48'), ('--seed', '1')])
-def test_resume_refuses_other_pools(resume_runs, data, tmp_path, flag, value):
-    args = ['--data', data, '--cond=1', '--aot=48', '--resume', str(resume_runs / 'full'), '--dry-run'] + TINY + [f'{flag}={value}']
+def test_old_run_folder_refuses_other_pools(resume_runs, data, tmp_path, flag, value):
+    old = old_run_folder(resume_runs, tmp_path / 'old')
+    expect_cli_error(tmp_path, ['--resume', str(old)], 'records no options') # cannot be continued from its folder alone
+    args = ['--data', data, '--cond=1', '--aot=48', '--resume', str(old), '--dry-run'] + TINY + [f'{flag}={value}']
     expect_cli_error(tmp_path, args, f'the interrupted run had {flag}=')
+
+@pytest.mark.parametrize('recorded', [True, False]) # recorded in the state, or read off the tensors (older states)
+def test_error_resume_other_resolution(resume_runs, tmp_path, recorded):
+    edit = {} if recorded else dict(img_resolution=None, img_channels=None, label_dim=None)
+    old = old_run_folder(resume_runs, tmp_path / 'old', **edit)
+    data16 = make_dataset(tmp_path / 'data16', n=8, res=16)
+    line = expect_cli_error(tmp_path, ['--data', data16, '--cond=1', '--aot=48', '--resume', str(old), '--dry-run'] + TINY, 'does not fit')
+    assert 'resolution 8x8 in --resume=' in line and '16x16 in --data' in line
+
+def test_latest_state_by_content(tmp_path):
+    # The rolling state wins only when it holds more training, whatever the file times say.
+    torch.save(dict(cur_nimg=128), tmp_path / 'training-state-000000.pt')
+    torch.save(dict(cur_nimg=64), tmp_path / 'training-state-latest.pt')
+    assert latest_state(tmp_path) == str(tmp_path / 'training-state-000000.pt')
+    torch.save(dict(cur_nimg=144), tmp_path / 'training-state-latest.pt')
+    os.utime(tmp_path / 'training-state-latest.pt', (0, 0))
+    assert latest_state(tmp_path) == str(tmp_path / 'training-state-latest.pt')
+    (tmp_path / 'training-state-000000.pt').unlink()
+    assert latest_state(tmp_path) == str(tmp_path / 'training-state-latest.pt')
+
+def all_tensors(state):
+    """Every tensor of a training state (network, EMA, optimizer) by name."""
+    out = {f'net.{k}': v for k, v in state['net'].items()} | {f'ema.{k}': v for k, v in state['ema'].items()}
+    for index, moments in state['optimizer_state']['state'].items():
+        out |= {f'optimizer.{index}.{k}': v for k, v in moments.items()}
+    return out
+
+def test_sigint_then_resume_by_folder_equals_uninterrupted(resume_runs, data, tmp_path):
+    # Ctrl-C once training runs: the state is saved, exit status 75; --resume=RUN_DIR alone then
+    # ends in the same folder with every tensor and the final snapshot of the uninterrupted run.
+    args = ['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=48', '--dump=1', '--workers=1', '--duration=0.000128'] + TINY
+    proc = subprocess.Popen([sys.executable, 'train.py'] + args + (['--deterministic'] if torch.cuda.is_available() else []), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith('Training for'):
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=600) == 75, ''.join(output[-30:])
+    run_dir = only_run_dir(tmp_path)
+    assert f'Exit status 75. To continue: train.py --resume={run_dir}' in output[-1]
+    assert torch.load(os.path.join(run_dir, 'training-state-latest.pt'), weights_only=True)['cur_nimg'] < 128 # stopped early
+    run(['--resume', run_dir])
+    assert only_run_dir(tmp_path) == run_dir
+    full = str(resume_runs / 'full')
+    a, b = (torch.load(os.path.join(d, 'training-state-000000.pt'), weights_only=True) for d in [run_dir, full])
+    assert a['cur_nimg'] == b['cur_nimg'] == 128
+    assert_same_weights(all_tensors(a), all_tensors(b))
+    snapshots = [network_io.load_network(os.path.join(d, 'network-snapshot-000000.pkl'), verbose=False).state_dict() for d in [run_dir, full]]
+    assert_same_weights(*snapshots)
+    losses = final_losses(run_dir)
+    assert len(losses) == len(final_losses(full)) and losses[2:] == final_losses(full)[2:] # one log; tick 1 was split by the stop
 
 #----------------------------------------------------------------------------
 # Bad input: one line, non-zero exit, no run directory left behind.
@@ -213,7 +297,8 @@ def test_resume_on_another_gpu_count_is_noted(resume_runs, data, tmp_path):
     assert result.exit_code == 0 and 'Note: the interrupted run had 2 GPU(s), this one 1' in result.output, result.output[-2000:]
 
 def test_error_resume_other_network(resume_runs, data, tmp_path):
-    expect_cli_error(tmp_path, ['--data', data, '--cond=1', '--aot=48', '--resume', str(resume_runs / 'full'), '--dry-run'] + TINY + ['--cbase=16'],
+    old = old_run_folder(resume_runs, tmp_path / 'old')
+    expect_cli_error(tmp_path, ['--data', data, '--cond=1', '--aot=48', '--resume', str(old), '--dry-run'] + TINY + ['--cbase=16'],
                      'does not fit this run: architecture')
 
 def test_warning_pool_larger_than_dataset(tmp_path, data):
@@ -235,9 +320,11 @@ def cli(args):
         return CliRunner().invoke(train.main, args)
 
 class RecordingLoss:
-    """The run's own loss, recording its inputs and the weights it sees at the first call."""
+    """The run's own loss, recording its inputs, the weights it sees at the first call, and the
+    dtypes of the network's layer outputs."""
     calls = []
     first_weights = None
+    dtypes = set()
 
     def __init__(self, inner):
         self.inner = dnnlib.util.construct_class_by_name(**inner)
@@ -246,17 +333,24 @@ class RecordingLoss:
         if not RecordingLoss.calls:
             RecordingLoss.first_weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
         RecordingLoss.calls.append(dict(images=images.detach().cpu(), labels=labels.detach().cpu(), noise=noise.detach().cpu()))
-        return self.inner(net=net, images=images, labels=labels, noise=noise, augment_labels=augment_labels)
+        hooks = [m.register_forward_hook(lambda m, i, out: RecordingLoss.dtypes.add(out.dtype) if isinstance(out, torch.Tensor) else None)
+                 for m in net.modules()]
+        try:
+            return self.inner(net=net, images=images, labels=labels, noise=noise, augment_labels=augment_labels)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
-def train_in_process(args, run_dir):
+def train_in_process(args, run_dir, **loop_kwargs):
     """Train as train.py would with these options; returns the config and the final state dump."""
     result = cli(args + ['--outdir', str(run_dir), '--dry-run', '--dump=1', '--workers=0'])
     assert result.exit_code == 0, result.output
     c = dnnlib.EasyDict(json.loads(result.output.split('Training options:\n', 1)[1].split('\nOutput directory:', 1)[0]))
-    c.update(run_dir=str(run_dir), snapshot_ticks=None, grid_images=0)
+    c.update(run_dir=str(run_dir), snapshot_ticks=None, grid_images=0, **loop_kwargs)
     c.loss_kwargs = dict(class_name=f'{__name__}.RecordingLoss', inner=c.loss_kwargs)
     os.makedirs(run_dir, exist_ok=True)
     RecordingLoss.calls.clear()
+    RecordingLoss.dtypes.clear()
     with torch.enable_grad(): # as in train.py's own process, whatever grad mode other tests left behind
         training_loop.training_loop(**c)
     return c, torch.load(latest_state(run_dir), weights_only=True), result.output
@@ -282,9 +376,11 @@ LEARN_STEPS = 18 # --duration=0.000288 is 288.00000000000006 images in floats: m
 def learned(tmp_path_factory):
     root = tmp_path_factory.mktemp('learn')
     data_dir = make_dataset(root / 'data', n=64, res=8, structured=True)
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True # torch's default; EDM's loop turns it off
     c, state, _ = train_in_process(['--data', data_dir, '--cond=1', '--aot=32', '--lr=0.003', '--lr-rampup=0.001', '--dropout=0', '--augment=0',
                                  '--duration=0.000288'] + TINY, root / 'run')
-    return dnnlib.EasyDict(c=c, state=state, calls=list(RecordingLoss.calls), first=RecordingLoss.first_weights, data=data_dir)
+    return dnnlib.EasyDict(c=c, state=state, calls=list(RecordingLoss.calls), first=RecordingLoss.first_weights, data=data_dir,
+                           dtypes=set(RecordingLoss.dtypes), fp16_reduction=torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
 
 def test_loss_gets_pool_paired_noise(learned):
     # Each pool of 32 is two consecutive slices; its noise must be the optimal per-class pairing
@@ -309,6 +405,55 @@ def test_model_learns(learned):
     assert after < 0.95 * before, (before, after) # 1.179 -> 1.106 today; unchanged without optimizer steps
     moved = max((learned.state['net'][k] - v).abs().max().item() for k, v in learned.first.items())
     assert moved > 1e-3
+
+def test_ema_follows_the_network(learned):
+    # An EMA that never moved would make every snapshot the random initial network. The half-life
+    # ramps up from 0 (EDM's ema_rampup_ratio): after 18 steps the EMA is near the trained weights.
+    after = fixed_input_loss(learned.c, learned.state['ema'], learned.data)
+    assert after < 0.97 * fixed_input_loss(learned.c, learned.first, learned.data)
+    distance = lambda a, b: sum((a[k] - b[k]).abs().sum().item() for k in b)
+    assert distance(learned.state['ema'], learned.state['net']) < 0.25 * distance(learned.first, learned.state['net'])
+
+def test_default_numerics_stay_fp32(learned):
+    assert learned.dtypes == {torch.float32}
+    assert learned.fp16_reduction is False # EDM sets allow_fp16_reduced_precision_reduction = False
+
+def test_bf16_runs_the_unet_in_bf16(learned, tmp_path):
+    # --bf16 must not silently train in fp32: the U-Net's layers compute in bf16, the loss stays fp32.
+    train_in_process(['--data', learned.data, '--cond=1', '--aot=16', '--bf16', '--duration=0.000032'] + TINY, tmp_path / 'run')
+    assert torch.bfloat16 in RecordingLoss.dtypes and torch.float32 in RecordingLoss.dtypes
+
+def test_rolling_state_on_the_clock(learned, tmp_path):
+    # A clock that is always due: after every step (agreed one step later) the rolling state is
+    # replaced; without numbered dumps it is all there is, one step behind the end.
+    _, _, output = train_in_process(['--data', learned.data, '--cond=1', '--aot=16', '--duration=0.000064'] + TINY, tmp_path / 'run',
+                                    state_dump_ticks=None, state_dump_minutes=1e-9)
+    assert latest_state(tmp_path / 'run') == str(tmp_path / 'run' / 'training-state-latest.pt')
+    assert torch.load(tmp_path / 'run' / 'training-state-latest.pt', weights_only=True)['cur_nimg'] == 48
+
+def test_foreach_updates_match_edm_bit_for_bit():
+    from torch_utils import misc
+    gen = torch.Generator().manual_seed(0)
+    shapes = [[7], [3, 5], [4, 3, 3, 3], [1]]
+    def tensors(scale):
+        return [torch.randn(shape, generator=gen) * scale for shape in shapes]
+    def same_bits(a, b): # NaN payloads and signed zeros too
+        return all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(a, b, strict=True))
+    # Gradient cleaning: EDM's per-gradient nan_to_num(nan=0, posinf=1e5, neginf=-1e5).
+    net = torch.nn.ParameterList([torch.nn.Parameter(t) for t in tensors(1)])
+    grads = tensors(1e6) # finite values beyond 1e5 must stay
+    grads[0][1], grads[1][2, 3], grads[2][0, 0, 0, 0], grads[2][1, 1, 1, 1], grads[3][0] = float('nan'), float('inf'), -float('inf'), -0.0, 3e38
+    for p, g in zip(net, grads):
+        p.grad = g.clone()
+    assert bool(misc.nan_to_num_grads_(net))
+    assert same_bits([p.grad for p in net], [torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5) for g in grads])
+    assert not bool(misc.nan_to_num_grads_(net))
+    # EMA: EDM's p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta)), for betas across the range.
+    for beta in [0.0, 1e-6, 0.3, 0.5, 0.7, 0.999, 1.0]:
+        ema, target = tensors(1), tensors(1)
+        expected = [p_net.lerp(p_ema, beta) for p_ema, p_net in zip(ema, target)]
+        misc.ema_update_(ema, target, beta)
+        assert same_bits(ema, expected), beta
 
 def test_duration_float_rounding_does_not_overshoot(learned):
     assert learned.c.total_kimg * 1000 > LEARN_STEPS * 16 # the float really is above the last step

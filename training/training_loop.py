@@ -92,8 +92,7 @@ class StopRequests:
     def _handler(self, signum, frame):
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt # a second Ctrl-C stops at once, without saving
-        self.received = self.received or signum
-        dist.print0(f'Received {signal.Signals(signum).name}: saving the training state after this step...')
+        self.received = self.received or signum # no print here: it could interrupt a print of the loop
 
     def poll(self):
         """(signal number or 0, whether a rolling dump is due), as agreed after the previous step."""
