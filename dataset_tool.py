@@ -26,6 +26,7 @@ import PIL.Image
 from tqdm import tqdm
 
 import dnnlib
+from training.dataset import DamagedImageError
 
 #----------------------------------------------------------------------------
 # Helpers.
@@ -35,12 +36,12 @@ def is_image_ext(fname):
     return os.path.splitext(str(fname))[1].lower() in PIL.Image.EXTENSION
 
 def decode_image(file, name):
-    """Decode one image file to a uint8 HW (grayscale) or HWC (RGB) array."""
+    """Decode one image file to a uint8 HW (grayscale) or HWC (RGB) array; DamagedImageError if it does not decode."""
     try:
         img = PIL.Image.open(file)
         img.load()
     except Exception as err:
-        raise click.ClickException(f'Cannot decode image {name}: {err}')
+        raise DamagedImageError(f'{name}: {" ".join(str(err).split()) or type(err).__name__}')
     if img.mode == 'I' or img.mode.startswith('I;16'): # 16-bit grayscale: rescale (Pillow's convert would clip)
         return ((np.array(img).astype(np.int64).clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
     if img.mode == 'F':
@@ -77,7 +78,14 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
 
 #----------------------------------------------------------------------------
-# Sources. Each returns (number of images, iterator of dict(img=uint8 HW or HWC, label=int or None, name=str)).
+# Sources. Each returns (number of images, iterator of dict(img=uint8 HW or HWC, label=int or None, name=str));
+# a file that does not decode comes as dict(img=None, damage=reason, ...), so that all of them are reported at once.
+
+def decode_entry(file, name, label):
+    try:
+        return dict(img=decode_image(file, name), label=label, name=name)
+    except DamagedImageError as err:
+        return dict(img=None, damage=str(err), label=label, name=name)
 
 def open_image_folder(source_dir, *, max_images):
     # sorted(Path.rglob) orders by path components (misc/ before misc-2/), as EDM does.
@@ -91,8 +99,7 @@ def open_image_folder(source_dir, *, max_images):
     def iterate_images():
         for fname in input_images:
             with open(fname, 'rb') as file:
-                img = decode_image(file, fname)
-            yield dict(img=img, label=labels.get(arch_fnames[fname]), name=str(fname))
+                yield decode_entry(file, str(fname), labels.get(arch_fnames[fname]))
     return len(input_images), iterate_images()
 
 def open_image_zip(source, *, max_images):
@@ -110,8 +117,7 @@ def open_image_zip(source, *, max_images):
         with zipfile.ZipFile(source, mode='r') as z:
             for fname in input_images:
                 with z.open(fname, 'r') as file:
-                    img = decode_image(file, f'{source}:{fname}')
-                yield dict(img=img, label=labels.get(fname), name=f'{source}:{fname}')
+                    yield decode_entry(file, f'{source}:{fname}', labels.get(fname))
     return len(input_images), iterate_images()
 
 def open_lmdb(lmdb_dir, *, max_images):
@@ -367,7 +373,11 @@ def main(source, dest, max_images, transform, resolution):
             raise click.ClickException(f'--source {source}: no images found')
         dataset_attrs = None
         labels = []
+        damaged = []
         for idx, image in tqdm(enumerate(input_iter), total=num_files, unit='img'):
+            if image['img'] is None:
+                damaged.append(image)
+                continue
             idx_str = f'{idx:08d}'
             archive_fname = f'{idx_str[:5]}/img{idx_str}.png'
             img = transform_image(image['img'])
@@ -388,6 +398,12 @@ def main(source, dest, max_images, transform, resolution):
             save_bytes(archive_fname, png.getbuffer())
             labels.append([archive_fname, image['label']] if image['label'] is not None else None)
 
+        if damaged:
+            for image in damaged:
+                click.echo(f'Damaged image {image["damage"]}', err=True)
+            raise click.ClickException(f'{len(damaged)} damaged image{"s" if len(damaged) > 1 else ""} in --source {source} '
+                f'(first: {damaged[0]["name"]}), listed above; '
+                'remove or replace them and run again (nothing was written to --dest)')
         if dataset_attrs is None:
             raise click.ClickException(f'--source {source}: no image survived --transform={transform}; try a smaller --resolution')
         if 0 < sum(x is None for x in labels) < len(labels):

@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
-from training.dataset import ImageFolderDataset
+from training.dataset import DamagedImageError, ImageFolderDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / 'tests' / 'golden' / 'dataset'
@@ -178,3 +178,28 @@ def test_errors(tmp_path):
     (broken / 'dataset.json').write_text('{"labels": [')
     with pytest.raises(IOError, match='cannot read labels from dataset.json'):
         ImageFolderDataset(str(broken), use_labels=True)
+
+def truncate(path):
+    """Cut a PNG short after its header: the size reads, the pixels do not."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+def test_damaged_image_is_one_line_also_from_a_worker(tmp_path):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    rnd = np.random.RandomState(0)
+    for i in range(4):
+        PIL.Image.fromarray(rnd.randint(0, 256, (8, 8, 3), np.uint8)).save(folder / f'img{i}.png')
+    truncate(folder / 'img2.png')
+    ds = ImageFolderDataset(str(folder)) # the header is intact: the size check passes
+    ds[1]
+    with pytest.raises(DamagedImageError) as direct:
+        ds[2]
+    message = str(direct.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f'{folder}: cannot decode image img2.png (') and f'dataset_tool.py --source={folder} ' in message
+    # A DataLoader worker's error arrives in the main process as the same class and the same line.
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1)
+    with pytest.raises(DamagedImageError) as wrapped:
+        next(iter(loader))
+    assert str(wrapped.value) == message

@@ -259,6 +259,30 @@ def test_bad_inputs(tmp_path, image_folder):
     assert (tmp_path / 'existing.zip').read_bytes() == b'keep me'
     assert os.listdir(tmp_path / 'nonempty') == ['file']
 
+@pytest.mark.parametrize('as_zip', [False, True])
+def test_every_damaged_image_is_listed_at_once(tmp_path, as_zip):
+    source = tmp_path / 'photos'
+    rnd = np.random.RandomState(0)
+    for name in ['a.png', 'b.png', 'c.png', 'd.png']:
+        write_png(source / name, rnd.randint(0, 256, (8, 8, 3), np.uint8))
+    for name in ['b.png', 'd.png']: # cut short after the header: the size reads, the pixels do not
+        data = (source / name).read_bytes()
+        (source / name).write_bytes(data[:len(data) // 2])
+    if as_zip:
+        with zipfile.ZipFile(tmp_path / 'photos.zip', 'w') as z:
+            for name in ['a.png', 'b.png', 'c.png', 'd.png']:
+                z.write(source / name, name)
+        source = tmp_path / 'photos.zip'
+    before = sorted(os.listdir(tmp_path))
+    res = run_tool('--source', source, '--dest', tmp_path / 'out.zip')
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    damaged = [l for l in lines if l.startswith('Damaged image')]
+    assert len(damaged) == 2 and 'b.png: ' in damaged[0] and 'd.png: ' in damaged[1] and 'truncated' in damaged[0], res.stderr
+    assert lines[-1].startswith(f'Error: 2 damaged images in --source {source} (first: ') and 'b.png)' in lines[-1], res.stderr
+    assert sum(l.startswith('Error') for l in lines) == 1
+    assert sorted(os.listdir(tmp_path)) == before # no --dest, no temporary file
+
 def test_lmdb_missing_package_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'lmdb', None) # makes `import lmdb` fail
     (tmp_path / 'bedroom_lmdb').mkdir()

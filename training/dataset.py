@@ -1,11 +1,13 @@
 # Datasets in EDM's archive format: a folder or uncompressed zip of PNGs (or other images that
 # Pillow reads) plus an optional dataset.json with {"labels": [[name, label], ...]}.
-# Errors about the data are raised as IOError (unreadable) or ValueError (images of different sizes;
-# `resolution` of non-square images) so that programs can report them in one line.
+# Errors about the data are raised as IOError (unreadable; DamagedImageError for an image file that
+# does not decode) or ValueError (images of different sizes; `resolution` of non-square images) so
+# that programs can report them in one line.
 
 import io
 import os
 import json
+import shlex
 import struct
 import zipfile
 import numpy as np
@@ -16,6 +18,21 @@ try:
     import pyspng # optional: faster PNG decoding
 except ImportError:
     pyspng = None
+
+#----------------------------------------------------------------------------
+
+class DamagedImageError(IOError):
+    """An image file that does not decode (truncated, corrupt), in a one-line message. A DataLoader
+    worker's exception reaches the main process re-raised as type(err)(the worker's whole formatted
+    traceback); this constructor keeps only the original message, its last line, so str(err) is the
+    same line whether the error is caught in the process that read the file or in another."""
+
+    def __init__(self, message):
+        lines = str(message).strip().splitlines()
+        tail = f'{DamagedImageError.__name__}: '
+        if len(lines) > 1 and tail in lines[-1]:
+            message = lines[-1].split(tail, 1)[1]
+        super().__init__(message)
 
 #----------------------------------------------------------------------------
 # Abstract base class: index bookkeeping (max_size, x-flip), labels and caching.
@@ -199,7 +216,7 @@ class ImageFolderDataset(Dataset):
                 with self._open_file(fname) as f:
                     sizes[fname] = self._read_size(f)
             except Exception as err:
-                raise IOError(f'{self._path}: cannot decode image {fname} ({err})') from err
+                raise self._damaged(fname, err) from err
         counts = {}
         for size in sizes.values():
             counts[size] = counts.get(size, 0) + 1
@@ -261,7 +278,7 @@ class ImageFolderDataset(Dataset):
                 else:
                     image = np.array(PIL.Image.open(f))
         except Exception as err:
-            raise IOError(f'{self._path}: cannot decode image {fname} ({err})') from err
+            raise self._damaged(fname, err) from err
         if image.ndim == 2:
             image = image[:, :, np.newaxis] # HW => HWC
         image = image.transpose(2, 0, 1) # HWC => CHW
@@ -273,6 +290,11 @@ class ImageFolderDataset(Dataset):
             raise IOError(f'{self._path}: image {fname} is {w}x{h}x{c}, other images are {ew}x{eh}x{ec}; '
                 f'make all images the same size with dataset_tool.py --resolution')
         return image
+
+    def _damaged(self, fname, err):
+        reason = ' '.join(str(err).split()) or type(err).__name__
+        return DamagedImageError(f'{self._path}: cannot decode image {fname} ({reason}); to list every damaged image at once, '
+            f'run: python dataset_tool.py --source={shlex.quote(self._path)} --dest=DEST.zip (it writes DEST.zip only if none is damaged)')
 
     def _load_raw_labels(self):
         fname = 'dataset.json'
