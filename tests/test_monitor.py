@@ -41,10 +41,15 @@ def digits_path(tmp_path_factory):
 def digits(digits_path):
     return ImageFolderDataset(digits_path, use_labels=True)
 
-def tiny_net(label_dim=4):
-    torch.manual_seed(0)
-    return networks.EDMPrecond(img_resolution=8, img_channels=1, label_dim=label_dim, model_type='SongUNet',
+def tiny_net(seed=0):
+    # Random weights everywhere (EDM starts its output layers at zero, which makes every sample alike).
+    torch.manual_seed(seed)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=1, label_dim=4, model_type='SongUNet',
         model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[]).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) / max(p[0].numel(), 1) ** 0.5)
+    return net
 
 #----------------------------------------------------------------------------
 
@@ -101,10 +106,10 @@ def test_progress_bar_only_on_a_terminal_and_never_in_the_log(terminal, tmp_path
         print('status line')
         start = stream.tell()
         for nimg in range(5008, 5064, 8):
-            monitor.step(nimg)
+            monitor.step(nimg, 5000)
         if terminal:
             assert monitor.bar.n == pytest.approx(0.056)
-        monitor.tick(None, 1, 5064, done=False)
+        assert monitor.tick(None, 1, done=False) == '' # no metric
         monitor.close()
     finally:
         logger.close()
@@ -126,6 +131,7 @@ def test_fd_lower_for_data_than_for_noise_and_deterministic(digits):
     net = tiny_net()
     fd = metric(net)
     assert np.isfinite(fd) and fd == metric(net) and SampleFD(digits, 32, batch=5)(net) == pytest.approx(fd, rel=1e-6)
+    assert metric(tiny_net(seed=1)) != pytest.approx(fd, rel=1e-3) # and another network another
 
 def test_metric_every_n_ticks_in_stats_and_tensorboard(digits, tmp_path):
     event_accumulator(tmp_path) # skips without tensorboard
@@ -134,8 +140,9 @@ def test_metric_every_n_ticks_in_stats_and_tensorboard(digits, tmp_path):
     monitor = Monitor(str(tmp_path), start_nimg=0, kimg_per_tick=1, dataset_obj=digits, metric_every=2, metric_images=16, batch=16)
     net = tiny_net()
     reported = []
+    fields = []
     for tick in range(4):
-        monitor.tick(net, tick, tick * 1000, done=(tick == 3))
+        fields.append(monitor.tick(net, tick, done=(tick == 3)))
         fresh.update()
         collector.update()
         reported.append(fresh.num('Metrics/fd_standin'))
@@ -145,6 +152,7 @@ def test_metric_every_n_ticks_in_stats_and_tensorboard(digits, tmp_path):
     events = event_accumulator(tmp_path).Scalars('Metrics/fd_standin')
     assert [e.step for e in events] == [0, 2000, 3000] # not repeated at tick 1
     assert events[0].value == pytest.approx(SampleFD(digits, 16)(net), rel=1e-6)
+    assert fields[0] == f'fd_standin {events[0].value:<8.4g}' and fields[1] == ''  # for the status line
 
 TWO_RANKS = """
 import json, sys

@@ -56,9 +56,11 @@ def _summary_writer(run_dir, start_nimg):
 
 class SampleFD:
     """fd = SampleFD(dataset_obj, num_images)(net): FD of the net's samples against training images;
-    a float on rank 0, None on the other ranks. All ranks must construct and call it together."""
+    a float on rank 0, None on the other ranks. All ranks must construct and call it together.
+    detector: 'standin', 'inception' (downloaded once, then cached), or a detector pickle's path or URL."""
 
     def __init__(self, dataset_obj, num_images, detector=fid.STANDIN, num_steps=18, batch=64, device=torch.device('cpu')):
+        detector = None if detector == 'inception' else detector # fid.py's name of the standard detector
         det = fid._rank0_first(lambda: fid.open_detector(detector, verbose=(dist.get_rank() == 0)))
         self.detector = fid.build_detector(det, device)
         self.name = 'Metrics/fd_' + ('standin' if det.data is None else 'inception' if det.standard else 'detector')
@@ -108,35 +110,37 @@ class SampleFD:
 class Monitor:
     """The training loop's hooks: step() after each step, tick() at each tick's end (before the
     statistics are collected), log_stats() with what goes to stats.jsonl, log_grid() with each saved
-    sample grid, close() at the end. metric_every=0: no metric."""
+    sample grid, close() at the end. metric_every=0: no metric. start_nimg: where this run (re)starts."""
 
     def __init__(self, run_dir, start_nimg, kimg_per_tick, dataset_obj=None, metric_every=0, metric_images=1000,
                  metric_detector=fid.STANDIN, num_steps=18, batch=64, device=torch.device('cpu')):
         self.kimg_per_tick, self.metric_every = kimg_per_tick, metric_every
-        self.tick_start_nimg, self.bar, self.metric_fresh = start_nimg, None, False
+        self.bar, self.metric_fresh = None, False
         self.writer = _summary_writer(run_dir, start_nimg) if dist.get_rank() == 0 else None
         self.terminal = _terminal() if dist.get_rank() == 0 else None
         self.metric = None
         if metric_every:
             self.metric = SampleFD(dataset_obj, metric_images, metric_detector, num_steps, batch, device)
 
-    def step(self, cur_nimg):
+    def step(self, cur_nimg, tick_start_nimg):
         if self.terminal is None:
             return
         if self.bar is None:
             self.bar = tqdm.tqdm(total=self.kimg_per_tick, file=self.terminal, leave=False, dynamic_ncols=True,
                                  bar_format='tick {n:.1f}/{total:g} kimg |{bar}| {elapsed}<{remaining}')
-        self.bar.update((cur_nimg - self.tick_start_nimg) / 1e3 - self.bar.n)
+        self.bar.update((cur_nimg - tick_start_nimg) / 1e3 - self.bar.n)
 
-    def tick(self, net, cur_tick, cur_nimg, done):
-        """Closes the bar and, when due, reports the metric of net (all ranks)."""
+    def tick(self, net, cur_tick, done):
+        """Closes the bar and, when due, reports the metric of net (all ranks together).
+        Returns the metric's field for the status line, '' if none this tick."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        self.tick_start_nimg = cur_nimg
         self.metric_fresh = self.metric is not None and (done or cur_tick % self.metric_every == 0)
-        if self.metric_fresh:
-            training_stats.report0(self.metric.name, self.metric(net))
+        if not self.metric_fresh:
+            return ''
+        value = training_stats.report0(self.metric.name, self.metric(net))
+        return f'{self.metric.name.split("/")[-1]} {value:<8.4g}' if dist.get_rank() == 0 else ''
 
     def log_stats(self, stats, cur_nimg):
         """The means of training_stats.default_collector.as_dict(); the metric only when computed this tick."""
