@@ -60,7 +60,7 @@ class SampleFD:
     detector: 'standin', 'inception' (downloaded once, then cached), or a detector pickle's path or URL."""
 
     def __init__(self, dataset_obj, num_images, detector=fid.STANDIN, num_steps=18, batch=64, device=torch.device('cpu')):
-        detector = None if detector == 'inception' else detector # fid.py's name of the standard detector
+        detector = None if detector == 'inception' else detector # None: fid.py's standard Inception detector
         det = fid._rank0_first(lambda: fid.open_detector(detector, verbose=(dist.get_rank() == 0)))
         self.detector = fid.build_detector(det, device)
         self.name = 'Metrics/fd_' + ('standin' if det.data is None else 'inception' if det.standard else 'detector')
