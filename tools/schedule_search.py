@@ -1,0 +1,227 @@
+"""Search the noise levels of a few-step solver for a given network, without data.
+
+GITS (Chen et al., ICML 2024; zju-pi/diff-sampler gits_utils.py): a teacher (iPNDM on --teacher-steps
+EDM levels, rho 7) solves the ODE from the warm-up latents of --seeds (drawn as generate.py draws
+them); the cost of a one-step Euler jump from every teacher level i to every later level j is
+averaged over them (--metric=dev: how much farther the jump lands from the straight line x_T -> x_0
+than the teacher at j, the paper's trajectory deviation; --metric=l2: distance from the teacher at j);
+dynamic programming then picks the --steps levels that minimise c(i0,i1) + coeff c(i1,i2) +
+coeff^2 c(i2,i3) + ..., --coeff 1.15 favouring cheap late jumps as the paper does.
+
+--metric=solver goes beyond GITS: GITS's cost is one Euler step, while what counts is the chosen
+solver's own result. Starting from the best of EDM's (rho 7) and log-SNR levels, coordinate
+descent on log sigma moves one inner level at a time while the solver's final error against the
+teacher's result (mean L2 over the warm-up latents) goes down.
+
+    python tools/schedule_search.py --network=net.pkl --solver=ipndm --steps=11 --out=ipndm-11.json
+    python generate.py --network=net.pkl --solver=ipndm --sigmas=ipndm-11.json --outdir=out
+
+Writes {"sigmas": [...], ...how they were made...} for generate.py --sigmas. One process (CPU or
+one GPU); see docs/few-step.md.
+"""
+
+import json
+import os
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from generate import SeedList
+from training import solvers
+from training.network_io import load_network
+from training.sampling import latents_for_seeds
+
+TEACHER = dict(solver='ipndm', order=4, disc='edm', rho=7) # iPNDM on EDM's levels
+
+def teacher(net, latents, class_labels, sigmas, callback=None):
+    return solvers.sample(net, latents, class_labels, solver=TEACHER['solver'], sigmas=sigmas, order=TEACHER['order'], callback=callback)
+
+#----------------------------------------------------------------------------
+# Teacher trajectories and the cost of one-step jumps between their levels.
+
+def teacher_path(net, latents, class_labels, sigmas):
+    """The teacher's states at every level [L, B, D] and its slopes dx/dsigma at all but the last [L-1, B, D]."""
+    states, slopes = [], []
+    def observe(step):
+        states.append(step.x.flatten(1))
+        slopes.append(((step.x - step.denoised) / step.sigma).flatten(1))
+    final = teacher(net, latents, class_labels, sigmas, callback=observe)
+    return torch.stack(states + [final.flatten(1)]), torch.stack(slopes)
+
+def deviation(points, start, end):
+    """Distance of points [..., B, D] from the straight lines start -> end [B, D] of their samples."""
+    unit = (end - start) / (end - start).norm(dim=-1, keepdim=True)
+    to_end = end - points
+    return (to_end - (to_end * unit).sum(-1, keepdim=True) * unit).norm(dim=-1)
+
+def jump_costs(states, slopes, sigmas, metric):
+    """[L, L] costs of an Euler jump from teacher level i to each later level j, summed over the
+    batch (0 elsewhere): dev = its deviation minus the teacher's at j; l2 = its distance from the teacher at j."""
+    L = len(sigmas)
+    cost = torch.zeros([L, L], dtype=torch.float64, device=states.device)
+    if metric == 'dev':
+        teacher_dev = deviation(states, states[0], states[-1])
+    for i in range(L - 1):
+        steps = (sigmas[i + 1:] - sigmas[i]).reshape(-1, 1, 1)
+        jumps = states[i] + steps * slopes[i]                       # [L-1-i, B, D]
+        if metric == 'dev':
+            cost[i, i + 1:] = (deviation(jumps, states[0], states[-1]) - teacher_dev[i + 1:]).sum(-1)
+        elif metric == 'l2':
+            cost[i, i + 1:] = (jumps - states[i + 1:]).norm(dim=-1).sum(-1)
+        else:
+            raise ValueError(f'unknown metric {metric!r}: choose dev or l2')
+    return cost
+
+def best_path(cost, num_steps, coeff):
+    """GITS's dynamic programme: indices 0 = i0 < i1 < ... < i_{K} = L-1 (K = num_steps - 1) into the
+    teacher's levels minimising cost[i0,i1] + coeff * cost[i1,i2] + coeff^2 * ...; ties go to the
+    smaller index, as in the reference."""
+    cost = np.asarray(cost)
+    L, K = len(cost), num_steps - 1
+    if not 2 <= num_steps <= L:
+        raise ValueError(f'cannot pick {num_steps} of {L} teacher levels: use 2 to {L} steps or more teacher steps')
+    # V[k][j]: least cost of reaching the last level from level j in k jumps; nxt[k][j]: the next level.
+    V = np.full((K + 1, L), np.inf)
+    nxt = np.zeros((K + 1, L), dtype=np.int64)
+    V[1] = cost[:, -1]
+    for k in range(2, K + 1):
+        for j in range(L - 2):
+            candidates = cost[j, j + 1 : L - 1] + coeff * V[k - 1, j + 1 : L - 1]
+            nxt[k, j] = j + 1 + np.argmin(candidates)
+            V[k, j] = candidates[nxt[k, j] - j - 1]
+    path = [0]
+    for k in range(K, 1, -1):
+        path.append(int(nxt[k, path[-1]]))
+    return path + [L - 1]
+
+#----------------------------------------------------------------------------
+# The whole search.
+
+def batches(seeds, batch):
+    return [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
+
+def gits_cost(net, draws, teacher_sigmas, metric, progress=True):
+    """The jump costs averaged over the warm-up latents; draws: (latents, class_labels) batches."""
+    total, count = 0, 0
+    for latents, class_labels in tqdm.tqdm(draws, desc='teacher paths', unit='batch', disable=not progress):
+        states, slopes = teacher_path(net, latents, class_labels, teacher_sigmas)
+        total = total + jump_costs(states, slopes, teacher_sigmas, metric)
+        count += len(latents)
+    return total / count
+
+def solver_error(net, draws, targets, sigmas, **solver_kwargs):
+    """Mean L2 distance of the solver's results from the teacher's over the warm-up latents."""
+    distances = [(solvers.sample(net, latents, class_labels, sigmas=sigmas, **solver_kwargs) - target).flatten(1).norm(dim=1)
+                 for (latents, class_labels), target in zip(draws, targets)]
+    return torch.cat(distances).mean().item()
+
+def descend(error, sigmas, max_sweeps=20, step=0.25, min_step=0.01, progress=True):
+    """Coordinate descent on log sigma of the inner levels: move one level by +-step (staying between
+    its neighbours) while error(sigmas) goes down; halve the step after a sweep without a move.
+    Returns (sigmas, error, evaluations)."""
+    log_sigmas = sigmas.log()
+    levels = lambda log_sigmas: torch.cat([sigmas[:1], log_sigmas[1:-1].exp(), sigmas[-1:]]) # ends kept exactly
+    best, evaluations = error(sigmas), 1
+    bar = tqdm.tqdm(total=max_sweeps, desc='descent', unit='sweep', disable=not progress)
+    for _ in range(max_sweeps):
+        moved = False
+        for k in range(1, len(sigmas) - 1):
+            for direction in (1, -1):
+                trial = log_sigmas.clone()
+                trial[k] += direction * step
+                if not log_sigmas[k + 1] < trial[k] < log_sigmas[k - 1]:
+                    continue
+                value = error(levels(trial))
+                evaluations += 1
+                if value < best:
+                    best, log_sigmas, moved = value, trial, True
+                    break
+        bar.update(1)
+        bar.set_postfix(error=f'{best:.4g}', step=f'{step:.3g}')
+        if not moved:
+            step /= 2
+            if step < min_step:
+                break
+    bar.close()
+    return levels(log_sigmas), best, evaluations
+
+def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, sigma_min=0.002, sigma_max=80,
+           solver='ipndm', sweeps=20, progress=True, **solver_kwargs):
+    """The noise levels (float64 tensor) and a dict of how they were made."""
+    teacher_sigmas = solvers.get_sigmas(TEACHER['disc'], teacher_steps, sigma_min, sigma_max, TEACHER['rho'], device=draws[0][0].device)
+    if metric in ('dev', 'l2'):
+        cost = gits_cost(net, draws, teacher_sigmas, metric, progress)
+        indices = best_path(cost.cpu().numpy(), num_steps, coeff)
+        return teacher_sigmas[indices], dict(indices=indices, teacher_nfe=teacher_steps - 1)
+    if metric != 'solver':
+        raise ValueError(f'unknown metric {metric!r}: choose dev, l2 or solver')
+    solvers.check_solver(solver, teacher_sigmas[:num_steps], **solver_kwargs) # before the teacher runs
+    targets = [teacher(net, latents, class_labels, teacher_sigmas)
+               for latents, class_labels in tqdm.tqdm(draws, desc='teacher', unit='batch', disable=not progress)]
+    error = lambda sigmas: solver_error(net, draws, targets, sigmas, solver=solver, **solver_kwargs)
+    starts = {'edm': solvers.edm_sigmas(num_steps, sigma_min, sigma_max, 7, device=teacher_sigmas.device),
+              'logsnr': solvers.logsnr_sigmas(num_steps, sigma_min, sigma_max, device=teacher_sigmas.device)}
+    start_errors = {name: error(sigmas) for name, sigmas in starts.items()}
+    start = min(start_errors, key=start_errors.get)
+    sigmas, final_error, evaluations = descend(error, starts[start], max_sweeps=sweeps, progress=progress)
+    return sigmas, dict(start=start, start_errors=start_errors, error=final_error,
+                        solver_runs=evaluations + len(starts), teacher_nfe=teacher_steps - 1)
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--network', 'network_path', help='Network snapshot (.pkl, URL or .safetensors)', metavar='PATH', required=True)
+@click.option('--solver',                  help='Solver the levels are for (--metric=solver optimises its result)', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', show_default=True)
+@click.option('--steps', 'num_steps',      help='Noise levels to pick, sigma_max and sigma_min included', metavar='INT', type=click.IntRange(min=2), required=True)
+@click.option('--seeds',                   help='Seeds of the warm-up latents (drawn as generate.py)', metavar='LIST', type=SeedList(), default='0-255', show_default=True)
+@click.option('--teacher-steps',           help='Levels of the teacher (iPNDM, EDM levels, rho 7)', metavar='INT', type=click.IntRange(min=3), default=61, show_default=True)
+@click.option('--metric',                  help='Cost: GITS dev or l2 of one Euler jump, or the solver\'s final error', type=click.Choice(['dev', 'l2', 'solver']), default='dev', show_default=True)
+@click.option('--coeff',                   help='GITS: weight growth per later jump', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1.15, show_default=True)
+@click.option('--order',                   help='--metric=solver: max order of the solver  [default: the solver\'s]', metavar='INT', type=int)
+@click.option('--afs',                     help='--metric=solver: the solver uses the analytical first step', is_flag=True)
+@click.option('--sweeps',                  help='--metric=solver: most sweeps of the coordinate descent', metavar='INT', type=click.IntRange(min=1), default=20, show_default=True)
+@click.option('--sigma_min',               help='Smallest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option('--sigma_max',               help='Largest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+@click.option('--batch',                   help='Warm-up latents per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str)
+@click.option('--out',                     help='JSON file to write', metavar='FILE', type=str, required=True)
+def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, order, afs, sweeps, sigma_min, sigma_max, batch, device, out):
+    """Search noise levels for --solver at --steps levels (GITS, or --metric=solver)."""
+    if metric != 'solver' and (order is not None or afs):
+        raise click.BadParameter('--order and --afs shape the solver\'s run, which only --metric=solver uses', param_hint='--order' if order is not None else '--afs')
+    if num_steps > teacher_steps:
+        raise click.BadParameter(f'{num_steps} levels cannot be picked from {teacher_steps} teacher levels; raise --teacher-steps', param_hint='--steps')
+    if sigma_min >= sigma_max:
+        raise click.BadParameter(f'--sigma_min {sigma_min} must be below --sigma_max {sigma_max}', param_hint='--sigma_min')
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    try:
+        net = load_network(network_path, device=device)
+    except Exception as e: # unreadable, corrupt or not a network: one line, whatever the cause
+        raise click.ClickException(f'Cannot load network "{network_path}": {" ".join(str(e).split())}')
+    sigma_min, sigma_max = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max)) # the network's range
+
+    draws = [latents_for_seeds(net, chunk, device=device)[:2] for chunk in batches(seeds, batch)]
+    solver_kwargs = dict(afs=afs, **({} if order is None else dict(order=order))) if metric == 'solver' else {}
+    start = time.time()
+    try:
+        with torch.no_grad():
+            sigmas, made = search(net, draws, num_steps, teacher_steps, metric, coeff, sigma_min, sigma_max, solver, sweeps, **solver_kwargs)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    record = dict(sigmas=sigmas.tolist(), network=network_path, solver=solver, steps=num_steps, metric=metric,
+                  coeff=coeff if metric != 'solver' else None, seeds=f'{seeds[0]}-{seeds[-1]}' if seeds == list(range(seeds[0], seeds[-1] + 1)) else seeds,
+                  teacher=dict(TEACHER, steps=teacher_steps, sigma_min=sigma_min, sigma_max=sigma_max), **solver_kwargs, **made,
+                  seconds=round(time.time() - start, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, 'w') as f:
+        json.dump(record, f, indent=1)
+    print(f'{metric} levels for {solver}, {num_steps} levels: {", ".join(f"{s:.4g}" for s in sigmas.tolist())}')
+    print(f'Wrote "{out}"; use: generate.py --solver={solver} --sigmas={out}')
+
+if __name__ == '__main__':
+    main()
