@@ -16,8 +16,9 @@ teacher's result (mean L2 over the warm-up latents) goes down.
     python tools/schedule_search.py --network=net.pkl --solver=ipndm --steps=11 --out=ipndm-11.json
     python generate.py --network=net.pkl --solver=ipndm --sigmas=ipndm-11.json --outdir=out
 
-Writes {"sigmas": [...], ...how they were made...} for generate.py --sigmas. One process (CPU or
-one GPU); see docs/few-step.md.
+Writes {"sigmas": [...], ...how they were made...} for generate.py --sigmas. CPU or GPU; several
+GPUs share the warm-up latents under torchrun (torchrun --standalone --nproc_per_node=4
+tools/schedule_search.py ...). See docs/few-step.md.
 """
 
 import json
@@ -32,6 +33,7 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import SeedList
+from torch_utils import distributed as dist
 from training import solvers
 from training.network_io import load_network
 from training.sampling import latents_for_seeds
@@ -105,20 +107,27 @@ def best_path(cost, num_steps, coeff):
 def batches(seeds, batch):
     return [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
 
+def mean_over_ranks(total, count):
+    """total / count summed over the torchrun processes (each holds its share of the warm-up latents)."""
+    if torch.distributed.is_initialized():
+        count = torch.as_tensor(float(count), dtype=torch.float64, device=total.device)
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    return total / count
+
 def gits_cost(net, draws, teacher_sigmas, metric, progress=True):
     """The jump costs averaged over the warm-up latents; draws: (latents, class_labels) batches."""
-    total, count = 0, 0
+    total = torch.zeros([len(teacher_sigmas)] * 2, dtype=torch.float64, device=teacher_sigmas.device)
     for latents, class_labels in tqdm.tqdm(draws, desc='teacher paths', unit='batch', disable=not progress):
         states, slopes = teacher_path(net, latents, class_labels, teacher_sigmas)
-        total = total + jump_costs(states, slopes, teacher_sigmas, metric)
-        count += len(latents)
-    return total / count
+        total += jump_costs(states, slopes, teacher_sigmas, metric)
+    return mean_over_ranks(total, sum(len(latents) for latents, _ in draws))
 
 def solver_error(net, draws, targets, sigmas, **solver_kwargs):
     """Mean L2 distance of the solver's results from the teacher's over the warm-up latents."""
     distances = [(solvers.sample(net, latents, class_labels, sigmas=sigmas, **solver_kwargs) - target).flatten(1).norm(dim=1)
                  for (latents, class_labels), target in zip(draws, targets)]
-    return torch.cat(distances).mean().item()
+    return mean_over_ranks(torch.cat(distances).sum(), sum(len(d) for d in distances)).item()
 
 def descend(error, sigmas, max_sweeps=20, step=0.25, min_step=0.01, progress=True):
     """Coordinate descent on log sigma of the inner levels: move one level by +-step (staying between
@@ -188,7 +197,7 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
 @click.option('--sigma_min',               help='Smallest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
 @click.option('--sigma_max',               help='Largest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
 @click.option('--batch',                   help='Warm-up latents per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str)
+@click.option('--device',                  help='Device  [default: this process\'s GPU if any, else cpu]', metavar='STR', type=str)
 @click.option('--out',                     help='JSON file to write', metavar='FILE', type=str, required=True)
 def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, order, afs, sweeps, sigma_min, sigma_max, batch, device, out):
     """Search noise levels for --solver at --steps levels (GITS, or --metric=solver)."""
@@ -198,25 +207,32 @@ def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, o
         raise click.BadParameter(f'{num_steps} levels cannot be picked from {teacher_steps} teacher levels; raise --teacher-steps', param_hint='--steps')
     if sigma_min >= sigma_max:
         raise click.BadParameter(f'--sigma_min {sigma_min} must be below --sigma_max {sigma_max}', param_hint='--sigma_min')
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    dist.init() # under torchrun each process takes every world_size-th seed and the costs are summed
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if len(seeds) < world_size:
+        raise click.BadParameter(f'{len(seeds)} seeds for {world_size} processes; give each process at least one', param_hint='--seeds')
+    device = dist.device() if device is None else torch.device(device)
     try:
-        net = load_network(network_path, device=device)
+        net = load_network(network_path, device=device, verbose=(rank == 0))
     except Exception as e: # unreadable, corrupt or not a network: one line, whatever the cause
         raise click.ClickException(f'Cannot load network "{network_path}": {" ".join(str(e).split())}')
     sigma_min, sigma_max = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max)) # the network's range
 
-    draws = [latents_for_seeds(net, chunk, device=device)[:2] for chunk in batches(seeds, batch)]
+    draws = [latents_for_seeds(net, chunk, device=device)[:2] for chunk in batches(seeds[rank::world_size], batch)]
     solver_kwargs = dict(afs=afs, **({} if order is None else dict(order=order))) if metric == 'solver' else {}
     start = time.time()
     try:
         with torch.no_grad():
-            sigmas, made = search(net, draws, num_steps, teacher_steps, metric, coeff, sigma_min, sigma_max, solver, sweeps, **solver_kwargs)
+            sigmas, made = search(net, draws, num_steps, teacher_steps, metric, coeff, sigma_min, sigma_max, solver, sweeps,
+                                  progress=(rank == 0), **solver_kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))
     record = dict(sigmas=sigmas.tolist(), network=network_path, solver=solver, steps=num_steps, metric=metric,
                   coeff=coeff if metric != 'solver' else None, seeds=f'{seeds[0]}-{seeds[-1]}' if seeds == list(range(seeds[0], seeds[-1] + 1)) else seeds,
                   teacher=dict(TEACHER, steps=teacher_steps, sigma_min=sigma_min, sigma_max=sigma_max), **solver_kwargs, **made,
-                  seconds=round(time.time() - start, 1))
+                  processes=world_size, seconds=round(time.time() - start, 1))
+    if rank != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, 'w') as f:
         json.dump(record, f, indent=1)

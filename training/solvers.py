@@ -113,8 +113,8 @@ class SolverStep(NamedTuple):
     x_next: torch.Tensor    # state at sigma_next
 
 def denoise(net, x, sigma, class_labels, analytic=False):
-    """(D(x; sigma), dx/dsigma). analytic: AFS's first slope x / sqrt(1 + sigma^2) (data of unit
-    variance collapsed to its mean 0 at high noise), no network call."""
+    """(D(x; sigma), dx/dsigma). analytic: AFS's first slope x / sqrt(1 + sigma^2), no network call:
+    at sigma_max the state is nearly all noise, so the noise estimate is x scaled to unit variance."""
     if analytic:
         d = x / (1 + sigma ** 2).sqrt()
         return x - sigma * d, d
