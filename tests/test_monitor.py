@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import click
 import numpy as np
 import PIL.Image
 import pytest
@@ -182,3 +183,26 @@ def test_without_tensorboard_says_how_to_get_it(tmp_path, monkeypatch, capsys):
     monitor.log_stats({'Test/loss': dict(num=1, mean=1.0, std=0.0)}, 1000)
     monitor.close()
     assert 'TensorBoard logs: off (pip install tensorboard' in capsys.readouterr().out and os.listdir(tmp_path) == []
+
+#----------------------------------------------------------------------------
+# Wired into the training loop (train.py --metric-every/--metric-images).
+
+def test_train_py_logs_metric_and_tensorboard(digits_path, tmp_path):
+    from tests.test_train import TINY, only_run_dir, run
+    proc = run(['--outdir', str(tmp_path), '--data', digits_path, '--cond=1', '--aot=16', '--duration=0.000064', '--snap=2',
+                '--metric-every=2', '--metric-images=8'] + TINY)
+    run_dir = only_run_dir(tmp_path)
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert all(np.isfinite(s['Metrics/fd_standin']['mean']) for s in stats) and 'fd_standin' in proc.stdout
+    assert 'NOT comparable to published FID' in proc.stdout and 'kimg |' not in proc.stdout + proc.stderr # no bar off a terminal
+    acc = event_accumulator(run_dir)
+    assert [round(s['Progress/kimg']['mean'] * 1000) for s in stats] == [16, 48, 64] # ticks 0, 1, 2 (the last)
+    assert [e.step for e in acc.Scalars('Loss/loss')] == [16, 48, 64]
+    assert [e.value for e in acc.Scalars('Loss/loss')] == pytest.approx([s['Loss/loss']['mean'] for s in stats], rel=1e-6)
+    assert [e.step for e in acc.Scalars('Metrics/fd_standin')] == [16, 64] # every 2 ticks, and the last
+    assert [e.step for e in acc.Images('Samples')] == [16, 64] # the snapshots' grids
+
+def test_unreadable_detector_is_a_one_line_error_before_any_file(digits, tmp_path):
+    with pytest.raises(click.ClickException, match=r'--metric-detector=nope.pkl\): File not found: nope.pkl'):
+        Monitor(str(tmp_path), start_nimg=0, kimg_per_tick=1, dataset_obj=digits, metric_every=1, metric_detector='nope.pkl')
+    assert os.listdir(tmp_path) == []

@@ -21,6 +21,7 @@ It uses its own random generators: the training's random streams, and so exact r
 
 import sys
 
+import click
 import numpy as np
 import PIL.Image
 import torch
@@ -60,8 +61,11 @@ class SampleFD:
     detector: 'standin', 'inception' (downloaded once, then cached), or a detector pickle's path or URL."""
 
     def __init__(self, dataset_obj, num_images, detector=fid.STANDIN, num_steps=18, batch=64, device=torch.device('cpu')):
-        detector = None if detector == 'inception' else detector # None: fid.py's standard Inception detector
-        det = fid._rank0_first(lambda: fid.open_detector(detector, verbose=(dist.get_rank() == 0)))
+        try:
+            standard = None if detector == 'inception' else detector # None: fid.py's standard Inception detector
+            det = fid._rank0_first(lambda: fid.open_detector(standard, verbose=(dist.get_rank() == 0)))
+        except click.ClickException as err:
+            raise click.ClickException(f'the FD metric\'s detector (--metric-detector={detector}): {err.message}')
         self.detector = fid.build_detector(det, device)
         self.name = 'Metrics/fd_' + ('standin' if det.data is None else 'inception' if det.standard else 'detector')
         self.num_images, self.num_steps, self.batch, self.device = num_images, num_steps, batch, device
@@ -116,11 +120,11 @@ class Monitor:
                  metric_detector=fid.STANDIN, num_steps=18, batch=64, device=torch.device('cpu')):
         self.kimg_per_tick, self.metric_every = kimg_per_tick, metric_every
         self.bar, self.metric_fresh = None, False
+        self.metric = None
+        if metric_every: # first: a detector that cannot be had stops the run before any file is written
+            self.metric = SampleFD(dataset_obj, metric_images, metric_detector, num_steps, batch, device)
         self.writer = _summary_writer(run_dir, start_nimg) if dist.get_rank() == 0 else None
         self.terminal = _terminal() if dist.get_rank() == 0 else None
-        self.metric = None
-        if metric_every:
-            self.metric = SampleFD(dataset_obj, metric_images, metric_detector, num_steps, batch, device)
 
     def step(self, cur_nimg, tick_start_nimg):
         if self.terminal is None:
