@@ -115,8 +115,24 @@ def _not_standard(det):
     what = f'stand-in detector {det.id}' if det.data is None else f'detector {det.url}'
     return f'{NOT_COMPARABLE}: {what} is not the standard {DETECTOR_NAME}'
 
-def _detector_note(det):
-    return '' if det.standard else f'  ({_not_standard(det)})'
+def _detector_note(det, ref=None, gen=None):
+    """What a number of a non-standard detector means; for an FID, next to the FD that two random halves
+    of the reference set (of the images, for reference files without it) score between themselves."""
+    if det.standard:
+        return ''
+    comparison = ''
+    for stats, what in [(ref, "the reference set's"), (gen, "these images'")]:
+        if stats is not None and not np.isnan(stats.get('halves_fd', np.nan)):
+            comparison = f'; for comparison, {what} two random halves score {float(stats["halves_fd"]):g}'
+            break
+    return f'  ({_not_standard(det)}{comparison})'
+
+def comparison_fields(det, result):
+    """halves_fd for the statistics file of a non-standard detector (result: mu, sigma, features)."""
+    if det.standard:
+        return {}
+    value = halves_fd(result[2].cpu().numpy())
+    return dict(halves_fd=np.nan if value is None else value)
 
 #----------------------------------------------------------------------------
 # Inception statistics of an image folder or zip. Images are split into batches as in EDM; each
@@ -230,6 +246,17 @@ def calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref):
     s = scipy.linalg.sqrtm(np.dot(sigma, sigma_ref))
     fid = m + np.trace(sigma + sigma_ref - s * 2)
     return float(np.real(fid))
+
+def halves_fd(features, seed=0):
+    """FD between two random halves of one set of features: what two samples of the same images
+    score. Numbers of a detector without published values need it as a point of comparison (None
+    below 4 images: each half needs 2 for a covariance)."""
+    if len(features) < 4:
+        return None
+    f = np.asarray(features, dtype=np.float64)
+    order = np.random.RandomState(seed).permutation(len(f))
+    a, b = f[order[:len(f) // 2]], f[order[len(f) // 2:]]
+    return calculate_fid_from_inception_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 #----------------------------------------------------------------------------
 # Improved precision and recall (Kynkaanniemi et al. 2019): each sample's k-NN ball in its own set
@@ -380,7 +407,8 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
         if os.path.isfile(stats_path):
             try:
                 saved = dict(np.load(stats_path))
-                if all(str(saved.get(k)) == str(v) for k, v in key.items()) and (not pr or 'features' in saved):
+                if all(str(saved.get(k)) == str(v) for k, v in key.items()) and (not pr or 'features' in saved) \
+                        and (det.standard or 'halves_fd' in saved):
                     gen = saved
                     dist.print0(f'Reusing statistics from "{stats_path}" (images unchanged)')
             except Exception: # unreadable or foreign file: recompute and overwrite
@@ -391,9 +419,11 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
 
     if not reuse.item():
         result = calculate_inception_stats(image_path=image_path, num_expected=num_expected, seed=seed, max_batch_size=batch,
-            num_workers=workers, device=device, detector_net=build_detector(det, device), return_features=pr, dataset_obj=dataset_obj)
+            num_workers=workers, device=device, detector_net=build_detector(det, device), return_features=(pr or not det.standard),
+            dataset_obj=dataset_obj)
         if rank == 0:
             gen = dict(mu=result[0], sigma=result[1], **detector_fields(det), **{k: v for k, v in key.items() if k != 'detector'})
+            gen.update(comparison_fields(det, result))
             if pr:
                 gen['features'] = result[2].cpu().numpy()
             try:
@@ -412,7 +442,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
             print(f'recall {recall:g}{_detector_note(det)}')
         dist.print0('Calculating FID...')
         fid = calculate_fid_from_inception_stats(gen['mu'], gen['sigma'], ref['mu'], ref['sigma'])
-        print(f'{fid:g}{_detector_note(det)}')
+        print(f'{fid:g}{_detector_note(det, ref, gen)}')
     dist.barrier()
 
 #----------------------------------------------------------------------------
@@ -437,10 +467,10 @@ def ref(dataset_path, dest_path, batch, save_features, detector, workers):
     dataset_obj = open_images(dataset_path)
     det = _rank0_first(lambda: open_detector(detector, verbose=(dist.get_rank() == 0)))
     result = calculate_inception_stats(image_path=dataset_path, max_batch_size=batch, num_workers=workers, device=device,
-        detector_net=build_detector(det, device), return_features=save_features, dataset_obj=dataset_obj)
+        detector_net=build_detector(det, device), return_features=(save_features or not det.standard), dataset_obj=dataset_obj)
     dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
     if dist.get_rank() == 0:
-        stats = dict(mu=result[0], sigma=result[1], **detector_fields(det))
+        stats = dict(mu=result[0], sigma=result[1], **detector_fields(det), **comparison_fields(det, result))
         if save_features:
             stats['features'] = result[2].cpu().numpy()
         save_stats(dest_path, **stats)

@@ -280,6 +280,19 @@ def test_standin_detector_without_download(env):
     assert 'NOT comparable to published FID: stand-in detector' in line
     assert value == pytest.approx(independent_fid(a, b), rel=2e-5) and value > 0
 
+    # Next to the number, a point of comparison: the FD between two random halves of the reference set
+    # (seeded permutation), or of the images when the reference file has none.
+    def halves(features):
+        order = np.random.RandomState(0).permutation(len(features))
+        return independent_fid(features[order[:40]], features[order[40:]])
+    found = re.search(r"; for comparison, the reference set's two random halves score (\S+)\)$", line)
+    assert found and float(found.group(1)) == pytest.approx(halves(a), rel=1e-4), line
+    old_ref = os.path.join(env['tmp'], 'ref-standin-old.npz')
+    np.savez(old_ref, **{k: v for k, v in np.load(ref_path).items() if k != 'halves_fd'}) # made before the comparison existed
+    r = calc(env, env['b'], f'--ref={old_ref}', '--num=80', '--detector=standin', '--save-stats=' + os.path.join(env['tmp'], 'b-standin.npz'))
+    found = re.search(r"; for comparison, these images' two random halves score (\S+)\)$", fid_line(r)[1])
+    assert 'Reusing statistics' in r.stdout and found and float(found.group(1)) == pytest.approx(halves(b), rel=1e-4), r.stdout
+
 #----------------------------------------------------------------------------
 # Errors: non-zero exit and a one-line message naming the problem.
 
