@@ -83,8 +83,9 @@ def test_solver_metric_lowers_the_solvers_error():
         teacher_sigmas = solvers.edm_sigmas(11)
         target = schedule_search.teacher(net, draws[0][0], None, teacher_sigmas)
         error = schedule_search.solver_error(net, draws, [target], sigmas, solver='ipndm', order=3)
-    assert made['start'] in ('edm', 'logsnr') and made['error'] == pytest.approx(error)
-    assert error < 0.9 * min(made['start_errors'].values())
+    errors = made['errors']
+    assert made['start'] in ('edm', 'logsnr') and errors['searched'] == pytest.approx(error)
+    assert error < 0.9 * min(errors['edm'], errors['logsnr'])
     solvers.check_sigmas(sigmas)
     assert sigmas[0].item() == pytest.approx(80, rel=1e-6) and sigmas[-1].item() == pytest.approx(0.002, rel=1e-6)
 
@@ -102,7 +103,7 @@ def network_file(tmp_path_factory):
 
 def test_cli_writes_levels_for_generate(tmp_path, network_file):
     out = tmp_path / 'levels.json'
-    r = run_cli(f'--network={network_file}', '--steps=4', '--teacher-steps=9', '--seeds=0-2', '--batch=2',
+    r = run_cli(f'--network={network_file}', '--steps=4', '--order=3', '--teacher-steps=9', '--seeds=0-2', '--batch=2',
                 '--metric=l2', '--device=cpu', f'--out={out}')
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
@@ -110,10 +111,11 @@ def test_cli_writes_levels_for_generate(tmp_path, network_file):
     teacher_sigmas = solvers.edm_sigmas(9)
     assert doc['sigmas'] == teacher_sigmas[doc['indices']].tolist()
     assert solvers.read_sigmas(str(out)) == doc['sigmas']
+    assert set(doc['errors']) == {'edm', 'logsnr', 'searched'} and all(e > 0 for e in doc['errors'].values())
 
 @pytest.mark.parametrize('args, message', [
     (['--steps=9', '--teacher-steps=5'], 'raise --teacher-steps'),
-    (['--steps=4', '--order=2'], 'only --metric=solver'),
+    (['--steps=4', '--solver=dpmpp', '--order=4'], 'orders 1 to 3'),
     (['--steps=4', '--sigma_min=5', '--sigma_max=1'], 'must be below'),
     (['--steps=4', '--metric=solver', '--order=5'], 'orders 1 to 4'),
 ])

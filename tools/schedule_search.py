@@ -6,12 +6,13 @@ them); the cost of a one-step Euler jump from every teacher level i to every lat
 averaged over them (--metric=dev: how much farther the jump lands from the straight line x_T -> x_0
 than the teacher at j, the paper's trajectory deviation; --metric=l2: distance from the teacher at j);
 dynamic programming then picks the --steps levels that minimise c(i0,i1) + coeff c(i1,i2) +
-coeff^2 c(i2,i3) + ..., --coeff 1.15 favouring cheap late jumps as the paper does.
+coeff^2 c(i2,i3) + ...; --coeff 1.15, the paper's, weighs later jumps more.
 
 --metric=solver goes beyond GITS: GITS's cost is one Euler step, while what counts is the chosen
 solver's own result. Starting from the best of EDM's (rho 7) and log-SNR levels, coordinate
 descent on log sigma moves one inner level at a time while the solver's final error against the
-teacher's result (mean L2 over the warm-up latents) goes down.
+teacher's result (mean L2 over the warm-up latents) goes down. Every run reports that error for
+the levels it found and for EDM's (rho 7) and log-SNR levels.
 
     python tools/schedule_search.py --network=net.pkl --solver=ipndm --steps=11 --out=ipndm-11.json
     python generate.py --network=net.pkl --solver=ipndm --sigmas=ipndm-11.json --outdir=out
@@ -115,13 +116,18 @@ def mean_over_ranks(total, count):
         torch.distributed.all_reduce(count)
     return total / count
 
-def gits_cost(net, draws, teacher_sigmas, metric, progress=True):
-    """The jump costs averaged over the warm-up latents; draws: (latents, class_labels) batches."""
+def teacher_costs(net, draws, teacher_sigmas, metric, progress=True):
+    """(the jump costs of metric dev|l2 averaged over the warm-up latents, or None for metric=solver;
+    the teacher's results per batch). draws: (latents, class_labels) batches."""
     total = torch.zeros([len(teacher_sigmas)] * 2, dtype=torch.float64, device=teacher_sigmas.device)
-    for latents, class_labels in tqdm.tqdm(draws, desc='teacher paths', unit='batch', disable=not progress):
+    results = []
+    for latents, class_labels in tqdm.tqdm(draws, desc='teacher', unit='batch', disable=not progress):
         states, slopes = teacher_path(net, latents, class_labels, teacher_sigmas)
-        total += jump_costs(states, slopes, teacher_sigmas, metric)
-    return mean_over_ranks(total, sum(len(latents) for latents, _ in draws))
+        results.append(states[-1].reshape(latents.shape))
+        if metric != 'solver':
+            total += jump_costs(states, slopes, teacher_sigmas, metric)
+    cost = mean_over_ranks(total, sum(len(latents) for latents, _ in draws)) if metric != 'solver' else None
+    return cost, results
 
 def solver_error(net, draws, targets, sigmas, **solver_kwargs):
     """Mean L2 distance of the solver's results from the teacher's over the warm-up latents."""
@@ -161,25 +167,27 @@ def descend(error, sigmas, max_sweeps=20, step=0.25, min_step=0.01, progress=Tru
 
 def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, sigma_min=0.002, sigma_max=80,
            solver='ipndm', sweeps=20, progress=True, **solver_kwargs):
-    """The noise levels (float64 tensor) and a dict of how they were made."""
-    teacher_sigmas = solvers.get_sigmas(TEACHER['disc'], teacher_steps, sigma_min, sigma_max, TEACHER['rho'], device=draws[0][0].device)
-    if metric in ('dev', 'l2'):
-        cost = gits_cost(net, draws, teacher_sigmas, metric, progress)
-        indices = best_path(cost.cpu().numpy(), num_steps, coeff)
-        return teacher_sigmas[indices], dict(indices=indices, teacher_nfe=teacher_steps - 1)
-    if metric != 'solver':
+    """The noise levels (float64 tensor) and a dict of how they were made, with the solver's error
+    (solver_error) on them and on EDM's (rho 7) and log-SNR levels."""
+    if metric not in ('dev', 'l2', 'solver'):
         raise ValueError(f'unknown metric {metric!r}: choose dev, l2 or solver')
+    teacher_sigmas = solvers.get_sigmas(TEACHER['disc'], teacher_steps, sigma_min, sigma_max, TEACHER['rho'], device=draws[0][0].device)
     solvers.check_solver(solver, teacher_sigmas[:num_steps], **solver_kwargs) # before the teacher runs
-    targets = [teacher(net, latents, class_labels, teacher_sigmas)
-               for latents, class_labels in tqdm.tqdm(draws, desc='teacher', unit='batch', disable=not progress)]
+    cost, targets = teacher_costs(net, draws, teacher_sigmas, metric, progress)
     error = lambda sigmas: solver_error(net, draws, targets, sigmas, solver=solver, **solver_kwargs)
-    starts = {'edm': solvers.edm_sigmas(num_steps, sigma_min, sigma_max, 7, device=teacher_sigmas.device),
-              'logsnr': solvers.logsnr_sigmas(num_steps, sigma_min, sigma_max, device=teacher_sigmas.device)}
-    start_errors = {name: error(sigmas) for name, sigmas in starts.items()}
-    start = min(start_errors, key=start_errors.get)
-    sigmas, final_error, evaluations = descend(error, starts[start], max_sweeps=sweeps, progress=progress)
-    return sigmas, dict(start=start, start_errors=start_errors, error=final_error,
-                        solver_runs=evaluations + len(starts), teacher_nfe=teacher_steps - 1)
+    fixed = {'edm': solvers.edm_sigmas(num_steps, sigma_min, sigma_max, 7, device=teacher_sigmas.device),
+             'logsnr': solvers.logsnr_sigmas(num_steps, sigma_min, sigma_max, device=teacher_sigmas.device)}
+    errors = {name: error(sigmas) for name, sigmas in fixed.items()}
+    if metric == 'solver':
+        start = min(errors, key=errors.get)
+        sigmas, errors['searched'], runs = descend(error, fixed[start], max_sweeps=sweeps, progress=progress)
+        made = dict(start=start, solver_runs=runs + len(fixed))
+    else:
+        indices = best_path(cost.cpu().numpy(), num_steps, coeff)
+        sigmas = teacher_sigmas[indices]
+        errors['searched'] = error(sigmas)
+        made = dict(indices=indices)
+    return sigmas, dict(made, errors=errors, teacher_nfe=teacher_steps - 1)
 
 #----------------------------------------------------------------------------
 
@@ -191,8 +199,8 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
 @click.option('--teacher-steps',           help='Levels of the teacher (iPNDM, EDM levels, rho 7)', metavar='INT', type=click.IntRange(min=3), default=61, show_default=True)
 @click.option('--metric',                  help='Cost: GITS dev or l2 of one Euler jump, or the solver\'s final error', type=click.Choice(['dev', 'l2', 'solver']), default='dev', show_default=True)
 @click.option('--coeff',                   help='GITS: weight growth per later jump', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1.15, show_default=True)
-@click.option('--order',                   help='--metric=solver: max order of the solver  [default: the solver\'s]', metavar='INT', type=int)
-@click.option('--afs',                     help='--metric=solver: the solver uses the analytical first step', is_flag=True)
+@click.option('--order',                   help='Max order of the solver  [default: the solver\'s]', metavar='INT', type=int)
+@click.option('--afs',                     help='The solver uses the analytical first step', is_flag=True)
 @click.option('--sweeps',                  help='--metric=solver: most sweeps of the coordinate descent', metavar='INT', type=click.IntRange(min=1), default=20, show_default=True)
 @click.option('--sigma_min',               help='Smallest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
 @click.option('--sigma_max',               help='Largest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
@@ -201,8 +209,6 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
 @click.option('--out',                     help='JSON file to write', metavar='FILE', type=str, required=True)
 def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, order, afs, sweeps, sigma_min, sigma_max, batch, device, out):
     """Search noise levels for --solver at --steps levels (GITS, or --metric=solver)."""
-    if metric != 'solver' and (order is not None or afs):
-        raise click.BadParameter('--order and --afs shape the solver\'s run, which only --metric=solver uses', param_hint='--order' if order is not None else '--afs')
     if num_steps > teacher_steps:
         raise click.BadParameter(f'{num_steps} levels cannot be picked from {teacher_steps} teacher levels; raise --teacher-steps', param_hint='--steps')
     if sigma_min >= sigma_max:
@@ -219,7 +225,7 @@ def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, o
     sigma_min, sigma_max = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max)) # the network's range
 
     draws = [latents_for_seeds(net, chunk, device=device)[:2] for chunk in batches(seeds[rank::world_size], batch)]
-    solver_kwargs = dict(afs=afs, **({} if order is None else dict(order=order))) if metric == 'solver' else {}
+    solver_kwargs = dict(afs=afs, **({} if order is None else dict(order=order)))
     start = time.time()
     try:
         with torch.no_grad():
@@ -237,6 +243,8 @@ def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, o
     with open(out, 'w') as f:
         json.dump(record, f, indent=1)
     print(f'{metric} levels for {solver}, {num_steps} levels: {", ".join(f"{s:.4g}" for s in sigmas.tolist())}')
+    print(f'{solver}\'s error against the teacher (mean L2 over {len(seeds)} latents): ' +
+          ', '.join(f'{name} {value:.4g}' for name, value in made['errors'].items()))
     print(f'Wrote "{out}"; use: generate.py --solver={solver} --sigmas={out}')
 
 if __name__ == '__main__':
