@@ -356,7 +356,7 @@ def main(source, dest, max_images, transform, resolution):
         --dest=datasets/mnist-32x32.zip
     python dataset_tool.py --source=downloads/afhqv2 --dest=datasets/afhqv2-64x64.zip \\
         --resolution=64x64 --transform=center-crop
-    python dataset_tool.py --source=digits.csv.gz --dest=datasets/uci-digits-16x16.zip \\
+    python dataset_tool.py --source=datasets/digits.csv.gz --dest=uci-digits-16x16.zip \\
         --resolution=16x16
     """
     if dest == '':

@@ -161,6 +161,12 @@ def test_digits_csv(tmp_path):
     assert [l for _, l in meta['labels']] == [7, 0, 9]
     assert PIL.Image.open(tmp_path / 'out' / '00000' / 'img00000000.png').mode == 'L'
 
+def test_bundled_digits_source_rebuilds_the_bundled_archive(tmp_path):
+    # The command of docs/datasets.md, from the files a fresh clone has.
+    res = run_tool('--source', ROOT / 'datasets' / 'digits.csv.gz', '--dest', tmp_path / 'uci-digits-16x16.zip', '--resolution=16x16')
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / 'uci-digits-16x16.zip').read_bytes() == (ROOT / 'datasets' / 'uci-digits-16x16.zip').read_bytes()
+
 def test_labels_from_toplevel_folders_and_max_images(tmp_path):
     rng = np.random.default_rng(1)
     for cls in ['cats', 'dogs', 'zebras']:
