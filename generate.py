@@ -132,9 +132,10 @@ def write_labels(outdir, labels):
             json.dump(dict(labels=sorted([name, label] for name, label in labels.items())), f)
 
 class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM (sent by torchrun, schedulers) ask the loop to stop after the
-    current batch, so that its PNGs and dataset.json are written. A second signal does not cut
-    this short: torchrun passes Ctrl-C on to its workers, which then see it twice."""
+    """SIGINT (Ctrl-C; torchrun passes it on to its workers) and SIGTERM (schedulers, kill) ask the
+    loop to stop after the current batch, so that its PNGs and dataset.json are written. Further
+    signals change nothing: one sent to a process group and also forwarded by a launcher arrives
+    twice. SIGKILL stops at once and still leaves no half-written file that looks valid."""
 
     def __init__(self):
         self.signal = None

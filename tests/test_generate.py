@@ -174,6 +174,29 @@ def test_interrupted_run_continues_with_the_same_images(nets, tmp_path):
     assert read_bytes(parts) == read_bytes(tmp_path / 'whole') # byte for byte
     assert listed(parts) == listed(tmp_path / 'whole') == expected_labels(nets['net'], list(range(993, 1005)), subdirs=True)
 
+def test_ctrl_c_under_torchrun_stops_every_rank_cleanly(nets, tmp_path):
+    # A terminal's Ctrl-C goes to torchrun's process group (its workers run in sessions of their own)
+    # and torchrun passes it on: every worker must stop after the same batch, not die mid-way.
+    args = ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-23', '--batch=2', *STEPS, *CPU]
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate.py', *args],
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    while proc.poll() is None and not any(n.endswith('.png') for n in os.listdir(tmp_path)):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out, err = finish(proc)
+    done = pngs(tmp_path)
+    assert code != 0 and 0 < len(done) < 24, f'{code} {sorted(done)}\n{err}'
+    assert f'Interrupted: {len(done)} of 24 images are in "{tmp_path}" and listed in its dataset.json. Continue with:\n' \
+           f'  torchrun --standalone --nproc_per_node=2 generate.py {shlex.join(args)}\n' in err, err
+    assert [name for name, _ in listed(tmp_path)] == sorted(done)
+    code, out, err = finish(start(args)) # one process continues what two began
+    assert code == 0, f'{out}\n{err}'
+    expected = expected_images(nets['net'], list(range(24)))
+    images = pngs(tmp_path)
+    assert sorted(images) == [f'{s:06d}.png' for s in range(24)]
+    assert all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(24))
+    assert listed(tmp_path) == expected_labels(nets['net'], list(range(24)))
+
 def test_existing_images_are_kept_unless_forced(nets, tmp_path):
     args = ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-3', *STEPS, *CPU]
     assert finish(start(args))[0] == 0
