@@ -281,7 +281,7 @@ def check_ddp(ctx):
     for nproc in s['ddp_procs']:
         out = ctx.sh(train_cmd(ctx, ctx.path(f'ddp{nproc}'), s['ddp_kimg'], s['ddp'].split(), torchrun=nproc),
                      f'torchrun --nproc_per_node={nproc} train.py {s["ddp"]}')
-        fallbacks = [line.strip() for line in out.splitlines() if line.startswith('Warning (rank')]
+        fallbacks = [line.strip() for line in out.splitlines() if 'Warning (rank' in line] # torchrun may prefix the ranks' lines
         shared = ctx.cuda and nproc > torch.cuda.device_count()
         if nproc > 1 and f'weights identical on all {nproc} ranks' not in out:
             raise CheckFailed(f'{nproc} processes: no rank check in the output\n{tail(out)}')
