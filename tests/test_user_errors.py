@@ -1,6 +1,6 @@
-"""Mistakes a new user makes with the data, reported by train.py as one line before anything is
-written: non-square images, and images of two sizes (which used to fail in a DataLoader worker
-after the run directory existed)."""
+"""Mistakes a new user makes with the data, reported by train.py as one line: non-square images and
+images of two sizes (before anything is written; they used to fail in a DataLoader worker after the
+run directory existed), and a damaged image, which only decoding finds (in a DataLoader worker)."""
 
 import os
 import subprocess
@@ -34,3 +34,18 @@ def test_train_refuses_bad_image_sizes(tmp_path, sizes, message, dry_run):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('Error: ') and message in lines[0], proc.stderr[-2000:]
     assert not outdir.exists() or not any(outdir.iterdir()) # no run directory left behind
+
+def test_train_reports_a_damaged_image_in_one_line(tmp_path):
+    # The header is intact, so the size check passes and the damage shows when a worker decodes the image.
+    data = write_folder(tmp_path / 'data', [(8, 8)] * 8)
+    damaged = os.path.join(data, 'img5.png')
+    with open(damaged, 'rb') as f:
+        png = f.read()
+    with open(damaged, 'wb') as f:
+        f.write(png[:len(png) // 2])
+    proc = subprocess.run([sys.executable, 'train.py', f'--outdir={tmp_path / "runs"}', f'--data={data}', *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('Error: ') and f'{data}: cannot decode image img5.png' in last and 'dataset_tool.py --source=' in last, proc.stderr[-2000:]
