@@ -181,7 +181,6 @@ def main(data, fakes, outdir, cond, aot, classifier, width, kimg, batch, lr, hol
     if classifier:
         path = dnnlib.util.open_url(classifier, return_filename=True, verbose=(rank == 0))
         disc.classifier.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=True)
-        disc.classifier.requires_grad_(False)
         extractor = f"DG's ADM classifier {classifier} (frozen)"
     else:
         extractor = (f'none given (--classifier): a small noise-conditional encoder ({sum(p.numel() for p in disc.classifier.parameters())} '

@@ -188,11 +188,17 @@ def with_output_pool(disc):
                                               guidance.AttentionPool2d(disc.img_resolution, ch, 32, 1))
     return disc
 
-def test_small_extractor_has_no_unused_parameters_and_older_files_load(tmp_path):
-    # Under DDP every trainable parameter must receive a gradient: the small encoder has no output pool.
+@pytest.mark.parametrize('extractor,res,channels', [('small', 8, 1), ('adm', 32, 3)])
+def test_every_trained_parameter_gets_a_gradient(extractor, res, channels):
+    # As DDP requires (train_discriminator.py under torchrun): the small encoder has no output pool,
+    # and DG's classifier (with its output pool, for its checkpoints' keys) is frozen.
+    disc = Discriminator(res, channels, label_dim=4, extractor=extractor)
+    disc(torch.randn([2, channels, res, res]), torch.tensor([0.1, 0.9]), torch.tensor([0, 3])).sum().backward()
+    assert [name for name, p in disc.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert any(p.requires_grad for p in disc.head.parameters())
+
+def test_small_extractor_has_no_output_pool_and_older_files_load(tmp_path):
     disc = Discriminator(8, 1, label_dim=4, extractor='small')
-    disc(torch.randn([3, 1, 8, 8]), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 1, 3])).sum().backward()
-    assert all(p.grad is not None for p in disc.parameters())
     assert not any(k.startswith('classifier.out.') for k in disc.state_dict())
     # Files written before held that unused pool (after all the encoder's other layers): they load, the same function.
     from training.network_io import save_safe

@@ -253,7 +253,7 @@ class Discriminator(torch.nn.Module):
             if (img_resolution, img_channels) != (32, 3):
                 raise ValueError(f'DG\'s ADM classifier takes 32x32 RGB images, not {img_resolution}x{img_resolution}x{img_channels}; '
                                  'train without --classifier for other data')
-            self.classifier = adm_classifier(img_resolution, img_channels)
+            self.classifier = adm_classifier(img_resolution, img_channels).requires_grad_(False) # frozen, as in DG
             head = dict(model_channels=head_width or 128, depth=head_depth or 2)
         elif extractor == 'small':
             self.classifier = small_encoder(img_resolution, img_channels, width)
