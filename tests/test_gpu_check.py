@@ -174,10 +174,14 @@ def test_only_runs_the_checks_named(tmp_path, monkeypatch):
     (['--only=2,9'], '--only'),
     (['--only=two'], '--only'),
     (['--report=/nonexistent-folder/r.md'], 'does not exist'),
+    (['--workdir={tmp}'], 'is not empty'),
 ])
-def test_bad_input(tmp_path, args, message):
-    result = CliRunner().invoke(gpu_check.main, ['--smoke', *args])
-    assert result.exit_code == 2 and message in result.output, result.output
+def test_bad_input(tmp_path, monkeypatch, args, message):
+    events = []
+    fake_checks(monkeypatch, events)
+    (tmp_path / 'old-run').mkdir()
+    result = CliRunner().invoke(gpu_check.main, ['--smoke', *(a.format(tmp=tmp_path) for a in args)])
+    assert result.exit_code == 2 and message in result.output and not events, result.output
 
 def test_refused_without_a_gpu_unless_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check.torch.cuda, 'is_available', lambda: False)
