@@ -103,7 +103,7 @@ def network_file(tmp_path_factory):
 
 def test_cli_writes_levels_for_generate(tmp_path, network_file):
     out = tmp_path / 'levels.json'
-    r = run_cli(f'--network={network_file}', '--steps=4', '--order=3', '--teacher-steps=9', '--seeds=0-2', '--batch=2',
+    r = run_cli(f'--network={network_file}', '--steps=4', '--order=3', '--teacher-steps=9', '--seeds=0-2', '--check-seeds=7,9', '--batch=2',
                 '--metric=l2', '--device=cpu', f'--out={out}')
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
@@ -112,6 +112,8 @@ def test_cli_writes_levels_for_generate(tmp_path, network_file):
     assert doc['sigmas'] == teacher_sigmas[doc['indices']].tolist()
     assert solvers.read_sigmas(str(out)) == doc['sigmas']
     assert set(doc['errors']) == {'edm', 'logsnr', 'searched'} and all(e > 0 for e in doc['errors'].values())
+    assert doc['check_seeds'] == [7, 9] and set(doc['held_out_errors']) == set(doc['errors'])
+    assert doc['held_out_errors'] != doc['errors'] # other latents, other errors
 
 @pytest.mark.parametrize('args, message', [
     (['--steps=9', '--teacher-steps=5'], 'raise --teacher-steps'),

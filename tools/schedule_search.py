@@ -105,6 +105,10 @@ def best_path(cost, num_steps, coeff):
 #----------------------------------------------------------------------------
 # The whole search.
 
+def seed_text(seeds):
+    """'a-b' for a range, else the list (None stays None)."""
+    return f'{seeds[0]}-{seeds[-1]}' if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)) else seeds
+
 def batches(seeds, batch):
     return [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
 
@@ -166,9 +170,10 @@ def descend(error, sigmas, max_sweeps=20, step=0.25, min_step=0.01, progress=Tru
     return levels(log_sigmas), best, evaluations
 
 def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, sigma_min=0.002, sigma_max=80,
-           solver='ipndm', sweeps=20, progress=True, **solver_kwargs):
+           solver='ipndm', sweeps=20, check_draws=(), progress=True, **solver_kwargs):
     """The noise levels (float64 tensor) and a dict of how they were made, with the solver's error
-    (solver_error) on them and on EDM's (rho 7) and log-SNR levels."""
+    (solver_error) on them and on EDM's (rho 7) and log-SNR levels, over the warm-up latents and,
+    if given, over the held-out check_draws."""
     if metric not in ('dev', 'l2', 'solver'):
         raise ValueError(f'unknown metric {metric!r}: choose dev, l2 or solver')
     teacher_sigmas = solvers.get_sigmas(TEACHER['disc'], teacher_steps, sigma_min, sigma_max, TEACHER['rho'], device=draws[0][0].device)
@@ -187,6 +192,10 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
         sigmas = teacher_sigmas[indices]
         errors['searched'] = error(sigmas)
         made = dict(indices=indices)
+    if check_draws: # the same comparison on latents the search has not seen
+        _, check_targets = teacher_costs(net, check_draws, teacher_sigmas, 'solver', progress)
+        made['held_out_errors'] = {name: solver_error(net, check_draws, check_targets, levels, solver=solver, **solver_kwargs)
+                                   for name, levels in dict(fixed, searched=sigmas).items()}
     return sigmas, dict(made, errors=errors, teacher_nfe=teacher_steps - 1)
 
 #----------------------------------------------------------------------------
@@ -196,6 +205,7 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
 @click.option('--solver',                  help='Solver the levels are for (--metric=solver optimises its result)', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', show_default=True)
 @click.option('--steps', 'num_steps',      help='Noise levels to pick, sigma_max and sigma_min included', metavar='INT', type=click.IntRange(min=2), required=True)
 @click.option('--seeds',                   help='Seeds of the warm-up latents (drawn as generate.py)', metavar='LIST', type=SeedList(), default='0-255', show_default=True)
+@click.option('--check-seeds',             help='Held-out seeds on which the errors are also reported', metavar='LIST', type=SeedList())
 @click.option('--teacher-steps',           help='Levels of the teacher (iPNDM, EDM levels, rho 7)', metavar='INT', type=click.IntRange(min=3), default=61, show_default=True)
 @click.option('--metric',                  help='Cost: GITS dev or l2 of one Euler jump, or the solver\'s final error', type=click.Choice(['dev', 'l2', 'solver']), default='dev', show_default=True)
 @click.option('--coeff',                   help='GITS: weight growth per later jump', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1.15, show_default=True)
@@ -207,7 +217,7 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
 @click.option('--batch',                   help='Warm-up latents per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--device',                  help='Device  [default: this process\'s GPU if any, else cpu]', metavar='STR', type=str)
 @click.option('--out',                     help='JSON file to write', metavar='FILE', type=str, required=True)
-def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, order, afs, sweeps, sigma_min, sigma_max, batch, device, out):
+def main(network_path, solver, num_steps, seeds, check_seeds, teacher_steps, metric, coeff, order, afs, sweeps, sigma_min, sigma_max, batch, device, out):
     """Search noise levels for --solver at --steps levels (GITS, or --metric=solver)."""
     if num_steps > teacher_steps:
         raise click.BadParameter(f'{num_steps} levels cannot be picked from {teacher_steps} teacher levels; raise --teacher-steps', param_hint='--steps')
@@ -215,8 +225,9 @@ def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, o
         raise click.BadParameter(f'--sigma_min {sigma_min} must be below --sigma_max {sigma_max}', param_hint='--sigma_min')
     dist.init() # under torchrun each process takes every world_size-th seed and the costs are summed
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if len(seeds) < world_size:
-        raise click.BadParameter(f'{len(seeds)} seeds for {world_size} processes; give each process at least one', param_hint='--seeds')
+    for option, given in [('--seeds', seeds), ('--check-seeds', check_seeds)]:
+        if given is not None and len(given) < world_size:
+            raise click.BadParameter(f'{len(given)} seeds for {world_size} processes; give each process at least one', param_hint=option)
     device = dist.device() if device is None else torch.device(device)
     try:
         net = load_network(network_path, device=device, verbose=(rank == 0))
@@ -224,17 +235,18 @@ def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, o
         raise click.ClickException(f'Cannot load network "{network_path}": {" ".join(str(e).split())}')
     sigma_min, sigma_max = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max)) # the network's range
 
-    draws = [latents_for_seeds(net, chunk, device=device)[:2] for chunk in batches(seeds[rank::world_size], batch)]
+    draw = lambda seeds: [latents_for_seeds(net, chunk, device=device)[:2] for chunk in batches(seeds[rank::world_size], batch)]
+    draws, check_draws = draw(seeds), draw(check_seeds or [])
     solver_kwargs = dict(afs=afs, **({} if order is None else dict(order=order)))
     start = time.time()
     try:
         with torch.no_grad():
             sigmas, made = search(net, draws, num_steps, teacher_steps, metric, coeff, sigma_min, sigma_max, solver, sweeps,
-                                  progress=(rank == 0), **solver_kwargs)
+                                  check_draws, progress=(rank == 0), **solver_kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))
     record = dict(sigmas=sigmas.tolist(), network=network_path, solver=solver, steps=num_steps, metric=metric,
-                  coeff=coeff if metric != 'solver' else None, seeds=f'{seeds[0]}-{seeds[-1]}' if seeds == list(range(seeds[0], seeds[-1] + 1)) else seeds,
+                  coeff=coeff if metric != 'solver' else None, seeds=seed_text(seeds), check_seeds=seed_text(check_seeds),
                   teacher=dict(TEACHER, steps=teacher_steps, sigma_min=sigma_min, sigma_max=sigma_max), **solver_kwargs, **made,
                   processes=world_size, seconds=round(time.time() - start, 1))
     if rank != 0:
@@ -243,8 +255,10 @@ def main(network_path, solver, num_steps, seeds, teacher_steps, metric, coeff, o
     with open(out, 'w') as f:
         json.dump(record, f, indent=1)
     print(f'{metric} levels for {solver}, {num_steps} levels: {", ".join(f"{s:.4g}" for s in sigmas.tolist())}')
-    print(f'{solver}\'s error against the teacher (mean L2 over {len(seeds)} latents): ' +
-          ', '.join(f'{name} {value:.4g}' for name, value in made['errors'].items()))
+    for key, count in [('errors', len(seeds)), ('held_out_errors', len(check_seeds or []))]:
+        if key in made:
+            print(f'{solver}\'s error against the teacher (mean L2 over {count} {key.replace("errors", "").replace("_", " ")}latents): ' +
+                  ', '.join(f'{name} {value:.4g}' for name, value in made[key].items()))
     print(f'Wrote "{out}"; use: generate.py --solver={solver} --sigmas={out}')
 
 if __name__ == '__main__':
