@@ -258,6 +258,14 @@ def main(**kwargs):
     # The bundled digits on a CPU, a few minutes
     OMP_NUM_THREADS=1 python train.py --outdir=runs --data=datasets/uci-digits-16x16.zip --cond=1 --arch=ddpmpp \\
         --cbase=16 --cres=1,2 --batch=64 --aot=256 --lr-rampup=1 --duration=0.03 --tick=5 --snap=2
+
+    \b
+    # Continue a run in its folder, with its recorded options (a longer --duration may be given)
+    python train.py --resume=runs/00000-uci-digits-16x16-cond-ddpmpp-edm-gpus1-batch64-fp32
+
+    Ctrl-C, SIGTERM and SIGUSR1 save the state (training-state-latest.pt, also written every
+    --dump-minutes) after the current step on every rank and exit with status 75; torchrun then
+    exits 1 (docs/training.md, "Stopping and preemption").
     """
     given = {name for name in kwargs if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     torch.multiprocessing.set_start_method('spawn', force=True)

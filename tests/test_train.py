@@ -174,7 +174,7 @@ def all_tensors(state):
 def test_sigint_then_resume_by_folder_equals_uninterrupted(resume_runs, data, tmp_path):
     # Ctrl-C once training runs: the state is saved, exit status 75; --resume=RUN_DIR alone then
     # ends in the same folder with every tensor and the final snapshot of the uninterrupted run.
-    args = ['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=48', '--dump=1', '--workers=1', '--duration=0.000128'] + TINY
+    args = ['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=48', '--dump=1', '--duration=0.000128'] + TINY + ['--workers=1']
     proc = subprocess.Popen([sys.executable, 'train.py'] + args + (['--deterministic'] if torch.cuda.is_available() else []), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     output = []

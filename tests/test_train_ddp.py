@@ -4,14 +4,16 @@ modes, non-finite gradients logged. Device and backend choice: tests/test_utils.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 
 from tests.datagen import make_dataset
-from tests.test_train import ROOT, TINY, final_losses, only_run_dir, run
+from tests.test_train import ROOT, TINY, all_tensors, assert_same_weights, final_losses, only_run_dir, run
 from training.dataset import ImageFolderDataset
 from training.pools import PoolPrefetcher, PoolStream
 
@@ -34,6 +36,34 @@ def test_two_ranks_every_arch(tmp_path, data, arch, extra):
     assert 'weights identical on all 2 ranks' in proc.stdout
     run_dir = only_run_dir(tmp_path)
     assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
+
+#----------------------------------------------------------------------------
+# Preemption: a signal that reaches one rank only (as SLURM may send it) stops all ranks after the
+# same step; the state is saved and every rank exits with status 75 (torchrun then exits 1). The
+# re-run with --resume=RUN_DIR alone ends bit for bit where the uninterrupted run does. Three
+# ranks, because a sum of two is exact in any order: only with three can a first step after the
+# resume that reduces gradients in DDP's initial bucket layout (not the rebuilt one) show.
+
+def test_signal_to_one_rank_then_resume_equals_uninterrupted(tmp_path, data):
+    args = ['--data', data, '--cond=1', '--aot=24', '--dump=1', '--duration=0.000192'] + TINY + ['--batch=24', '--tick=0.048', '--grid=0', '--workers=1']
+    run(['--outdir', str(tmp_path / 'full')] + args, torchrun=3)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=3', 'train.py', '--outdir', str(tmp_path / 'part')] + args
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith('tick 0'): # every rank is training: the handlers are in place
+            rank1 = [p for p in psutil.Process(proc.pid).children() if p.environ().get('RANK') == '1']
+            rank1[0].send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=600) == 1, ''.join(output[-30:]) # torchrun's status for a failed worker
+    text = ''.join(output)
+    assert 'Stopped by SIGUSR1' in text and text.count('exitcode  : 75') == 3, text[-3000:]
+    run_dir = only_run_dir(tmp_path / 'part')
+    assert torch.load(os.path.join(run_dir, 'training-state-latest.pt'), weights_only=True)['cur_nimg'] < 192 # stopped early
+    run(['--resume', run_dir], torchrun=3)
+    a, b = (torch.load(os.path.join(only_run_dir(tmp_path / d), 'training-state-000000.pt'), weights_only=True) for d in ['part', 'full'])
+    assert a['cur_nimg'] == b['cur_nimg'] == 192
+    assert_same_weights(all_tensors(a), all_tensors(b))
 
 #----------------------------------------------------------------------------
 # Rank 0 decides resume-or-fresh and the seed, even when the other ranks see other files.

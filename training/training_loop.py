@@ -105,11 +105,14 @@ class StopRequests:
         agreed[0].wait()
         return int(agreed[1][0]), bool(agreed[1][1])
 
-    def close(self):
+    def close(self, stopped):
         if self.pending is not None:
             self.pending[0].wait()
+        # A stopped process ignores further signals on its way out, also while the interpreter shuts
+        # down (it resets Python handlers, not SIG_IGN): once one rank has exited, torchrun sends
+        # SIGTERM to the others, which would turn their status 75 into a kill.
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if stopped else handler)
 
 def settle_ddp_buckets(ddp, loss_fn, shapes, device):
     """DDP regroups the gradients into new buckets after its first backward pass (in the order they
@@ -287,6 +290,7 @@ def training_loop(
 
     # Train. From here on a stop signal saves the state.
     requests = StopRequests(state_dump_minutes * 60 if state_dump_minutes else None)
+    stopped = False
     dist.print0(f'Training for {total_kimg} kimg: batch {batch_size} ({batch_gpu} per GPU x {num_accumulation_rounds} rounds x {dist.get_world_size()} GPUs), '
                 + (f'AOT pool {aot_pool} per GPU ({aot_solver})' if aot_pool else 'AOT off (plain EDM noise)'))
     dist.print0()
@@ -427,10 +431,11 @@ def training_loop(
                 break
             save_if_asked(stop_signal, rolling_due and not state_dumped)
     except Interrupted:
+        stopped = True
         dist.barrier() # every rank leaves once the state is on disk
         raise
     finally:
-        requests.close()
+        requests.close(stopped)
         if in_process:
             pools.close()
 
