@@ -107,6 +107,11 @@ PY = sys.executable
 class CheckFailed(Exception):
     pass
 
+def failure(err):
+    """A failure's first line, and the rest (a program's last output lines) as a markdown code block."""
+    first, *rest = str(err).split('\n', 1)
+    return first, (['```', rest[0], '```'] if rest else [])
+
 def tail(text, lines=15):
     return '\n'.join(text.rstrip().splitlines()[-lines:])
 
@@ -173,7 +178,7 @@ def make_digits(dest, res):
     return dest
 
 def train_cmd(ctx, run_dir, kimg, args, tick=None, torchrun=0):
-    """train.py without snapshots or grids (one snapshot at the end when asked for below)."""
+    """train.py for kimg from a fixed seed, saving no snapshots, states or grids (add --snap=1 for a final snapshot)."""
     launcher = [PY, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else [PY]
     return [*launcher, 'train.py', f'--outdir={run_dir}', '--nosubdir', f'--data={ctx.digits()}', f'--duration={kimg / 1000:.9f}',
             f'--tick={tick or kimg}', '--snap=100000', '--dump=100000', '--grid=0', '--seed=0', *args]
@@ -251,13 +256,14 @@ def check_speed(ctx):
         flags[name] = fast_flags(runs) if name == 'fast' else [f.format(**s) for f in SPEED_CONFIGS[name]]
         if name == 'fast' and not ctx.cuda:
             flags[name].remove('--compile')
-            notes.append('fast ran without --compile: no CUDA here (torch.compile is timed on the GPU only).')
+            notes.append('- fast ran without --compile: no CUDA here (torch.compile is timed on the GPU only).')
         run_dir = ctx.path('speed', name)
         try:
             ctx.sh(train_cmd(ctx, run_dir, kimg, s['speed'].split() + flags[name], tick=s['tick']), f'train.py {name}: {" ".join(flags[name]) or "(defaults)"}')
             runs[name] = read_run(run_dir)
         except CheckFailed as err:
-            notes.append(f'{name} failed: {err}')
+            first, output = failure(err)
+            notes += [f'- {name} failed: {first}', *output]
             continue
         ctx.say(f'    {runs[name]["sec_per_kimg"]:.3f} sec/kimg, aot_wait {runs[name]["aot_wait"]:.1%}')
     goals = speed_goals(runs)
@@ -268,7 +274,7 @@ def check_speed(ctx):
         ratio = f'{speed(run, runs["default"]):.2f}x' if 'default' in runs else '-'
         lines.append(f'| {name} | {" ".join(flags[name]) or "-"} | {run["sec_per_kimg"]:.3f} | {run["aot_wait"]:.2%} | '
                      f'{run["peak_gb"]:.2f} | {ratio} | {np.mean(run["losses"]):.4f} |')
-    lines += [''] + [f'- {"met" if met else "MISSED"}: {line}' for line, met in goals] + [''] + [f'- {note}' for note in notes]
+    lines += [''] + [f'- {"met" if met else "MISSED"}: {line}' for line, met in goals] + [''] + notes
     summary = ', '.join(f'{name} {run["sec_per_kimg"]:.2f}' for name, run in runs.items()) + ' sec/kimg'
     ok = len(runs) == len(names) and (ctx.smoke or all(met for _, met in goals)) # smoke: a CPU's speed proves nothing
     return ok, summary, lines
@@ -306,9 +312,9 @@ def check_generate(ctx):
     net = ctx.path('net', sorted(n for n in os.listdir(ctx.path('net')) if n.startswith('network-snapshot-') and n.endswith('.pkl'))[-1])
     seeds = f'--seeds=0-{s["seeds"] - 1}'
     sample = ['generate.py', f'--network={net}', '--rho=90', '--steps=14']
-    for b in s['batches']:
-        ctx.sh([PY, *sample, f'--outdir={ctx.path(f"gen{b}")}', seeds, f'--batch={b}'], f'generate.py --rho 90 --steps 14 --batch={b}')
-    a, b = (read_pngs(ctx.path(f'gen{b}')) for b in s['batches'])
+    for batch in s['batches']:
+        ctx.sh([PY, *sample, f'--outdir={ctx.path(f"gen{batch}")}', seeds, f'--batch={batch}'], f'generate.py --rho 90 --steps 14 --batch={batch}')
+    a, b = (read_pngs(ctx.path(f'gen{batch}')) for batch in s['batches'])
     same = sum(np.array_equal(a[n], b[n]) for n in a if n in b)
     if not (len(a) == len(b) == s['seeds'] == same):
         raise CheckFailed(f'batch {s["batches"][0]} and {s["batches"][1]}: {same} of {s["seeds"]} images identical ({len(a)} and {len(b)} written)')
@@ -491,8 +497,7 @@ def run_check(ctx, num, deadline):
         ok, summary, details = fn(ctx)
         return ('pass' if ok else 'fail'), summary, details
     except CheckFailed as err:
-        first, *rest = str(err).split('\n', 1)
-        return 'fail', first, (['```', rest[0], '```'] if rest else [])
+        return ('fail', *failure(err))
     except Exception as err: # a bug in the check itself fails that check, not the run
         return 'fail', f'{type(err).__name__}: {err}', []
 
