@@ -76,14 +76,14 @@ SEED_SPREAD = 'workers'
 # ones; the GPU budgets add up to 8 minutes.
 SIZES = {
     'gpu': dict(
-        budgets={1: 70, 5: 30, 6: 45, 3: 55, 4: 70, 2: 210},
+        budgets={1: 85, 5: 30, 6: 60, 3: 55, 4: 65, 2: 185},
         res=32, workers=4,
         speed='--arch=ddpmpp --batch=64 --augment=0.12 --aot=512 --cond=0', first=0.064, tick=1.024, ticks=4, speed_only=None,
         ddp='--arch=ncsnpp --batch=32 --aot=32 --cond=0', ddp_kimg=0.128, ddp_procs=(1, 2),
         net='--arch=ddpmpp --cbase=32 --cres=1,2 --batch=64 --aot=64 --cond=0', net_kimg=0.256,
         seeds=64, batches=(64, 23), dg='--batch=32 --kimg=0.256 --snap=0.128', ot_targets=64, fid='',
         ot_fit=dict(targets=20000, res=32, steps=3),
-        pools=dict(pool=512, batch=64, rounds=5, net=dict(model_channels=128, channel_mult=[2, 2, 2]))),
+        pools=dict(pool=512, batch=64, rounds=3, net=dict(model_channels=128, channel_mult=[2, 2, 2]))),
     'smoke': dict(
         budgets={1: 120, 5: 120, 6: 120, 3: 240, 4: 300, 2: 400},
         res=8, workers=1,
