@@ -20,6 +20,7 @@ downloaded). Exit status 0 only if every check that ran passed.
 """
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -68,7 +69,9 @@ SPEED_CONFIGS = {
     'fast':     None,                                # the fastest of tf32/bf16/fp16, plus --tf32 --compile
     'workers':  ['--workers={workers}', '--seed=1'], # pools in worker processes; another seed: its loss curve is the seed spread
     'workers0': ['--workers=0'],                     # pools built on the GPU in background threads
+    'lap':      ['--aot-solver=lap'],                # the optional solver, when its package is installed
 }
+OPTIONAL = {'lap': 'lap'} # config: the package it needs
 NUMERIC_MODES = ['tf32', 'bf16', 'fp16']
 SEED_SPREAD = 'workers'
 
@@ -252,6 +255,9 @@ def check_speed(ctx):
     names = s['speed_only'] or list(SPEED_CONFIGS)
     kimg = s['first'] + s['tick'] * s['ticks']
     runs, flags, notes = {}, {}, []
+    missing = [name for name in names if name in OPTIONAL and importlib.util.find_spec(OPTIONAL[name]) is None]
+    notes += [f'- {name}: skipped, the optional {OPTIONAL[name]} package is not installed (pip install {OPTIONAL[name]})' for name in missing]
+    names = [name for name in names if name not in missing]
     for name in names:
         flags[name] = fast_flags(runs) if name == 'fast' else [f.format(**s) for f in SPEED_CONFIGS[name]]
         if name == 'fast' and not ctx.cuda:

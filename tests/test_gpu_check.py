@@ -74,6 +74,13 @@ def test_fast_flags_take_the_fastest_mode():
     with pytest.raises(CheckFailed, match='no numeric mode ran'):
         gpu_check.fast_flags(dict(default=run_figures(1.0)))
 
+def test_missing_optional_package_is_reported_as_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, 'OPTIONAL', {'lap': 'no_such_package_here'})
+    ctx = gpu_check.Context(smoke=True, workdir=str(tmp_path), start=time.time())
+    ctx.size = dict(ctx.size, speed_only=['lap'])
+    ok, summary, lines = gpu_check.check_speed(ctx)
+    assert '- lap: skipped, the optional no_such_package_here package is not installed (pip install no_such_package_here)' in lines
+
 def test_read_run_leaves_out_the_warm_up(tmp_path):
     # Ticks 0 and 1 (start-up, compilation) are slow and waiting; the steady ones are ticks 2-4.
     ticks = [(0.064, 30.0, 0.9, 2.0, 1.5), (1.088, 9.0, 0.5, 3.0, 1.2), (2.112, 2.0, 0.0, 3.0, 1.1), (3.136, 2.0, 0.03, 3.5, 1.0),
