@@ -113,16 +113,16 @@ def scan_outdir(outdir):
     return found
 
 def read_labels(outdir):
-    """{file: class} of outdir/dataset.json ({} if there is none)."""
+    """{file: class} of outdir/dataset.json ({} if there is none); ValueError if it is not one."""
     path = os.path.join(outdir, 'dataset.json')
     if not os.path.isfile(path):
         return {}
     try:
         with open(path) as f:
             return dict((name, int(label)) for name, label in json.load(f).get('labels') or [])
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise click.ClickException(f'{path} is not a dataset.json of class labels ({one_line(e)}); '
-                                   'delete it and generate.py writes it again for the PNGs there')
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f'{path} is not a dataset.json of class labels ({one_line(e)}); '
+                         'delete it and generate.py writes it again for the PNGs there')
 
 def write_labels(outdir, labels):
     """outdir/dataset.json in EDM's dataset format, so that the images form a labelled dataset
@@ -164,7 +164,7 @@ def continue_command():
 @click.command()
 @click.option('--network', 'network_pkl',  help='Snapshot pickle, .safetensors file, or URL of either', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir',                  help='Output folder for the PNGs; a run into a folder that has some of them continues', metavar='DIR', type=str, required=True)
-@click.option('--seeds',                   help='Seeds and ranges, e.g. 0-49999 or 1,2,5-10', metavar='LIST',       type=SeedList(), default='0-63', show_default=True)
+@click.option('--seeds',                   help='Seeds and ranges, e.g. 0-49999 or 1,2,5-10 (each below 2^32)', metavar='LIST', type=SeedList(), default='0-63', show_default=True)
 @click.option('--subdirs',                 help='One folder per 1000 seeds',                                        is_flag=True)
 @click.option('--force',                   help='Generate again the seeds whose PNG is already in --outdir',         is_flag=True)
 @click.option('--class', 'class_idx',      help='Class of every image  [default: random per seed]', metavar='INT',  type=click.IntRange(min=0), default=None)
@@ -305,16 +305,21 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     # dataset.json up to date with the PNGs there (an interruption can leave the last batch unlisted).
     todo, labels = None, {}
     if rank == 0:
-        files = scan_outdir(outdir)
-        present = {png_name(seed, subdirs) for seed in seeds} & files
-        todo = seeds if force else [seed for seed in seeds if png_name(seed, subdirs) not in present]
-        if net.label_dim:
-            labels = {name: label for name, label in read_labels(outdir).items() if name in files}
-            unlisted = [seed for seed in seeds if png_name(seed, subdirs) in present - labels.keys()]
-            for chunk in (unlisted[i : i + max_batch_size] for i in range(0, len(unlisted), max_batch_size)):
-                labels.update((png_name(seed, subdirs), int(label.argmax())) for seed, label in zip(chunk, draw(chunk)[1]))
-            if labels or 'dataset.json' in files:
-                write_labels(outdir, labels)
+        try:
+            files = scan_outdir(outdir)
+            present = {png_name(seed, subdirs) for seed in seeds} & files
+            todo = seeds if force else [seed for seed in seeds if png_name(seed, subdirs) not in present]
+            if net.label_dim:
+                labels = {name: label for name, label in read_labels(outdir).items() if name in files}
+                unlisted = [seed for seed in seeds if png_name(seed, subdirs) in present - labels.keys()]
+                for chunk in (unlisted[i : i + max_batch_size] for i in range(0, len(unlisted), max_batch_size)):
+                    labels.update((png_name(seed, subdirs), int(label.argmax())) for seed, label in zip(chunk, draw(chunk)[1]))
+                if labels or 'dataset.json' in files:
+                    write_labels(outdir, labels)
+        except (OSError, ValueError) as e:
+            error = f'--outdir {outdir}: {" ".join(str(e).split())}'
+    fail_together(error)
+    if rank == 0:
         kept = f'; {len(present)} of the {len(seeds)} are there already and kept (--force makes them again)' if present and not force else ''
         print(f'Generating {len(todo)} images to "{outdir}"{kept}...')
     todo = dist.broadcast_object(todo)

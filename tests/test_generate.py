@@ -227,6 +227,14 @@ def test_two_processes_continue_a_folder_and_merge_the_labels(nets, tmp_path):
     assert all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(13))
     assert listed(tmp_path) == expected_labels(nets['net'], list(range(13))) # both ranks' images and the earlier run's
 
+def test_unreadable_labels_in_outdir_stop_every_rank(nets, tmp_path):
+    # Rank 0 reads the folder; the other rank must not wait for it forever.
+    (tmp_path / 'dataset.json').write_text('{"labels": [["000000.png", 3]')
+    code, out, err = finish(start_torchrun(['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-3', *STEPS, *CPU]))
+    errors = [line for line in err.splitlines() if line.startswith('Error:')]
+    assert code != 0 and len(errors) == 1 and f'{tmp_path / "dataset.json"} is not a dataset.json of class labels' in errors[0], err
+    assert os.listdir(tmp_path) == ['dataset.json'] and (tmp_path / 'dataset.json').read_text() == '{"labels": [["000000.png", 3]'
+
 BAD_INPUTS = {
     # name: (arguments, text the error line must contain)
     'missing network': (['--network={tmp}/nope.pkl'], 'nope.pkl'),
