@@ -133,18 +133,20 @@ def write_labels(outdir, labels):
 
 class StopRequest:
     """SIGINT (Ctrl-C; torchrun passes it on to its workers) and SIGTERM (schedulers, kill) ask the
-    loop to stop after the current batch, so that its PNGs and dataset.json are written. Further
-    signals change nothing: one sent to a process group and also forwarded by a launcher arrives
-    twice. SIGKILL stops at once and still leaves no half-written file that looks valid."""
+    loop to stop after the current batch, so that its PNGs and dataset.json are written. A second
+    Ctrl-C stops at once, as in train.py: PNGs are complete or absent even then, and the next run
+    lists any that dataset.json misses."""
 
     def __init__(self):
         self.signal = None
         self.previous = {s: signal.signal(s, self._handle) for s in [signal.SIGINT, signal.SIGTERM]}
 
     def _handle(self, signum, _frame):
-        if self.signal is None and dist.get_rank() == 0:
-            print(f'\n{signal.Signals(signum).name}: stopping after this batch...', file=sys.stderr, flush=True)
-        self.signal = self.signal or signum
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        first, self.signal = self.signal is None, self.signal or signum # before the print: a signal can arrive during it
+        if first and dist.get_rank() == 0:
+            print(f'\n{signal.Signals(signum).name}: stopping after this batch (Ctrl-C again stops at once)...', file=sys.stderr, flush=True)
 
     def restore(self):
         for s, handler in self.previous.items():

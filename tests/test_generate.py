@@ -174,6 +174,26 @@ def test_interrupted_run_continues_with_the_same_images(nets, tmp_path):
     assert read_bytes(parts) == read_bytes(tmp_path / 'whole') # byte for byte
     assert listed(parts) == listed(tmp_path / 'whole') == expected_labels(nets['net'], list(range(993, 1005)), subdirs=True)
 
+def read_until(stream, text):
+    """Read stream (text mode) up to and including the first occurrence of text."""
+    seen = ''
+    while not seen.endswith(text):
+        char = stream.read(1)
+        assert char, f'stream ended before "{text}":\n{seen}'
+        seen += char
+    return seen
+
+def test_second_ctrl_c_stops_at_once(nets, tmp_path):
+    # One batch of 64 images takes seconds here: the first Ctrl-C waits for it, the second does not.
+    proc = start(['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-63', *STEPS, *CPU])
+    read_until(proc.stderr, '0%|') # the progress bar starts once the handler is in place
+    proc.send_signal(signal.SIGINT)
+    read_until(proc.stderr, 'stopping after this batch')
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    assert code == 1 and err.rstrip().endswith('Aborted!') and 'Interrupted:' not in err, f'{code}\n{err}' # click's word for Ctrl-C
+    assert not pngs(tmp_path) # nothing half-written: no temporary file either
+
 def test_ctrl_c_under_torchrun_stops_every_rank_cleanly(nets, tmp_path):
     # A terminal's Ctrl-C goes to torchrun's process group (its workers run in sessions of their own)
     # and torchrun passes it on: every worker must stop after the same batch, not die mid-way.
