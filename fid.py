@@ -381,7 +381,10 @@ workers_option = click.option('--workers', help='Data loader worker processes  [
 @workers_option
 
 def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detector, workers):
-    """Calculate FID for a given set of images."""
+    """Calculate FID for a given set of images.
+
+    With a detector other than the standard Inception, the FID line also gives, as a point of
+    comparison, the FD between two random halves of the reference set (see docs/fid.md)."""
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init()
     rank, device = dist.get_rank(), dist.device()
