@@ -1,6 +1,6 @@
 """Every GPU promise in one command, for the rare visits to a GPU: a complete verdict in minutes.
 
-    python bench/gpu_check.py                    # on one GPU, about 6 minutes: report + its section of docs/benchmarks.md
+    python bench/gpu_check.py                    # on one GPU, at most 8 minutes: report + its section of docs/benchmarks.md
     python bench/gpu_check.py --only=2,4         # a second visit: re-run what failed (report only)
     python bench/gpu_check.py --smoke            # every check's code path at tiny sizes on a CPU (run by the tests)
 
