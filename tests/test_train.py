@@ -83,7 +83,7 @@ def state_tensors(path):
 def resume_runs(tmp_path_factory, data):
     # Interrupted after 4 slices of 16, in the middle of a pool of 3 slices (--aot=48).
     root = tmp_path_factory.mktemp('resume')
-    common = ['--data', data, '--cond=1', '--aot=48', '--dump=1', '--nosubdir', '--workers=1'] + TINY
+    common = ['--data', data, '--cond=1', '--aot=48', '--dump=1', '--nosubdir'] + TINY + ['--workers=1'] # the CPU's default
     if torch.cuda.is_available(): # CUDA's default kernels are not bitwise reproducible (docs/training.md)
         common.append('--deterministic')
     run(['--outdir', str(root / 'full'), '--duration=0.000128'] + common)
