@@ -128,6 +128,11 @@ def test_resume_by_folder_alone_and_longer(resume_runs, tmp_path):
     assert c['resume_state_dump'] == str(resume_runs / 'full' / 'training-state-000000.pt')
     assert f'Output directory:        {resume_runs / "full"}\n' in result.output
 
+def test_error_nothing_to_train_on(tmp_path):
+    result = cli(['--duration=0.000016'])
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == \
+        'Error: --data and --outdir are needed to start a run; or continue one with --resume=RUN_DIR', result.output[-2000:]
+
 def old_run_folder(resume_runs, path, **edit):
     """A copy of the full run's final state in a folder as older versions left it: no recorded options."""
     path.mkdir()
