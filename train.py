@@ -13,6 +13,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import aot, network_io, training_loop
+from training.dataset import DamagedImageError
 
 # Exit status after a stop signal (SIGINT, SIGTERM, SIGUSR1) once the state is saved: EX_TEMPFAIL of
 # sysexits.h, "try again later". torchrun exits 1 instead (docs/training.md, "Preemption").
@@ -485,6 +486,8 @@ def main(**kwargs):
     except training_loop.Interrupted as stop:
         dist.print0(f'{stop}. Exit status {EXIT_INTERRUPTED}. To continue: train.py --resume={c.run_dir}')
         sys.exit(EXIT_INTERRUPTED)
+    except DamagedImageError as err: # found only when a pool decodes the image
+        fail(str(err))
 
 #----------------------------------------------------------------------------
 

@@ -436,12 +436,13 @@ def test_rolling_state_on_the_clock(learned, tmp_path):
     assert latest_state(tmp_path / 'run') == str(tmp_path / 'run' / 'training-state-latest.pt')
     assert torch.load(tmp_path / 'run' / 'training-state-latest.pt', weights_only=True)['cur_nimg'] == 48
 
-def test_foreach_updates_match_edm_bit_for_bit():
+@pytest.mark.parametrize('device', ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])) # CUDA has fused foreach kernels
+def test_foreach_updates_match_edm_bit_for_bit(device):
     from torch_utils import misc
     gen = torch.Generator().manual_seed(0)
-    shapes = [[7], [3, 5], [4, 3, 3, 3], [1]]
+    shapes = [[7], [3, 5], [4, 3, 3, 3], [1], [1000, 37]]
     def tensors(scale):
-        return [torch.randn(shape, generator=gen) * scale for shape in shapes]
+        return [(torch.randn(shape, generator=gen) * scale).to(device) for shape in shapes]
     def same_bits(a, b): # NaN payloads and signed zeros too
         return all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(a, b, strict=True))
     # Gradient cleaning: EDM's per-gradient nan_to_num(nan=0, posinf=1e5, neginf=-1e5).

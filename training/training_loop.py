@@ -46,10 +46,11 @@ def _float32_output(module, args, output):
 def _single_thread_worker(worker_id):
     # Pool workers run beside the trainer: one thread each keeps them from competing with it.
     torch.set_num_threads(1)
-    # Ctrl-C reaches the whole process group and SLURM signals every process: the trainer decides
-    # when to stop and still needs its pools until then; the workers end with it.
+    # Ctrl-C reaches the whole process group: the trainer decides when to stop and still needs its
+    # pools until then. SIGTERM stays: it is how the DataLoader ends its workers at exit.
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
 
 def _gather_objects(obj):
     if dist.get_world_size() == 1:
