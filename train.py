@@ -12,7 +12,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import aot, network_io, training_loop
+from training import aot, network_io, pools, training_loop
 from training.dataset import DamagedImageError
 
 # Exit status after a stop signal (SIGINT, SIGTERM, SIGUSR1) once the state is saved: EX_TEMPFAIL of
@@ -21,6 +21,8 @@ EXIT_INTERRUPTED = 75
 
 # Options of one invocation, not of the run: not recorded, not compared on resume.
 PER_INVOCATION = ['resume', 'dry_run']
+# Options that change what is watched or saved, never what is trained: a resume may give them anew.
+WATCHING = ['metric_every', 'metric_images', 'metric_detector', 'dump_minutes']
 
 #----------------------------------------------------------------------------
 
@@ -98,7 +100,8 @@ def comparable(name, value):
 def continue_run(opts, given):
     """On rank 0: the options of this invocation and the folder to continue in (None = a new one).
     A state whose run folder records its options continues there with them: options given
-    explicitly must agree (every difference is named at once), except a longer --duration."""
+    explicitly must agree (every difference is named at once), except a longer --duration and the
+    options of WATCHING."""
     if 'transfer' in given and opts.resume is not None:
         fail('--transfer and --resume cannot be specified at the same time')
     state = decide_resume(opts)
@@ -111,13 +114,13 @@ def continue_run(opts, given):
         return dnnlib.EasyDict(opts, resume=state), None
     differ = []
     for name in sorted(given & recorded.keys()):
-        if name == 'duration' and opts.duration >= recorded['duration']:
-            continue # training on for longer: the one change allowed
+        if (name == 'duration' and opts.duration >= recorded['duration']) or name in WATCHING:
+            continue # training on for longer, or watching it otherwise: allowed
         if comparable(name, opts[name]) != comparable(name, recorded[name]):
             differ.append(f'--{name.replace("_", "-")}={opts[name]} (the run has {recorded[name]})')
     if differ:
         fail(f'{state} continues its run with the options recorded in its folder; these differ: {", ".join(differ)}. Leave them '
-             'out (only a longer --duration may be given), or start a new run, e.g. with --transfer=<network-snapshot>.')
+             'out (only a longer --duration, --dump-minutes and the --metric-* options may change), or start a new run, e.g. with --transfer=<network-snapshot>.')
     keep = {name: value for name, value in recorded.items() if name in opts and name not in given}
     return dnnlib.EasyDict(opts, **keep, resume=state), os.path.dirname(state)
 
@@ -228,7 +231,7 @@ def check_fits(src, dst, source, strict, fix, interface=None):
 @click.option('--ls',            help='Loss scaling (fixed, as EDM; no step is skipped)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
-@click.option('--workers',       help='Pool worker processes; 0 = build pools on the training device in background threads; auto = 0 on a GPU, 1 on the CPU', metavar='INT|auto', type=Workers(), default='auto', show_default=True)
+@click.option('--workers',       help='Pool worker processes; 0 = build pools on the training device in background threads; auto = on a GPU as many as keep it from waiting (4 at pool 512), 1 on the CPU', metavar='INT|auto', type=Workers(), default='auto', show_default=True)
 @click.option('--tf32',          help='Allow TF32 matmuls/convolutions on CUDA (fast mode; default is EDM\'s exact fp32)', is_flag=True)
 @click.option('--bf16',          help='bf16 autocast inside the U-Net (fast mode)',                 is_flag=True)
 @click.option('--compile',       help='torch.compile the network for training (fast mode)',         is_flag=True)
@@ -241,6 +244,9 @@ def check_fits(src, dst, source, strict, fix, interface=None):
 @click.option('--snap',          help='How often to save snapshots', metavar='TICKS',               type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',          help='How often to dump state', metavar='TICKS',                   type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--dump-minutes',  help='How often to replace the rolling state training-state-latest.pt, 0 = never', metavar='MIN', type=click.FloatRange(min=0), default=30, show_default=True)
+@click.option('--metric-every',  help='FD of EMA samples every N ticks, 0 = never (stats.jsonl, TensorBoard)', metavar='TICKS', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--metric-images', help='EMA samples and training images of the FD metric', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option('--metric-detector', help='Features of the FD metric: the built-in stand-in (NOT comparable to published FID), Inception (downloaded once), or a detector pickle', metavar='standin|inception|PKL', type=str, default='standin', show_default=True)
 @click.option('--grid',          help='Images in the sample grid saved with each snapshot (0 = none)', metavar='INT', type=click.IntRange(min=0), default=64, show_default=True)
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
 @click.option('--transfer',      help='Transfer learning from network pickle', metavar='PKL|URL',   type=str)
@@ -280,11 +286,6 @@ def main(**kwargs):
     # Initialize config dict.
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
-    if opts.workers == 'auto': # on a GPU the pools are built on it; on the CPU a worker process uses a spare core
-        opts.workers = 0 if dist.use_cuda() else 1
-    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=dist.use_cuda(), num_workers=opts.workers)
-    if opts.workers > 0:
-        c.data_loader_kwargs.update(prefetch_factor=1, persistent_workers=True) # each worker builds one pool ahead: enough overlap, no waste
     c.network_kwargs = dnnlib.EasyDict()
     c.loss_kwargs = dnnlib.EasyDict()
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9,0.999], eps=1e-8)
@@ -309,6 +310,14 @@ def main(**kwargs):
         raise
     except (IOError, OSError, ValueError) as err:
         fail(f'Cannot use dataset --data={opts.data}: {err}')
+
+    # Pool placement: worker processes, as many as keep the GPU from waiting (training/pools.py), one on the CPU.
+    if opts.workers == 'auto':
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        opts.workers = pools.auto_workers(opts.aot, interface_kwargs['label_dim'], cores // dist.get_local_world_size(), dist.use_cuda())
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=dist.use_cuda(), num_workers=opts.workers)
+    if opts.workers > 0:
+        c.data_loader_kwargs.update(prefetch_factor=1, persistent_workers=True) # each worker builds one pool ahead: enough overlap, no waste
 
     # Network architecture.
     if opts.arch == 'ddpmpp':
@@ -353,6 +362,7 @@ def main(**kwargs):
         fail('--bf16 and --fp16=1 are two kinds of mixed precision; choose one')
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, state_dump_minutes=opts.dump_minutes or None)
     c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, grid_images=opts.grid)
+    c.update(metric_every=opts.metric_every, metric_images=opts.metric_images, metric_detector=opts.metric_detector)
 
     # Batch and pool sizes: refuse what EDM-AOT silently got wrong (dropped or empty slices).
     world = dist.get_world_size()

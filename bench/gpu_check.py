@@ -55,6 +55,11 @@ CUDA_TESTS = [
     'tests/test_generate.py::test_cuda_images_match_the_sampler_on_cuda',
     'tests/test_train.py::test_resume_equals_uninterrupted',
     'tests/test_train.py::test_resume_continues',
+    'tests/test_train.py::test_sigint_then_resume_by_folder_equals_uninterrupted',
+    'tests/test_train.py::test_foreach_updates_match_edm_bit_for_bit',
+    'tests/test_pools.py::test_cuda_pools_are_handed_over_to_the_training_stream',
+    'tests/test_pools.py::test_cuda_pool_has_the_cpu_pools_augmentation',
+    'tests/test_augment.py::test_cuda_chunks_bound_memory',
 ]
 SMOKE_TESTS = CUDA_TESTS[:2]
 

@@ -20,6 +20,7 @@ from torch_utils import training_stats
 from training import network_io
 from training import sampling
 from training.images import save_image_grid, to_uint8
+from training.monitor import Monitor
 from training.pools import PoolPrefetcher, PoolStream, iterate_slices
 
 STATE_FORMAT = 'edm-aot-training-state/1'
@@ -165,6 +166,9 @@ def training_loop(
     aot_solver          = 'scipy',  # Assignment solver for training.aot.assign.
     grid_images         = 64,       # Images in the sample grid saved with each snapshot, 0 = none.
     grid_steps          = 18,       # Heun steps for the sample grid.
+    metric_every        = 0,        # Ticks between FD metrics of EMA samples (training/monitor.py), 0 = none.
+    metric_images       = 1000,     # EMA samples, and training images, of the FD metric.
+    metric_detector     = 'standin',# Features of the FD metric: 'standin', 'inception', or a detector pickle.
     tf32                = False,    # Allow TF32 matmuls and convolutions on CUDA (EDM's numerics: off).
     bf16                = False,    # bf16 autocast inside the U-Net (EDM's numerics: off).
     compile             = False,    # torch.compile the network for training.
@@ -302,6 +306,7 @@ def training_loop(
     seen_images = hashlib.sha1() # which images this rank trained on, compared across ranks at the end
     nonfinite_steps = torch.zeros([], device=device) # steps whose gradients had NaN/Inf; read once per tick (no sync per step)
     interface = dict(img_resolution=net.img_resolution, img_channels=net.img_channels, label_dim=net.label_dim)
+    monitor = Monitor(run_dir, cur_nimg, kimg_per_tick, dataset_obj, metric_every, metric_images, metric_detector, grid_steps, batch_gpu, device)
 
     def save_state(name, next_tick, next_tick_start_nimg):
         """Full dump of the training state, tensors and plain values only (it loads safely), written
@@ -354,6 +359,7 @@ def training_loop(
 
             # Perform maintenance tasks once per tick, and save the state when asked.
             cur_nimg += batch_size
+            monitor.step(cur_nimg, tick_start_nimg)
             done = (cur_nimg >= round(total_kimg * 1000)) # whole images: 0.11296 Mimg is 112960.00000000001 in floats
             stop_signal, rolling_due = requests.poll()
             if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
@@ -367,6 +373,7 @@ def training_loop(
             if dist.get_world_size() > 1:
                 torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX) # the slowest rank holds up all
             wait_frac = wait.item() / max(tick_time, 1e-8)
+            metric_field = monitor.tick(ema, cur_tick, done) # before the statistics are collected
             fields = []
             fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
             fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.3f}"]
@@ -388,6 +395,8 @@ def training_loop(
                 fields.insert(3, f"aot_gain {1 - after / max(before, 1e-8):<5.1%}")
             if bad_steps:
                 fields += [f'nonfinite_steps {bad_steps}']
+            if metric_field:
+                fields += [metric_field]
             dist.print0(' '.join(fields))
 
             # Save network snapshot: EDM's pickle, the safe format of the EMA weights, and a sample grid.
@@ -405,7 +414,9 @@ def training_loop(
                         pickle.dump(data, f)
                     network_io.save_safe(data['ema'], os.path.join(run_dir, f'{name}.safetensors'))
                     if grid_images:
-                        save_sample_grid(ema, os.path.join(run_dir, f'samples-{cur_nimg//1000:06d}.png'), grid_images, grid_steps, device)
+                        grid_path = os.path.join(run_dir, f'samples-{cur_nimg//1000:06d}.png')
+                        save_sample_grid(ema, grid_path, grid_images, grid_steps, device)
+                        monitor.log_grid(grid_path, cur_nimg)
                 del data
 
             # Save full dump of the training state; the rolling one, older now, goes.
@@ -421,6 +432,7 @@ def training_loop(
                     stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
                 stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
                 stats_jsonl.flush()
+                monitor.log_stats(training_stats.default_collector.as_dict(), cur_nimg)
 
             # Update state.
             cur_tick += 1
@@ -437,6 +449,7 @@ def training_loop(
         raise
     finally:
         requests.close(stopped)
+        monitor.close()
         if in_process:
             pools.close()
 
