@@ -251,6 +251,21 @@ def test_error_lap_missing(tmp_path, data, monkeypatch):
     monkeypatch.setitem(sys.modules, 'lap', None) # import lap raises ImportError
     expect_cli_error(tmp_path, ['--data', data, '--aot=16', '--aot-solver=lap'] + TINY, 'pip install lap')
 
+def test_sigterm_to_every_process_saves_the_state(data, tmp_path):
+    # A scheduler's SIGTERM reaches the pool worker processes too: they must keep serving pools
+    # until the trainer has stopped and saved, and then end (no hang at exit).
+    args = ['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=48', '--duration=0.001'] + TINY + ['--workers=2']
+    proc = subprocess.Popen([sys.executable, 'train.py'] + args, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith('tick 0'): # the workers have delivered a pool
+            os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 75, ''.join(output[-30:])
+    assert 'Stopped by SIGTERM' in output[-1]
+    assert torch.load(os.path.join(only_run_dir(tmp_path), 'training-state-latest.pt'), weights_only=True)['cur_nimg'] < 1000
+
 def test_error_unreadable_resume_and_transfer(tmp_path, data):
     state = tmp_path / 'training-state-000001.pt'
     state.write_bytes(b'garbage')

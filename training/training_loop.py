@@ -1,9 +1,12 @@
 """Main training loop: EDM's, with noise paired to images by AOT pools, exact resume and
 snapshots in both EDM's pickle format and the safe format."""
 
+import atexit
 import copy
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import pickle
 import signal
@@ -44,14 +47,15 @@ def _float32_output(module, args, output):
     # bf16 autocast inside the U-Net only: the preconditioning and the loss stay in fp32.
     return output.float()
 
-def _single_thread_worker(worker_id):
+def _pool_worker_init(ending, worker_id):
     # Pool workers run beside the trainer: one thread each keeps them from competing with it.
     torch.set_num_threads(1)
-    # Ctrl-C reaches the whole process group: the trainer decides when to stop and still needs its
-    # pools until then. SIGTERM stays: it is how the DataLoader ends its workers at exit.
+    # Stop signals also reach the workers (Ctrl-C goes to the process group, SLURM's SIGTERM to every
+    # process): the trainer decides when to stop and needs its pools until then. SIGTERM is also how
+    # the DataLoader and multiprocessing end workers once the trainer is done: obeyed only then.
     for sig in STOP_SIGNALS:
-        if sig != signal.SIGTERM:
-            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if ending.is_set() else None)
 
 def _gather_objects(obj):
     if dist.get_world_size() == 1:
@@ -275,7 +279,10 @@ def training_loop(
     if in_process:
         pools = PoolPrefetcher(pool_stream)
     else: # the iterator is made before restoring the RNG: creating it draws the workers' base seed
-        pools = iter(torch.utils.data.DataLoader(pool_stream, batch_size=None, worker_init_fn=_single_thread_worker, **data_loader_kwargs))
+        ending = multiprocessing.Event() # set when this process exits, however it does: then workers obey SIGTERM
+        atexit.register(ending.set)      # (runs before multiprocessing's own exit handler, which terminates them)
+        pools = iter(torch.utils.data.DataLoader(pool_stream, batch_size=None, worker_init_fn=functools.partial(_pool_worker_init, ending),
+                                                 **data_loader_kwargs))
     aot_wait = [0.0]
     def on_pool(pool, seconds):
         aot_wait[0] += seconds
