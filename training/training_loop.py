@@ -267,6 +267,9 @@ def training_loop(
             misc.copy_params_and_buffers(src_module=data['net'], dst_module=net, require_all=True)
         optimizer.load_state_dict(data['optimizer_state'])
         del data
+    if cur_nimg >= round(total_kimg * 1000):
+        dist.print0(f'The run has trained for {cur_nimg / 1e3:g} kimg, its whole --duration: nothing to do. Train on with a longer --duration.')
+        return
 
     # Setup the pool stream: pools are a pure function of (seed, rank, index), so resuming
     # just starts at the right pool and slice.
