@@ -16,7 +16,7 @@ import torch
 import tqdm
 from torch_utils import distributed as dist
 import dnnlib
-from training import guidance, sampling, semidiscrete_ot
+from training import guidance, sampling, semidiscrete_ot, solvers
 from training.images import to_uint8, save_png, save_image_grid
 from training.network_io import load_network
 
@@ -76,6 +76,41 @@ def fail_together(error):
 def one_line(e):
     return f'{type(e).__name__}: {" ".join(str(e).split())}'.rstrip(': ')
 
+# Few-step solvers (training/solvers.py, docs/few-step.md); euler and heun stay EDM's ablation solvers.
+FEW_STEP = [name for name in solvers.SOLVERS if name != 'euler']
+FEW_STEP_OPTIONS = {'order': '--order', 'variant': '--unipc-variant', 'afs': '--afs', 'sigmas': '--sigmas'}
+
+def check_few_step_options(sampler_kwargs):
+    """Raise click.BadParameter for few-step options without a few-step --solver, or EDM's sampler options with one."""
+    few_step = sampler_kwargs.get('solver') in FEW_STEP
+    given = [option for key, option in FEW_STEP_OPTIONS.items() if key in sampler_kwargs]
+    if given and not few_step:
+        raise click.BadParameter(f'works with the few-step solvers: add --solver={"|".join(FEW_STEP)}', param_hint=given[0])
+    if not few_step:
+        return
+    edm_only = [option for key, option in [('schedule', '--schedule'), ('scaling', '--scaling')] if key in sampler_kwargs]
+    edm_only += ['--S_churn'] if sampler_kwargs['S_churn'] > 0 else []
+    if edm_only:
+        raise click.BadParameter(f'is an option of EDM\'s samplers; --solver={sampler_kwargs["solver"]} is deterministic and takes --disc={"|".join(solvers.DISCRETIZATIONS)}', param_hint=edm_only[0])
+    if sampler_kwargs.get('discretization', 'edm') not in solvers.DISCRETIZATIONS:
+        raise click.BadParameter(f'{sampler_kwargs["discretization"]} is an ablation discretization; --solver={sampler_kwargs["solver"]} takes {"|".join(solvers.DISCRETIZATIONS)}', param_hint='--disc')
+    replaced = [option for key, option in [('discretization', '--disc'), ('sigma_min', '--sigma_min'), ('sigma_max', '--sigma_max')] if key in sampler_kwargs]
+    if 'sigmas' in sampler_kwargs and replaced:
+        raise click.BadParameter('gives the noise levels; drop ' + ', '.join(replaced), param_hint='--sigmas')
+
+def few_step_kwargs(sampler_kwargs, net):
+    """solvers.sample's keyword arguments from the options (ValueError with a one-line reason)."""
+    if 'sigmas' in sampler_kwargs:
+        sigmas = solvers.check_sigmas(solvers.read_sigmas(sampler_kwargs['sigmas']))
+    else:
+        sigma_min = max(sampler_kwargs.get('sigma_min', 0.002), float(net.sigma_min)) # the network's supported range
+        sigma_max = min(sampler_kwargs.get('sigma_max', 80), float(net.sigma_max))
+        sigmas = solvers.get_sigmas(sampler_kwargs.get('discretization', 'edm'), sampler_kwargs['num_steps'], sigma_min, sigma_max, sampler_kwargs['rho'])
+    kwargs = dict(solver=sampler_kwargs['solver'], sigmas=sigmas, order=sampler_kwargs.get('order'),
+                  afs=sampler_kwargs.get('afs', False), variant=sampler_kwargs.get('variant'))
+    solvers.check_solver(**kwargs)
+    return kwargs
+
 def check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs):
     """Raise click.BadParameter for Discriminator Guidance options that do not go together."""
     if dg_path and (dg_classifier or dg_head):
@@ -85,8 +120,12 @@ def check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs)
     if dg_kwargs and not (dg_path or dg_classifier):
         option = '--' + next(iter(dg_kwargs)).replace('_', '-')
         raise click.BadParameter('needs a discriminator: add --dg=FILE (or --dg-classifier and --dg-head)', param_hint=option)
-    if (dg_path or dg_classifier) and any(x in sampler_kwargs for x in ['solver', 'discretization', 'schedule', 'scaling']):
-        raise click.BadParameter('Discriminator Guidance works with EDM\'s sampler; drop --solver/--disc/--schedule/--scaling', param_hint='--dg')
+    if (dg_path or dg_classifier) and sampler_kwargs.get('solver') in FEW_STEP:
+        heun_only = [key for key in ('dg_weight_2nd', 'dg_boosting') if key in dg_kwargs]
+        if heun_only:
+            raise click.BadParameter(f'is DG\'s for EDM\'s Heun sampler; with --solver={sampler_kwargs["solver"]} DG corrects every evaluation by --dg-weight', param_hint='--' + heun_only[0].replace('_', '-'))
+    elif (dg_path or dg_classifier) and any(x in sampler_kwargs for x in ['solver', 'discretization', 'schedule', 'scaling']):
+        raise click.BadParameter('Discriminator Guidance works with EDM\'s sampler and the few-step solvers; drop --disc/--schedule/--scaling or use --solver=' + '|'.join(FEW_STEP), param_hint='--dg')
     if dg_kwargs.get('dg_time_min', 0.01) > dg_kwargs.get('dg_time_max', 1.0):
         raise click.BadParameter(f'--dg-time-min {dg_kwargs["dg_time_min"]} must not exceed --dg-time-max {dg_kwargs.get("dg_time_max", 1.0)}', param_hint='--dg-time-min')
 
@@ -184,10 +223,14 @@ def continue_command():
 @click.option('--S_max', 'S_max',          help='Add noise only below this level', metavar='FLOAT',                 type=click.FloatRange(min=0), default='inf', show_default=True)
 @click.option('--S_noise', 'S_noise',      help='Scale of the added noise', metavar='FLOAT',                        type=float, default=1, show_default=True)
 
-@click.option('--solver',                  help='Ablation: ODE solver', metavar='euler|heun',                        type=click.Choice(['euler', 'heun']))
-@click.option('--disc', 'discretization',  help='Ablation: time step discretization', metavar='vp|ve|iddpm|edm',    type=click.Choice(['vp', 've', 'iddpm', 'edm']))
+@click.option('--solver',                  help='ODE solver: EDM\'s ablation euler|heun, or a few-step solver (docs/few-step.md)', metavar='euler|heun|' + '|'.join(FEW_STEP), type=click.Choice(['euler', 'heun', *FEW_STEP]))
+@click.option('--disc', 'discretization',  help='Time step discretization: ablation vp|ve|iddpm|edm; few-step edm|logsnr|time-uniform', metavar='NAME', type=click.Choice(['vp', 've', 'iddpm', 'edm', 'logsnr', 'time-uniform']))
 @click.option('--schedule',                help='Ablation: noise schedule sigma(t)', metavar='vp|ve|linear',        type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling',                 help='Ablation: signal scaling s(t)', metavar='vp|none',                 type=click.Choice(['vp', 'none']))
+@click.option('--order',                   help='Few-step: max order  [default: ipndm, ipndm-v 4; dpmpp, unipc, deis 3]', metavar='INT', type=int)
+@click.option('--unipc-variant', 'variant', help='Few-step: UniPC\'s B(h)  [default: bh2]', metavar='bh1|bh2',    type=click.Choice(['bh1', 'bh2']))
+@click.option('--afs',                     help='Few-step: analytical first step, one network call fewer',           is_flag=True, default=None)
+@click.option('--sigmas',                  help='Few-step: the noise levels, sigma_max first (replace --steps, --rho)', metavar='LIST|FILE.json', type=str)
 
 @click.option('--dg', 'dg_path',           help='Discriminator Guidance: discriminator-*.safetensors of train_discriminator.py', metavar='FILE|URL', type=str)
 @click.option('--dg-classifier',           help="DG's published ADM classifier (32x32_classifier.pt), with --dg-head", metavar='PT', type=str)
@@ -221,6 +264,7 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
     dg_kwargs = {key: sampler_kwargs.pop(key) for key in list(sampler_kwargs) if key.startswith('dg_')}
     check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs)
+    check_few_step_options(sampler_kwargs)
     if sampler_kwargs.get('sigma_min', 0) >= sampler_kwargs.get('sigma_max', float('inf')):
         raise click.BadParameter(f'--sigma_min {sampler_kwargs["sigma_min"]} must be below --sigma_max {sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
 
@@ -269,7 +313,11 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
             error = f'--ot-map {ot_map_path}: {" ".join(str(e).split())}'
     have_ablation_kwargs = any(x in sampler_kwargs for x in ['solver', 'discretization', 'schedule', 'scaling'])
     sampler_fn = sampling.ablation_sampler if have_ablation_kwargs else sampling.edm_sampler
+    if sampler_kwargs.get('solver') in FEW_STEP:
+        sampler_fn = solvers.sample
     try:
+        if sampler_fn is solvers.sample:
+            sampler_kwargs = few_step_kwargs(sampler_kwargs, net)
         nfe, sigmas = sampling.trace_sampler(net, sampler_fn, device=device, **sampler_kwargs)
         if not np.isfinite(sigmas).all():
             raise ValueError('they give noise levels that are not finite numbers; check --sigma_min, --sigma_max and --disc')
@@ -283,17 +331,19 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
         error = error or f'Invalid sampler options: {e}'
     fail_together(error)
     levels = [f'{s:.4g}' for s in dict.fromkeys(sigmas)] # distinct noise levels in order
-    dist.print0(f'Sampler: {sampler_fn.__name__}, {sampler_kwargs["num_steps"]} steps, {nfe} NFE per image; '
-                f'sigma {", ".join(levels if len(levels) <= 8 else levels[:4] + ["..."] + levels[-2:])}, 0')
+    steps = f'{sampler_kwargs["solver"]}, {len(sampler_kwargs["sigmas"])} levels' if sampler_fn is solvers.sample else f'{sampler_kwargs["num_steps"]} steps'
+    dist.print0(f'Sampler: {sampler_fn.__name__}, {steps}, {nfe} NFE per image; '
+                f'sigma {", ".join(levels if len(levels) <= 8 else levels[:4] + ["..."] + levels[-2:])}'
+                + ('' if sampler_fn is solvers.sample else ', 0')) # the few-step solvers end at sigma_min
     if ot_map is not None:
         dist.print0(semidiscrete_ot.describe(ot_map, len(seeds)))
         sampler_fn = semidiscrete_ot.as_sampler(ot_map)
 
     # Discriminator Guidance: the sampler's extra arguments (not part of the dry run above).
     if dg is not None:
-        dg_kwargs = dict(dict(dg_weight=2.0, dg_weight_2nd=0.0, dg_boosting=False), **dg_kwargs)
-        dist.print0(f'Discriminator guidance: weight {dg_kwargs["dg_weight"]:g} (2nd order {dg_kwargs["dg_weight_2nd"]:g}), '
-                    f'VP times {dg.time_min:g}-{dg.time_max:g}, boosting {"on" if dg_kwargs["dg_boosting"] else "off"}')
+        dg_kwargs = dict(dict(dg_weight=2.0) if sampler_fn is solvers.sample else dict(dg_weight=2.0, dg_weight_2nd=0.0, dg_boosting=False), **dg_kwargs)
+        dist.print0(f'Discriminator guidance: weight {dg_kwargs["dg_weight"]:g} (2nd order {dg_kwargs.get("dg_weight_2nd", 0):g}), '
+                    f'VP times {dg.time_min:g}-{dg.time_max:g}, boosting {"on" if dg_kwargs.get("dg_boosting") else "off"}')
         sampler_kwargs.update(guidance=dg, **dg_kwargs)
 
     def draw(batch_seeds):

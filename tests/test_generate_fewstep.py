@@ -1,0 +1,68 @@
+"""generate.py with the few-step solvers of training/solvers.py: the same images as the solver run
+here, at any batch size; NFE printed; --sigmas from a list or a JSON file; --afs; bad input in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from training import sampling, solvers
+from training.images import to_uint8
+from tests.test_generate import CPU, finish, nets, pngs, start # noqa: F401 (nets is a fixture)
+
+def expected(net, seeds, **kwargs):
+    latents, class_labels, _ = sampling.latents_for_seeds(net, seeds)
+    with torch.no_grad():
+        return to_uint8(solvers.sample(net, latents, class_labels, **kwargs))
+
+def test_few_step_images_nfe_and_sigmas(nets, tmp_path):
+    net, seeds = nets['net'], [0, 1, 2, 3]
+    levels = solvers.get_sigmas('logsnr', 6, 0.002, 80)
+    (tmp_path / 'levels.json').write_text(json.dumps(dict(sigmas=levels.tolist())))
+    runs = {
+        'batch1': ['--solver=ipndm', '--steps=6', '--batch=1'],
+        'batch3': ['--solver=ipndm', '--steps=6', '--batch=3'],
+        'json':   ['--solver=unipc', f'--sigmas={tmp_path / "levels.json"}', '--afs'],
+        'list':   ['--solver=unipc', '--sigmas=' + ','.join(repr(float(s)) for s in levels), '--afs'],
+    }
+    procs = {name: start(['--network', nets['pkl'], '--outdir', str(tmp_path / name), '--seeds=0-3', *args, *CPU]) for name, args in runs.items()}
+    results = {name: finish(proc) for name, proc in procs.items()}
+    for name, (code, out, err) in results.items():
+        assert code == 0, f'{name}:\n{out}\n{err}'
+    assert 'ipndm, 6 levels, 5 NFE per image' in results['batch1'][1] # 6 levels: 5 intervals, one call each
+    assert '4 NFE per image' in results['json'][1]                     # AFS saves the first call
+    ipndm = expected(net, seeds, solver='ipndm', sigmas=solvers.get_sigmas('edm', 6, 0.002, 80, 7))
+    unipc = expected(net, seeds, solver='unipc', sigmas=levels, afs=True)
+    for name, want in [('batch1', ipndm), ('batch3', ipndm), ('json', unipc), ('list', unipc)]:
+        images = pngs(tmp_path / name)
+        for i, s in enumerate(seeds):
+            assert np.array_equal(images[f'{s:06d}.png'], want[i]), f'{name}: seed {s} differs'
+    assert (ipndm != unipc).mean() > 0.05 # the options reach the solver
+
+BAD = {
+    'order too high':   (['--solver=ipndm', '--order=5'], 'order'),
+    'order for dpm2':   (['--solver=dpm2', '--order=3'], 'fixed order'),
+    'sigmas increase':  (['--solver=ipndm', '--sigmas=1,5,0.002'], 'decreas'),
+    'sigmas negative':  (['--solver=ipndm', '--sigmas=80,1,-0.5'], 'positive'),
+    'afs with heun':    (['--afs'], '--afs'),
+    'too few levels':   (['--solver=ipndm', '--order=4', '--steps=3'], 'levels'),
+    'sigmas and disc':  (['--solver=ipndm', '--sigmas=80,1,0.002', '--disc=logsnr'], '--sigmas'),
+}
+
+@pytest.mark.parametrize('case', list(BAD))
+def test_few_step_bad_input_is_one_line(case, nets, tmp_path):
+    args, expected_text = BAD[case]
+    outdir = tmp_path / 'out'
+    try:
+        result = CliRunner().invoke(generate.main, ['--network', nets['pkl'], '--outdir', str(outdir), '--seeds=0-1', *args, *CPU])
+    finally:
+        if torch.distributed.is_initialized(): # generate.main joined a one-process group in this process
+            torch.distributed.destroy_process_group()
+    assert isinstance(result.exception, SystemExit) and result.exit_code != 0, f'{case}: {result.exception!r}\n{result.output}'
+    err = result.stderr.strip()
+    assert 'Traceback' not in err, err # click's usage lines may precede the one-line error
+    assert err.splitlines()[-1].startswith('Error') and expected_text in err.splitlines()[-1], err
+    assert not outdir.exists()
