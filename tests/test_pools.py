@@ -52,6 +52,48 @@ def test_workers_deliver_pools_in_order(dataset):
     for k in range(3, 8):
         assert torch.equal(next(it)['indices'], stream.make_pool(k)['indices'])
 
+def assert_same_pools(got, expected):
+    for a, b in zip(got, expected, strict=True):
+        for key in ['images', 'labels', 'augment_labels', 'noise', 'indices']:
+            assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key]), key
+        assert a['stats'] == b['stats']
+
+def single_thread_worker(worker_id):
+    torch.set_num_threads(1) # as training_loop's pool workers
+
+@pytest.mark.parametrize('augment', [False, True])
+def test_in_process_pools_equal_worker_pools(dataset, augment):
+    # The same pools from background threads (several built at once) as from a DataLoader worker
+    # process: --workers 0 and --workers N train on the same data.
+    make = lambda: PoolStream(dataset, 16, seed=6, start_pool=2, augment_pipe=aug() if augment else None)
+    loader = iter(torch.utils.data.DataLoader(make(), batch_size=None, num_workers=1, worker_init_fn=single_thread_worker))
+    expected = [next(loader) for _ in range(6)]
+    del loader
+    prefetcher = PoolPrefetcher(make(), max_ahead=4)
+    prefetcher.ahead = 4
+    try:
+        assert_same_pools([next(prefetcher) for _ in range(6)], expected)
+    finally:
+        prefetcher.close()
+    assert expected[0]['augment_labels'] is None or expected[0]['augment_labels'].abs().sum() > 0 # augmentation fired
+
+def test_concurrent_pool_builds_are_repeatable(dataset):
+    # Pools built four at a time, again and again, beside a busy thread: always the pools built one by one.
+    make = lambda: PoolStream(dataset, 16, seed=8, augment_pipe=aug())
+    expected = [make().make_pool(k) for k in range(8)]
+    conv, x = torch.nn.Conv2d(3, 16, 3), torch.randn(8, 3, 8, 8)
+    for _ in range(10):
+        prefetcher = PoolPrefetcher(make(), max_ahead=4)
+        prefetcher.ahead = 4
+        try:
+            got = []
+            for _ in range(8):
+                conv(x).sum().backward() # training kernels beside the builds
+                got.append(next(prefetcher))
+            assert_same_pools(got, expected)
+        finally:
+            prefetcher.close()
+
 def test_slices_resume_where_they_left_off(dataset):
     stream = PoolStream(dataset, 12, seed=4)
     full = iterate_slices(iter(stream), batch_gpu=4)
