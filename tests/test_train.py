@@ -251,6 +251,17 @@ def test_error_lap_missing(tmp_path, data, monkeypatch):
     monkeypatch.setitem(sys.modules, 'lap', None) # import lap raises ImportError
     expect_cli_error(tmp_path, ['--data', data, '--aot=16', '--aot-solver=lap'] + TINY, 'pip install lap')
 
+def test_pool_placement_leaves_training_alone(data, tmp_path):
+    # Pools are the same in threads and in worker processes, and starting workers must not move the
+    # trainer's random streams (sigma per image): both placements end with the same weights.
+    states = []
+    for workers in [0, 1]:
+        outdir = tmp_path / f'workers{workers}'
+        run(['--outdir', str(outdir), '--data', data, '--cond=1', '--aot=48', '--augment=0.12', '--duration=0.000064', '--dump=1']
+            + TINY + [f'--workers={workers}'])
+        states.append(torch.load(latest_state(only_run_dir(outdir)), weights_only=True))
+    assert_same_weights(all_tensors(states[0]), all_tensors(states[1]))
+
 def test_sigterm_to_every_process_saves_the_state(data, tmp_path):
     # A scheduler's SIGTERM reaches the pool worker processes too: they must keep serving pools
     # until the trainer has stopped and saved, and then end (no hang at exit).

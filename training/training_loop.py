@@ -281,11 +281,11 @@ def training_loop(
         device=device if in_process else 'cpu')
     if in_process:
         pools = PoolPrefetcher(pool_stream)
-    else: # the iterator is made before restoring the RNG: creating it draws the workers' base seed
+    else: # the DataLoader draws its workers' base seed from a generator of its own: the trainer's streams stay as with --workers 0
         ending = multiprocessing.Event() # set when this process exits, however it does: then workers obey SIGTERM
         atexit.register(ending.set)      # (runs before multiprocessing's own exit handler, which terminates them)
         pools = iter(torch.utils.data.DataLoader(pool_stream, batch_size=None, worker_init_fn=functools.partial(_pool_worker_init, ending),
-                                                 **data_loader_kwargs))
+                                                 generator=torch.Generator(), **data_loader_kwargs))
     aot_wait = [0.0]
     def on_pool(pool, seconds):
         aot_wait[0] += seconds
