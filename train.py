@@ -75,9 +75,11 @@ class Workers(click.ParamType):
 
 def decide_resume(opts):
     """The state file to resume from (None = start afresh), as rank 0 sees the file system."""
-    if opts.nosubdir and opts.outdir is not None and opts.resume is None and opts.transfer is None and latest_state(opts.outdir):
-        print(f'Found {latest_state(opts.outdir)}: resuming from it (pass a new --outdir to start afresh).')
-        return latest_state(opts.outdir)
+    if opts.nosubdir and opts.outdir is not None and opts.resume is None and opts.transfer is None:
+        found = latest_state(opts.outdir) # reads the states' progress: once
+        if found is not None:
+            print(f'Found {found}: resuming from it (pass a new --outdir to start afresh).')
+            return found
     if opts.resume is not None and os.path.isdir(opts.resume):
         found = latest_state(opts.resume)
         if found is None:
