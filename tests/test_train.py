@@ -264,14 +264,15 @@ def test_pool_placement_leaves_training_alone(data, tmp_path):
 
 def test_sigterm_to_every_process_saves_the_state(data, tmp_path):
     # A scheduler's SIGTERM reaches the pool worker processes too: they must keep serving pools
-    # until the trainer has stopped and saved, and then end (no hang at exit).
+    # until the trainer has stopped and saved, and then end (no hang at exit). Sent as training
+    # starts, it reaches workers still starting up (spawned: importing torch), not yet in their init.
     args = ['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=48', '--duration=0.001'] + TINY + ['--workers=2']
     proc = subprocess.Popen([sys.executable, 'train.py'] + args, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     output = []
     for line in proc.stdout:
         output.append(line)
-        if line.startswith('tick 0'): # the workers have delivered a pool
+        if line.startswith('Training for'):
             os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=300) == 75, ''.join(output[-30:])
     assert 'Stopped by SIGTERM' in output[-1]

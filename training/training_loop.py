@@ -2,6 +2,7 @@
 snapshots in both EDM's pickle format and the safe format."""
 
 import atexit
+import contextlib
 import copy
 import functools
 import hashlib
@@ -47,6 +48,17 @@ def _float32_output(module, args, output):
     # bf16 autocast inside the U-Net only: the preconditioning and the loss stay in fp32.
     return output.float()
 
+@contextlib.contextmanager
+def _signals_blocked(signals):
+    if not hasattr(signal, 'pthread_sigmask'): # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 def _pool_worker_init(ending, worker_id):
     # Pool workers run beside the trainer: one thread each keeps them from competing with it.
     torch.set_num_threads(1)
@@ -56,6 +68,8 @@ def _pool_worker_init(ending, worker_id):
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if ending.is_set() else None)
+    if hasattr(signal, 'pthread_sigmask'): # blocked by the trainer while it started this process; any pending one is now ignored
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 def _gather_objects(obj):
     if dist.get_world_size() == 1:
@@ -284,8 +298,11 @@ def training_loop(
     else: # the DataLoader draws its workers' base seed from a generator of its own: the trainer's streams stay as with --workers 0
         ending = multiprocessing.Event() # set when this process exits, however it does: then workers obey SIGTERM
         atexit.register(ending.set)      # (runs before multiprocessing's own exit handler, which terminates them)
-        pools = iter(torch.utils.data.DataLoader(pool_stream, batch_size=None, worker_init_fn=functools.partial(_pool_worker_init, ending),
-                                                 generator=torch.Generator(), **data_loader_kwargs))
+        # Workers are spawned (a fresh interpreter importing torch for seconds): stop signals stay
+        # blocked in them until their init ignores them (the mask survives exec); here they wait as pending.
+        with _signals_blocked(STOP_SIGNALS):
+            pools = iter(torch.utils.data.DataLoader(pool_stream, batch_size=None, worker_init_fn=functools.partial(_pool_worker_init, ending),
+                                                     generator=torch.Generator(), **data_loader_kwargs))
     aot_wait = [0.0]
     def on_pool(pool, seconds):
         aot_wait[0] += seconds
