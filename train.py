@@ -214,6 +214,7 @@ def check_fits(src, dst, source, strict, fix, interface=None):
 @click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm',       type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
 @click.option('--aot',           help='AOT pool per GPU: images paired with noise at once, 0 = plain EDM', metavar='INT', type=click.IntRange(min=0), default=512, show_default=True)
 @click.option('--aot-solver',    help='Assignment solver', metavar='scipy|lap',                     type=click.Choice(aot.SOLVERS), default='scipy', show_default=True)
+@click.option('--aot-scope',     help='Pair each GPU\'s pool alone, or all GPUs\' pools as one (images stay on their GPU)', type=click.Choice(['gpu', 'global']), default='gpu', show_default=True)
 
 # Hyperparameters.
 @click.option('--duration',      help='Training duration', metavar='MIMG',                          type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
@@ -314,6 +315,13 @@ def main(**kwargs):
         fail(f'Cannot use dataset --data={opts.data}: {err}')
 
     # Pool placement: worker processes, as many as keep the GPU from waiting (training/pools.py), one on the CPU.
+    global_scope = opts.aot_scope == 'global' and opts.aot > 0 and dist.get_world_size() > 1
+    if opts.aot_scope == 'global' and opts.aot > 0 and not global_scope:
+        dist.print0('Note: --aot-scope=global with one process pairs its one pool, as --aot-scope=gpu does.')
+    if global_scope and opts.workers not in ('auto', 0):
+        fail(f'--aot-scope=global builds its pools in the training process, together with the other GPUs; use --workers=0 (not {opts.workers})')
+    if global_scope:
+        opts.workers = 0
     if opts.workers == 'auto':
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
         opts.workers = pools.auto_workers(opts.aot, interface_kwargs['label_dim'], cores // dist.get_local_world_size(), dist.use_cuda())
@@ -363,7 +371,7 @@ def main(**kwargs):
     if opts.bf16 and opts.fp16:
         fail('--bf16 and --fp16=1 are two kinds of mixed precision; choose one')
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, state_dump_minutes=opts.dump_minutes or None)
-    c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, grid_images=opts.grid)
+    c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, aot_scope=opts.aot_scope, grid_images=opts.grid)
     c.update(metric_every=opts.metric_every, metric_images=opts.metric_images, metric_detector=opts.metric_detector)
 
     # Batch and pool sizes: refuse what EDM-AOT silently got wrong (dropped or empty slices).

@@ -50,6 +50,7 @@ def _pool_seed(seed, rank, pool):
     return _mix(seed, rank, pool)
 
 _EPOCH_TAG = 0x65706f6368 # 'epoch': keeps permutation seeds apart from pool seeds
+_NOISE_TAG = 0x6e6f697365 # 'noise': the noise of a global pool, one draw that every rank repeats
 
 def _epoch_seed(seed, epoch):
     return _mix(_EPOCH_TAG, seed, epoch)
@@ -84,9 +85,10 @@ class PoolStream(torch.utils.data.IterableDataset):
 
     pool_size: P images per pool and rank. pair=False gives plain EDM (noise left unpaired).
     device: where augmentation, noise and distances run (the CPU in DataLoader workers).
+    exchange: a GlobalExchange for --aot-scope=global (one assignment over the pools of all ranks).
     """
     def __init__(self, dataset, pool_size, seed=0, rank=0, num_replicas=1, augment_pipe=None,
-                 pair=True, solver='scipy', start_pool=0, device='cpu'):
+                 pair=True, solver='scipy', start_pool=0, device='cpu', exchange=None):
         super().__init__()
         self.dataset = dataset
         self.pool_size = int(pool_size)
@@ -98,6 +100,7 @@ class PoolStream(torch.utils.data.IterableDataset):
         self.solver = solver
         self.start_pool = int(start_pool)
         self.device = torch.device(device)
+        self.exchange = exchange if pair and num_replicas > 1 else None
         self._perm_cache = {}
         self._load_lock = threading.Lock() # datasets read zip files: one thread at a time
 
@@ -114,11 +117,11 @@ class PoolStream(torch.utils.data.IterableDataset):
             self._perm_cache = {epoch: perm}
         return perm
 
-    def pool_indices(self, k):
-        """Dataset indices of pool k on this rank: consecutive slices of an endless sequence of
-        seeded epoch permutations, so ranks see disjoint images and every epoch covers the data."""
+    def pool_indices(self, k, rank=None):
+        """Dataset indices of pool k on this rank (or another): consecutive slices of an endless sequence
+        of seeded epoch permutations, so ranks see disjoint images and every epoch covers the data."""
         n = len(self.dataset)
-        start = (k * self.num_replicas + self.rank) * self.pool_size
+        start = (k * self.num_replicas + (self.rank if rank is None else rank)) * self.pool_size
         pos = np.arange(start, start + self.pool_size)
         out = np.empty(self.pool_size, dtype=np.int64)
         for epoch in np.unique(pos // n):
@@ -130,9 +133,9 @@ class PoolStream(torch.utils.data.IterableDataset):
         """Bytes of a pool's images and noise (float32)."""
         return 2 * 4 * self.pool_size * int(np.prod(self.dataset.image_shape))
 
-    def prepare(self, k):
-        """Pool k before the assignment: the pool dict with unpaired noise, the class groups (index
-        arrays) and their cost matrices (float32 numpy) that aot.solve_costs() takes."""
+    def load(self, k):
+        """Pool k without noise: its images (augmented), labels and dataset indices; and the
+        generator that drew the augmentation, for the noise that follows it."""
         idx = self.pool_indices(k)
         with self._load_lock:
             items = [self.dataset[int(i)] for i in idx]
@@ -141,14 +144,27 @@ class PoolStream(torch.utils.data.IterableDataset):
         images = aot.upload(torch.from_numpy(np.stack([img for img, _ in items])), self.device).to(torch.float32) / 127.5 - 1
         # The pool's own generators: the trainer's random streams are left alone. Augmentation
         # parameters come from the CPU one, so drawing them never waits for the device.
-        seed = _pool_seed(self.seed, self.rank, k)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(_pool_seed(self.seed, self.rank, k))
         augment_labels = None
         if self.augment_pipe is not None:
             images, augment_labels = self.augment_pipe(images, generator=gen)
-        noise_gen = gen if self.device.type == 'cpu' else torch.Generator(self.device).manual_seed(seed)
-        noise = torch.randn(images.shape, device=self.device, generator=noise_gen)
-        pool = dict(images=images, labels=aot.upload(labels, self.device), augment_labels=augment_labels, noise=noise, indices=torch.from_numpy(idx))
+        pool = dict(images=images, labels=aot.upload(labels, self.device), augment_labels=augment_labels, indices=torch.from_numpy(idx))
+        return pool, labels, gen
+
+    def pool_classes(self, rank, k):
+        """Class index per image (numpy) of pool k of any rank, from the dataset's labels alone (no
+        images loaded); None without labels."""
+        idx = self.pool_indices(k, rank)
+        classes = aot.class_indices(np.stack([self.dataset.get_label(int(i)) for i in idx]), len(idx))
+        return None if classes is None else classes.numpy()
+
+    def prepare(self, k):
+        """Pool k before the assignment: the pool dict with unpaired noise, the class groups (index
+        arrays) and their cost matrices (float32 numpy) that aot.solve_costs() takes."""
+        pool, labels, gen = self.load(k)
+        images, idx = pool['images'], pool['indices']
+        noise_gen = gen if self.device.type == 'cpu' else torch.Generator(self.device).manual_seed(_pool_seed(self.seed, self.rank, k))
+        noise = pool['noise'] = torch.randn(images.shape, device=self.device, generator=noise_gen)
 
         # Groups and distances as training.aot.assign computes them (same pairings, tested): all
         # classes at once, one copy to the host.
@@ -180,8 +196,11 @@ class PoolStream(torch.utils.data.IterableDataset):
         cuda = self.device.type == 'cuda'
         stream = torch.cuda.Stream(self.device) if cuda else None
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            pool, groups, costs = self.prepare(k)
-            pool = self.finish(pool, groups, costs, solve(costs))
+            if self.exchange is not None:
+                pool = self.exchange.pair(self, k, solve)
+            else:
+                pool, groups, costs = self.prepare(k)
+                pool = self.finish(pool, groups, costs, solve(costs))
             return pool, stream.record_event() if cuda else None
 
     def make_pool(self, k):
@@ -198,6 +217,128 @@ class PoolStream(torch.utils.data.IterableDataset):
         while True:
             yield self.make_pool(k)
             k += step
+
+#----------------------------------------------------------------------------
+# --aot-scope=global: one assignment over the pools of all ranks.
+
+class Turns:
+    """Lets threads pass in the order of their pool index. The collectives of a process group must
+    be issued in the same order on every rank, and several threads build pools at once."""
+
+    def __init__(self, start):
+        self.next = start
+        self.closed = False
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def __call__(self, k):
+        with self.cond:
+            self.cond.wait_for(lambda: self.next == k or self.closed)
+            if self.closed:
+                raise RuntimeError('pool building was stopped')
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.next += 1
+                self.cond.notify_all()
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+def solver_ranks(sizes, world_size):
+    """Which rank solves each class group: the largest first, each to the least loaded rank (an
+    assignment of n costs ~n^3), so that all ranks agree without talking."""
+    load = [0.0] * world_size
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owner[i] = min(range(world_size), key=lambda r: load[r])
+        load[owner[i]] += float(sizes[i]) ** 3
+    return owner
+
+class GlobalExchange:
+    """Pairs the pools of all ranks as one pool of W x P images and noises (per class), exactly as one
+    process pairing the concatenation would (tested), while the images never leave their rank:
+
+    1. every rank draws the whole pool's W x P noises from one generator seeded by (seed, pool) and
+       reads every rank's labels from the dataset (no images), so all know the class groups;
+    2. each rank computes the distances from its own images to the noises of their group (its rows
+       of every group's cost matrix) and sends them to the rank that solves that group (all_to_all);
+    3. each rank solves its groups and the permutation is summed over the ranks (all_reduce).
+
+    Both collectives run on gloo groups of their own (CPU tensors: the costs are on the host for
+    the solver anyway), never the gradients' group, each in pool order (Turns), from the threads
+    that build pools in the background."""
+
+    def __init__(self, rank, world_size, start_pool):
+        self.rank, self.world_size = rank, world_size
+        self.groups = [torch.distributed.new_group(backend='gloo') for _ in range(2)]
+        self.turns = [Turns(start_pool), Turns(start_pool)]
+
+    def close(self):
+        for turns in self.turns:
+            turns.close()
+
+    def pair(self, stream, k, solve):
+        W, P, r = self.world_size, stream.pool_size, self.rank
+        pool, labels, _ = stream.load(k)
+        gen = torch.Generator(stream.device).manual_seed(_mix(_NOISE_TAG, stream.seed, k))
+        noise = torch.randn([W * P, *pool['images'].shape[1:]], device=stream.device, generator=gen)
+        own = aot.class_indices(labels, P)
+        classes = None if own is None else np.concatenate([own.numpy() if q == r else stream.pool_classes(q, k) for q in range(W)])
+        groups = aot.class_groups(classes, W * P)
+        owner = solver_ranks([len(g) for g in groups], W)
+
+        # My rows of every group: distances on the device, one copy to the host.
+        x, n = pool['images'].flatten(1), noise.flatten(1)
+        mine = [g[(g >= r * P) & (g < (r + 1) * P)] - r * P for g in groups]
+        rows = [torch.cdist(x[aot.upload(torch.from_numpy(m), x.device)], n[aot.upload(torch.from_numpy(g), n.device)]).flatten()
+                for m, g in zip(mine, groups)]
+        flat = torch.cat(rows).cpu().numpy() if rows else np.zeros(0, np.float32)
+        sizes = [len(m) * len(g) for m, g in zip(mine, groups)]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+        # Rows to their solvers, in group order; received in rank order, which is group row order.
+        send = np.concatenate([flat[offsets[i]:offsets[i + 1]] for d in range(W) for i in range(len(groups)) if owner[i] == d] or [np.zeros(0, np.float32)])
+        send_splits = [sum(sizes[i] for i in range(len(groups)) if owner[i] == d) for d in range(W)]
+        counts = [np.bincount(g // P, minlength=W) for g in groups] # rows of each group on each rank
+        recv_splits = [sum(int(counts[i][q]) * len(groups[i]) for i in range(len(groups)) if owner[i] == r) for q in range(W)]
+        recv = torch.empty(sum(recv_splits), dtype=torch.float32)
+        with self.turns[0](k):
+            torch.distributed.all_to_all_single(recv, torch.from_numpy(send), recv_splits, send_splits, group=self.groups[0])
+
+        # Solve my groups; the permutation of the whole pool, summed over the ranks.
+        parts = np.split(recv.numpy(), np.cumsum(recv_splits)[:-1])
+        blocks = {q: [] for q in range(W)}
+        for q in range(W):
+            start = 0
+            for i in range(len(groups)):
+                if owner[i] == r:
+                    size = int(counts[i][q]) * len(groups[i])
+                    blocks[q].append(parts[q][start:start + size].reshape(-1, len(groups[i])))
+                    start += size
+        mine_solved = [i for i in range(len(groups)) if owner[i] == r]
+        costs = [np.concatenate([blocks[q][j] for q in range(W)]) for j in range(len(mine_solved))]
+        perm = torch.zeros(W * P, dtype=torch.int64)
+        for i, cols in zip(mine_solved, solve(costs) if costs else []):
+            perm[groups[i]] = torch.from_numpy(groups[i][cols])
+        with self.turns[1](k):
+            torch.distributed.all_reduce(perm, group=self.groups[1])
+
+        # My images' partners, and the mean distances before (slot i) and after pairing.
+        partners = perm[r * P : (r + 1) * P]
+        pool['noise'] = noise[aot.upload(partners, noise.device)]
+        chosen = [np.searchsorted(g, perm[g[(g >= r * P) & (g < (r + 1) * P)]].numpy()) for g in groups]
+        before = after = 0.0
+        for i, (m, g) in enumerate(zip(mine, groups)):
+            block = flat[offsets[i]:offsets[i + 1]].reshape(len(m), len(g)).astype(np.float64)
+            before += block[np.arange(len(m)), np.searchsorted(g, m + r * P)].sum()
+            after += block[np.arange(len(m)), chosen[i]].sum()
+        alone = sum(int(counts[i][r]) for i, g in enumerate(groups) if len(g) == 1) / P
+        pool['stats'] = dict(cost_before=before / P, cost_after=after / P, alone=alone)
+        return pool
 
 #----------------------------------------------------------------------------
 
@@ -222,7 +363,9 @@ class PoolPrefetcher:
     def __init__(self, stream, max_ahead=4, max_bytes=MAX_BYTES_AHEAD):
         self.stream = stream
         self.max_ahead = max(min(int(max_ahead), max_bytes // stream.pool_bytes() - 1), 1)
-        self.ahead = 1
+        # A global pool is built by all ranks together: they must have the same pools in flight, so
+        # the look-ahead cannot depend on timing.
+        self.ahead = 1 if stream.exchange is None else self.max_ahead
         self.next_pool = stream.start_pool
         self.pending = collections.deque()
         self.first = True
@@ -254,10 +397,17 @@ class PoolPrefetcher:
         self._fill()
         return pool
 
-    def close(self):
+    def close(self, finish=False):
+        """finish: all ranks stop at the same step. Global pools in flight are then built to the end,
+        as the other ranks' threads wait for them in their collectives; otherwise they are given up."""
+        exchange = self.stream.exchange
+        if exchange is not None and finish:
+            concurrent.futures.wait(self.pending)
+        elif exchange is not None:
+            exchange.close()
         for future in self.pending:
             future.cancel()
-        self.threads.shutdown(wait=True)
+        self.threads.shutdown(wait=exchange is None or finish)
         if self.solvers is not None:
             self.solvers.close()
 
