@@ -119,3 +119,10 @@ def test_global_scope_refuses_worker_processes(tmp_path, data):
 def test_global_scope_with_one_process_is_a_note(tmp_path, data):
     proc = run(['--outdir', str(tmp_path), '--data', data, '--aot=16', '--aot-scope=global'] + TINY + ['--dry-run'])
     assert 'Note: --aot-scope=global with one process' in proc.stdout
+
+def test_scope_cost_bench_runs():
+    proc = subprocess.run([sys.executable, 'bench/aot_scope_cost.py', '--world=2', '--pool=32', '--pools=1', '--classes=4', '--no-doc'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith('| 2 | 4 | 64 |')]
+    assert len(row) >= 1 and float(row[0].split('|')[5]) > 0 # a global build was timed

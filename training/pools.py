@@ -307,7 +307,9 @@ class GlobalExchange:
         recv_splits = [sum(int(counts[i][q]) * len(groups[i]) for i in range(len(groups)) if owner[i] == r) for q in range(W)]
         recv = torch.empty(sum(recv_splits), dtype=torch.float32)
         with self.turns[0](k):
+            start = time.perf_counter() # from here: the collectives, waiting for other ranks included
             torch.distributed.all_to_all_single(recv, torch.from_numpy(send), recv_splits, send_splits, group=self.groups[0])
+            exchange_sec = time.perf_counter() - start
 
         # Solve my groups; the permutation of the whole pool, summed over the ranks.
         parts = np.split(recv.numpy(), np.cumsum(recv_splits)[:-1])
@@ -322,10 +324,14 @@ class GlobalExchange:
         mine_solved = [i for i in range(len(groups)) if owner[i] == r]
         costs = [np.concatenate([blocks[q][j] for q in range(W)]) for j in range(len(mine_solved))]
         perm = torch.zeros(W * P, dtype=torch.int64)
+        start = time.perf_counter()
         for i, cols in zip(mine_solved, solve(costs) if costs else []):
             perm[groups[i]] = torch.from_numpy(groups[i][cols])
+        solve_sec = time.perf_counter() - start
         with self.turns[1](k):
+            start = time.perf_counter()
             torch.distributed.all_reduce(perm, group=self.groups[1])
+            exchange_sec += time.perf_counter() - start
 
         # My images' partners, and the mean distances before (slot i) and after pairing.
         partners = perm[r * P : (r + 1) * P]
@@ -337,7 +343,8 @@ class GlobalExchange:
             before += block[np.arange(len(m)), np.searchsorted(g, m + r * P)].sum()
             after += block[np.arange(len(m)), chosen[i]].sum()
         alone = sum(int(counts[i][r]) for i, g in enumerate(groups) if len(g) == 1) / P
-        pool['stats'] = dict(cost_before=before / P, cost_after=after / P, alone=alone)
+        pool['stats'] = dict(cost_before=before / P, cost_after=after / P, alone=alone, exchange_sec=exchange_sec, solve_sec=solve_sec,
+                             sent_bytes=send.nbytes, received_bytes=recv.numel() * 4)
         return pool
 
 #----------------------------------------------------------------------------

@@ -315,6 +315,9 @@ def training_loop(
         training_stats.report('AOT/cost_before', stats['cost_before'])
         training_stats.report('AOT/cost_after', stats['cost_after'])
         training_stats.report('AOT/alone_frac', stats['alone'])
+        if 'exchange_sec' in stats: # --aot-scope=global: the pool's collectives (waiting for other ranks included) and solve
+            training_stats.report('Timing/aot_exchange_sec', stats['exchange_sec'])
+            training_stats.report('Timing/aot_solve_sec', stats['solve_sec'])
         if aot_pool and stats['alone'] >= 0.25 and not warned_alone:
             warned_alone.append(True)
             dist.print0(f'Warning: {stats["alone"]:.0%} of the images of a pool are alone in their class among the {aot_pool} '
