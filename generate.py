@@ -106,10 +106,17 @@ def few_step_kwargs(sampler_kwargs, net):
         sigma_min = max(sampler_kwargs.get('sigma_min', 0.002), float(net.sigma_min)) # the network's supported range
         sigma_max = min(sampler_kwargs.get('sigma_max', 80), float(net.sigma_max))
         sigmas = solvers.get_sigmas(sampler_kwargs.get('discretization', 'edm'), sampler_kwargs['num_steps'], sigma_min, sigma_max, sampler_kwargs['rho'])
-    kwargs = dict(solver=sampler_kwargs['solver'], sigmas=sigmas, order=sampler_kwargs.get('order'),
-                  afs=sampler_kwargs.get('afs', False), variant=sampler_kwargs.get('variant'))
-    solvers.check_solver(**kwargs)
-    return kwargs
+    # The defaults filled in (order, variant), so that the record of how the images were made names them.
+    return dict(solver=sampler_kwargs['solver'], sigmas=sigmas, **solvers.check_solver(sampler_kwargs['solver'], sigmas,
+                sampler_kwargs.get('order'), sampler_kwargs.get('afs', False), sampler_kwargs.get('variant')))
+
+def choose_sampler(net, sampler_kwargs):
+    """(sampler_fn, its keyword arguments) for the sampler options of the command line (None values
+    dropped): EDM's Heun sampler, the ablation sampler, or a few-step solver. ValueError with a one-line reason."""
+    if sampler_kwargs.get('solver') in FEW_STEP:
+        return solvers.sample, few_step_kwargs(sampler_kwargs, net)
+    have_ablation_kwargs = any(x in sampler_kwargs for x in ['solver', 'discretization', 'schedule', 'scaling'])
+    return (sampling.ablation_sampler if have_ablation_kwargs else sampling.edm_sampler), sampler_kwargs
 
 def check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs):
     """Raise click.BadParameter for Discriminator Guidance options that do not go together."""
@@ -170,6 +177,74 @@ def write_labels(outdir, labels):
         with open(temp, 'w') as f:
             json.dump(dict(labels=sorted([name, label] for name, label in labels.items())), f)
 
+# sampling.json records how each image was made: {"samplers": [{"sampler": ..., "nfe": ..., "levels": [...],
+# "options": {...}, "guidance": ..., "ot_map": ..., "images": [names]}, ...]}, rewritten atomically with
+# dataset.json. A folder continued with other settings keeps its images (labels merge over such runs,
+# as before): the record says which settings made which image, and the run warns.
+RECORD = 'sampling.json'
+
+def jsonable(value):
+    """value in JSON's types (tensors as lists, inf as a string), so that settings read back compare equal."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(key): jsonable(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+def file_setting(path):
+    """A file option as recorded: absolute for a local path, so that the folder's runs compare alike from any directory."""
+    return None if path is None else path if '://' in path else os.path.abspath(path)
+
+def read_record(outdir):
+    """(settings of each sampler, {file: index into them}) of outdir/sampling.json (empty if none); ValueError if it is not one."""
+    path = os.path.join(outdir, RECORD)
+    if not os.path.isfile(path):
+        return [], {}
+    try:
+        with open(path) as f:
+            entries = json.load(f)['samplers']
+        settings = [{key: value for key, value in entry.items() if key != 'images'} for entry in entries]
+        return settings, {name: i for i, entry in enumerate(entries) for name in entry['images']}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f'{path} is not generate.py\'s record of how its images were made ({one_line(e)}); '
+                         'delete it to continue, and the PNGs there are taken to be of this run\'s settings')
+
+def write_record(outdir, settings, made):
+    entries = [dict(s, images=sorted(name for name, index in made.items() if index == i)) for i, s in enumerate(settings)]
+    with dnnlib.util.atomic_write(os.path.join(outdir, RECORD)) as temp:
+        with open(temp, 'w') as f:
+            json.dump(dict(samplers=[entry for entry in entries if entry['images']]), f, indent=1)
+
+def differences(old, new, prefix=''):
+    """'key old -> new' for each setting that differs (nested dicts by dotted key; lists shortened)."""
+    def short(value):
+        if not isinstance(value, list):
+            return json.dumps(value)
+        items = [f'{x:.4g}' if isinstance(x, float) else json.dumps(x) for x in value]
+        return '[' + ', '.join(items if len(items) <= 8 else items[:4] + ['...'] + items[-2:]) + ']'
+    found = []
+    for key in [*old, *[k for k in new if k not in old]]:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, f'{prefix}{key}.')
+        elif a != b:
+            found.append(f'{prefix}{key} {short(a)} -> {short(b)}' if short(a) != short(b) else f'{prefix}{key} differ in the 5th digit or beyond')
+    return found
+
+def mixed_settings(outdir, settings, current, made, kept, seeds_here):
+    """A one-line warning if images the run keeps (names kept, listed in made) were made with other settings than settings[current], else None."""
+    other = sorted(name for name in kept if name in made and settings[made[name]] != settings[current])
+    if not other:
+        return None
+    diff = differences(settings[made[other[0]]], settings[current])
+    fix = '--force makes them again, ' if all(name in seeds_here for name in other) else ''
+    return (f'Warning: {len(other)} images in "{outdir}" (e.g. {other[0]}) were made with other sampler settings ({"; ".join(diff[:3])}); '
+            f'they are kept and {RECORD} records how each image was made ({fix}another --outdir keeps sample sets apart)')
+
 class StopRequest:
     """SIGINT (Ctrl-C; torchrun passes it on to its workers) and SIGTERM (schedulers, kill) ask the
     loop to stop after the current batch, so that its PNGs and dataset.json are written. A second
@@ -199,6 +274,19 @@ def continue_command():
     if dist.get_world_size() == dist.get_local_world_size():
         return shlex.join(['torchrun', '--standalone', f'--nproc_per_node={dist.get_local_world_size()}'] + args)
     return f'your torchrun command on every node, running {shlex.join(args)}'
+
+def generate_batch(net, sampler_fn, sampler_kwargs, draw, batch_seeds, outdir, subdirs):
+    """Sample the images of batch_seeds, write their PNGs; {file name: class (None when unconditional)}."""
+    latents, class_labels, rnd = draw(batch_seeds)
+    with torch.no_grad():
+        images = sampler_fn(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    written = {}
+    for i, (seed, image) in enumerate(zip(batch_seeds, to_uint8(images))):
+        name = png_name(seed, subdirs)
+        os.makedirs(os.path.dirname(os.path.join(outdir, name)), exist_ok=True)
+        save_png(image, os.path.join(outdir, name))
+        written[name] = None if class_labels is None else int(class_labels[i].argmax())
+    return written
 
 #----------------------------------------------------------------------------
 
@@ -311,13 +399,8 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
             ot_map = semidiscrete_ot.map_for_generate(ot_map_path, net, device, sampler_kwargs, class_idx)
         except (IOError, ValueError) as e:
             error = f'--ot-map {ot_map_path}: {" ".join(str(e).split())}'
-    have_ablation_kwargs = any(x in sampler_kwargs for x in ['solver', 'discretization', 'schedule', 'scaling'])
-    sampler_fn = sampling.ablation_sampler if have_ablation_kwargs else sampling.edm_sampler
-    if sampler_kwargs.get('solver') in FEW_STEP:
-        sampler_fn = solvers.sample
     try:
-        if sampler_fn is solvers.sample:
-            sampler_kwargs = few_step_kwargs(sampler_kwargs, net)
+        sampler_fn, sampler_kwargs = choose_sampler(net, sampler_kwargs)
         nfe, sigmas = sampling.trace_sampler(net, sampler_fn, device=device, **sampler_kwargs)
         if not np.isfinite(sigmas).all():
             raise ValueError('they give noise levels that are not finite numbers; check --sigma_min, --sigma_max and --disc')
@@ -335,6 +418,11 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     dist.print0(f'Sampler: {sampler_fn.__name__}, {steps}, {nfe} NFE per image; '
                 f'sigma {", ".join(levels if len(levels) <= 8 else levels[:4] + ["..."] + levels[-2:])}'
                 + ('' if sampler_fn is solvers.sample else ', 0')) # the few-step solvers end at sigma_min
+    # How the images are made, for sampling.json: levels are the solver's (few-step) or those the network is evaluated at.
+    options = {key: value for key, value in sampler_kwargs.items() if key != 'sigmas'}
+    record = dict(sampler=f'{sampler_fn.__module__.split(".")[-1]}.{sampler_fn.__name__}', nfe=nfe, options=options,
+                  levels=sampler_kwargs['sigmas'] if sampler_fn is solvers.sample else list(dict.fromkeys(sigmas)),
+                  ot_map=file_setting(ot_map_path), guidance=None)
     if ot_map is not None:
         dist.print0(semidiscrete_ot.describe(ot_map, len(seeds)))
         sampler_fn = semidiscrete_ot.as_sampler(ot_map)
@@ -344,7 +432,10 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
         dg_kwargs = dict(dict(dg_weight=2.0) if sampler_fn is solvers.sample else dict(dg_weight=2.0, dg_weight_2nd=0.0, dg_boosting=False), **dg_kwargs)
         dist.print0(f'Discriminator guidance: weight {dg_kwargs["dg_weight"]:g} (2nd order {dg_kwargs.get("dg_weight_2nd", 0):g}), '
                     f'VP times {dg.time_min:g}-{dg.time_max:g}, boosting {"on" if dg_kwargs.get("dg_boosting") else "off"}')
+        record['guidance'] = dict(file=file_setting(dg_path) or [file_setting(dg_classifier), file_setting(dg_head)],
+                                  time_min=dg.time_min, time_max=dg.time_max, **dg_kwargs)
         sampler_kwargs.update(guidance=dg, **dg_kwargs)
+    record = jsonable(record)
 
     def draw(batch_seeds):
         """Latents, class labels and noise of these seeds; they depend on each seed alone."""
@@ -359,8 +450,19 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     if rank == 0:
         try:
             files = scan_outdir(outdir)
-            present = {png_name(seed, subdirs) for seed in seeds} & files
+            names = {png_name(seed, subdirs) for seed in seeds}
+            present = names & files
             todo = seeds if force else [seed for seed in seeds if png_name(seed, subdirs) not in present]
+            # Images of this run's seeds that sampling.json misses were written by a run killed before it
+            # recorded them (or by a generate.py before the record): taken to be of this run's settings.
+            settings, made = read_record(outdir)
+            made = {name: index for name, index in made.items() if name in files}
+            current = settings.index(record) if record in settings else len(settings)
+            settings = settings[:current] + [record]
+            made.update((name, current) for name in present - made.keys())
+            mixed = mixed_settings(outdir, settings, current, made, files - {png_name(seed, subdirs) for seed in todo}, names)
+            if made:
+                write_record(outdir, settings, made)
             if net.label_dim:
                 labels = {name: label for name, label in read_labels(outdir).items() if name in files}
                 unlisted = [seed for seed in seeds if png_name(seed, subdirs) in present - labels.keys()]
@@ -372,6 +474,8 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
             error = f'--outdir {outdir}: {" ".join(str(e).split())}'
     fail_together(error)
     if rank == 0:
+        if mixed:
+            print(mixed, file=sys.stderr, flush=True)
         kept = f'; {len(present)} of the {len(seeds)} are there already and kept (--force makes them again)' if present and not force else ''
         print(f'Generating {len(todo)} images to "{outdir}"{kept}...')
     todo = dist.broadcast_object(todo)
@@ -383,25 +487,18 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     progress = tqdm.tqdm(rank_batches, unit='batch', disable=(rank != 0))
     try:
         for batch_seeds in progress:
-            written = {} # file name -> class (None when unconditional)
-            if len(batch_seeds) > 0:
-                latents, class_labels, rnd = draw(batch_seeds.tolist())
-                with torch.no_grad():
-                    images = sampler_fn(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
-                for i, (seed, image) in enumerate(zip(batch_seeds.tolist(), to_uint8(images))):
-                    name = png_name(seed, subdirs)
-                    os.makedirs(os.path.dirname(os.path.join(outdir, name)), exist_ok=True)
-                    save_png(image, os.path.join(outdir, name))
-                    written[name] = None if class_labels is None else int(class_labels[i].argmax())
-            # Every rank's batch is on disk: list it in dataset.json, and stop together if any rank was asked to.
+            written = generate_batch(net, sampler_fn, sampler_kwargs, draw, batch_seeds.tolist(), outdir, subdirs) if len(batch_seeds) > 0 else {}
+            # Every rank's batch is on disk: list it in dataset.json and sampling.json, and stop together if any rank was asked to.
             gathered = [None] * world_size
             torch.distributed.all_gather_object(gathered, (written, stop.signal))
             if rank == 0:
                 for part, _ in gathered:
                     present.update(part)
                     labels.update(part)
+                    made.update(dict.fromkeys(part, current))
                 if net.label_dim:
                     write_labels(outdir, labels)
+                write_record(outdir, settings, made)
             signum = next((s for _, s in gathered if s is not None), None)
             if signum is not None:
                 break

@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from training import sampling
+from training import sampling, solvers
 from training.images import to_uint8
 from training.network_io import save_safe
 from tests.test_sampling import load_golden_network
@@ -44,7 +44,7 @@ def pngs(outdir):
     found = {}
     for dirpath, _, files in os.walk(outdir):
         for name in files:
-            if name == 'dataset.json': # class labels of a conditional network's images (checked in test_guidance.py)
+            if name in ('dataset.json', 'sampling.json'): # class labels (checked in test_guidance.py), how the images were made
                 continue
             assert name.endswith('.png'), f'unexpected file {name} in {dirpath}'
             path = os.path.join(dirpath, name)
@@ -142,6 +142,10 @@ def listed(outdir):
     assert len({name for name, _ in labels}) == len(labels), labels
     return labels
 
+def record(outdir):
+    """sampling.json's entries: how the images were made."""
+    return json.loads((outdir / 'sampling.json').read_text())['samplers']
+
 def expected_labels(net, seeds, subdirs=False):
     labels = sampling.latents_for_seeds(net, seeds)[1].argmax(1).tolist()
     return sorted([f'{s - s % 1000:06d}/{s:06d}.png' if subdirs else f'{s:06d}.png', label] for s, label in zip(seeds, labels))
@@ -160,9 +164,13 @@ def test_interrupted_run_continues_with_the_same_images(nets, tmp_path):
     assert f'Interrupted: {len(done)} of 12 images are in "{parts}" and listed in its dataset.json' in err, err
     assert [name for name, _ in listed(parts)] == sorted(done) # every PNG there, and only those
 
-    # A write cut off by a harder kill: a temporary file, and the last PNG not yet in dataset.json.
+    [entry] = record(parts)
+    assert entry['images'] == sorted(done) and entry['nfe'] == 7 # every PNG there is recorded, and only those
+
+    # A write cut off by a harder kill: a temporary file, and the last PNG not yet in dataset.json nor sampling.json.
     (parts / '000000' / '000999.png.tmp-0123456789abcdef0123456789abcdef').write_bytes(b'half a PNG')
     (parts / 'dataset.json').write_text(json.dumps(dict(labels=listed(parts)[:-1])))
+    (parts / 'sampling.json').write_text(json.dumps(dict(samplers=[dict(entry, images=entry['images'][:-1])])))
 
     command = shlex.split(err.strip().splitlines()[-1]) # the command the message gives
     assert command[:2] == ['python', 'generate.py'] and command[2:] == [*args, '--outdir', str(parts)], command
@@ -173,6 +181,7 @@ def test_interrupted_run_continues_with_the_same_images(nets, tmp_path):
     assert code == 0, f'{out}\n{err}'
     assert read_bytes(parts) == read_bytes(tmp_path / 'whole') # byte for byte
     assert listed(parts) == listed(tmp_path / 'whole') == expected_labels(nets['net'], list(range(993, 1005)), subdirs=True)
+    assert record(parts) == record(tmp_path / 'whole')
 
 def read_until(stream, text):
     """Read stream (text mode) up to and including the first occurrence of text."""
@@ -246,6 +255,64 @@ def test_two_processes_continue_a_folder_and_merge_the_labels(nets, tmp_path):
     expected = expected_images(nets['net'], list(range(13)))
     assert all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(13))
     assert listed(tmp_path) == expected_labels(nets['net'], list(range(13))) # both ranks' images and the earlier run's
+
+def error_line(err):
+    lines = [line for line in err.splitlines() if line.startswith('Error')]
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    return lines[0]
+
+def warning_lines(err):
+    return [line for line in err.splitlines() if line.startswith('Warning')]
+
+def test_sampler_settings_recorded_per_image(nets, tmp_path):
+    """sampling.json says which settings made each image, also when a forced run with other settings
+    stops part way; a run that keeps images of other settings beside its own says so in one line."""
+    common = ['--network', nets['uncond'], '--outdir', str(tmp_path), *CPU]
+    heun, ipndm = [*STEPS], ['--solver=ipndm', '--steps=20'] # 19 NFE: the forced run below lasts long enough to be stopped part way
+    assert finish(start([*common, '--seeds=0-11', *heun]))[0] == 0
+    # The same settings with a default spelled out continue the folder as one sample set.
+    code, out, err = finish(start([*common, '--seeds=0-13', *heun, '--rho=7']))
+    assert code == 0 and 'Generating 2 images' in out and not warning_lines(err), err
+    assert [(e['sampler'], e['nfe'], e['images']) for e in record(tmp_path)] == [('sampling.edm_sampler', 7, [f'{s:06d}.png' for s in range(14)])]
+
+    # A forced run with other settings, stopped after its first batches: each image recorded as made.
+    proc = start([*common, '--seeds=0-13', *ipndm, '--force', '--batch=1'])
+    while proc.poll() is None and 'solvers.sample' not in (tmp_path / 'sampling.json').read_text():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    entries = {e['sampler']: e['images'] for e in record(tmp_path)}
+    assert code == 130 and 0 < len(entries['solvers.sample']) < 14 and not warning_lines(err), f'{code} {entries}\n{err}'
+    assert sorted(entries['solvers.sample'] + entries['sampling.edm_sampler']) == [f'{s:06d}.png' for s in range(14)]
+    net = load_golden_network('networks/ddpmpp_edm_uncond.npz', 'networks/ddpmpp_edm_uncond.json')
+    latents = sampling.latents_for_seeds(net, list(range(14)))[0]
+    with torch.no_grad():
+        made = {'sampling.edm_sampler': expected_images(net, list(range(14))),
+                'solvers.sample': to_uint8(solvers.sample(net, latents, solver='ipndm', sigmas=solvers.edm_sigmas(20)))}
+    images = pngs(tmp_path)
+    assert all(np.array_equal(images[name], made[sampler][int(name[:6])]) for sampler, names in entries.items() for name in names)
+
+    # Its continue command (which drops --force) keeps Heun's images beside iPNDM's: it says so, and the record stays true.
+    command, before = shlex.split(err.strip().splitlines()[-1]), record(tmp_path)
+    code, out, err = finish(start(command[2:]))
+    [warning] = warning_lines(err)
+    heun_left = len(entries['sampling.edm_sampler'])
+    assert code == 0 and 'Generating 0 images' in out, err
+    assert warning.startswith(f'Warning: {heun_left} images in "{tmp_path}" (e.g. {entries["sampling.edm_sampler"][0]}) were made with other sampler settings '
+                              '(sampler "sampling.edm_sampler" -> "solvers.sample"; nfe 7 -> 19; options.num_steps 4 -> null); '
+                              'they are kept and sampling.json records how each image was made (--force makes them again, '), warning
+    assert record(tmp_path) == before
+
+def test_unreadable_record_in_outdir_is_one_line(bad_input_env):
+    from click.testing import CliRunner
+    import generate
+    outdir = bad_input_env['tmp'] / 'out'
+    outdir.mkdir()
+    (outdir / 'sampling.json').write_text('{"samplers": [{"nfe": 7}]}')
+    result = CliRunner().invoke(generate.main, ['--network', bad_input_env['pkl'], '--outdir', str(outdir), '--seeds=0-1', *STEPS, *CPU])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert f"{outdir / 'sampling.json'} is not generate.py's record of how its images were made" in error_line(result.stderr)
+    assert os.listdir(outdir) == ['sampling.json']
 
 def test_unreadable_labels_in_outdir_stop_every_rank(nets, tmp_path):
     # Rank 0 reads the folder; the other rank must not wait for it forever.

@@ -42,6 +42,13 @@ def test_few_step_images_nfe_and_sigmas(nets, tmp_path):
             assert np.array_equal(images[f'{s:06d}.png'], want[i]), f'{name}: seed {s} differs'
     assert (ipndm != unipc).mean() > 0.05 # the options reach the solver
 
+    # sampling.json records the NFE, solver and levels of every image, the defaults filled in.
+    for name, nfe, options, levels in [('batch3', 5, dict(solver='ipndm', order=4, afs=False), solvers.get_sigmas('edm', 6, 0.002, 80, 7)),
+                                       ('json', 4, dict(solver='unipc', order=3, variant='bh2', afs=True), levels)]:
+        [entry] = json.loads((tmp_path / name / 'sampling.json').read_text())['samplers']
+        assert entry['sampler'] == 'solvers.sample' and entry['nfe'] == nfe and entry['options'] == options, entry
+        assert entry['levels'] == levels.tolist() and entry['images'] == [f'{s:06d}.png' for s in seeds]
+
 BAD = {
     'order too high':   (['--solver=ipndm', '--order=5'], 'order'),
     'order for dpm2':   (['--solver=dpm2', '--order=3'], 'fixed order'),
