@@ -10,9 +10,19 @@ class, since class-agnostic pairing hurts conditional models (C2OT)."""
 
 import numpy as np
 import scipy.optimize
+import scipy.sparse
+import scipy.sparse.csgraph
 import torch
 
-SOLVERS = ('scipy', 'lap')
+SOLVERS = ('scipy', 'lap', 'knn')
+DENSE_SOLVERS = ('scipy', 'lap') # solve a dense cost matrix; 'knn' never needs one (is_sparse)
+
+# 'knn': exact minimum-cost matching on the graph of each image's KNN_K cheapest noises, chosen
+# after entropic column potentials have been subtracted (see column_potentials). Measured in
+# docs/aot-scale.md ("Large-pool solver").
+KNN_K = 32
+KNN_EPS = (0.3, 0.1, 0.03) # Sinkhorn temperatures, one pass each, relative to the spread of a row's distances
+KNN_CHUNK = 1024 # rows of distances computed at once: chunk x noises float32 on the device
 
 #----------------------------------------------------------------------------
 # The one place a solver name is checked: known, and its package importable.
@@ -28,7 +38,14 @@ def check_solver(solver):
         except ImportError:
             raise ValueError("AOT solver 'lap' needs the lap package: pip install lap (or use solver 'scipy')") from None
         return lap_helper.solve
+    if solver == 'knn':
+        return _solve_knn_dense
     return _solve_scipy
+
+def is_sparse(solver):
+    """True for a solver that pairs from the images and noise without a dense cost matrix."""
+    check_solver(solver)
+    return solver not in DENSE_SOLVERS
 
 def _solve_scipy(cost):
     rows, cols = scipy.optimize.linear_sum_assignment(cost)
@@ -114,6 +131,122 @@ def group_costs(x, n, groups):
     return costs
 
 #----------------------------------------------------------------------------
+# Solver 'knn', for pools too large for a dense assignment (cubic time, P x P memory): distances
+# are computed in row chunks on the tensors' device and only each row's k cheapest candidates
+# reach the host, where an exact sparse matching (scipy's LAPJVsp) pairs them.
+#
+# The candidates are chosen by distance minus a column potential v_j. Plain nearest neighbours do
+# not work in high dimension: noises of small norm are near to every image, so most rows list the
+# same few "hub" columns and most noises are in no row's list (at 2,048 random 3x32x32 images and
+# k = 64, 681 noises; no perfect matching). Subtracting a per-column constant does not change
+# which permutation is optimal, and with v from a few passes of entropic OT (Sinkhorn) the
+# optimal partner of nearly every row is among its 32 cheapest (docs/aot-scale.md).
+#
+# Every function takes distances through dist(rows) -> [len(rows), c] tensor, so the same code
+# serves images and noise on a device (cdist per chunk) and a dense cost matrix (solve_costs).
+
+def _chunks(m, chunk):
+    return (slice(start, min(start + chunk, m)) for start in range(0, m, chunk))
+
+def _potentials(dist, m, eps, chunk):
+    # Log-domain Sinkhorn with uniform marginals, one pass over the rows per temperature: each chunk
+    # gives its rows' u_i (rows are independent) and adds to the column log-sum-exp that makes v.
+    # Rows split across devices would all-reduce `lse` (and `scale`) and keep the rest local.
+    first = dist(slice(0, min(m, chunk)))
+    scale = first.std(dim=1).mean() if first.shape[1] > 1 else first.new_zeros([])
+    v = first.new_zeros(first.shape[1])
+    if not scale > 0: # all distances equal: any pairing is optimal
+        return v
+    for e in eps:
+        t = e * scale
+        lse = torch.full_like(v, -float('inf'))
+        for rows in _chunks(m, chunk):
+            d = first if rows.start == 0 else dist(rows)
+            u = -t * torch.logsumexp((v - d) / t, dim=1)
+            lse = torch.logaddexp(lse, torch.logsumexp((u[:, None] - d) / t, dim=0))
+        v = -t * lse
+    return v
+
+def _knn(dist, m, k, chunk, offsets):
+    values, cols = [], []
+    for rows in _chunks(m, chunk):
+        d = dist(rows)
+        key = d if offsets is None else d - offsets
+        idx = torch.topk(key, min(k, d.shape[1]), dim=1, largest=False).indices
+        values.append(d.gather(1, idx))
+        cols.append(idx)
+    # One copy of each to the host, after all chunks are queued.
+    return torch.cat(values).to(torch.float32).cpu().numpy(), torch.cat(cols).cpu().numpy().astype(np.int64)
+
+def column_potentials(x, n, eps=KNN_EPS, chunk=KNN_CHUNK):
+    """Entropic-OT dual potential v [c] (a tensor on n's device) of the noises n [c, D] against the
+    image rows x [m, D], from len(eps) passes of chunked log-domain Sinkhorn at temperatures eps
+    times the mean spread of a row's distances; pass it to knn_rows as offsets."""
+    return _potentials(lambda rows: torch.cdist(x[rows], n), len(x), eps, chunk)
+
+def knn_rows(x, n, k, chunk=KNN_CHUNK, offsets=None):
+    """For image rows x [m, D] and candidate noises n [c, D] (float32, same device): the k' =
+    min(k, c) smallest Euclidean distances of every row, ascending, as (values float32 [m, k'],
+    cols int64 [m, k']) numpy arrays. Distances are computed `chunk` rows at a time on the
+    device. With offsets [c] (column_potentials) rows keep the k' columns of smallest distance
+    minus offset instead, still returning the plain distances."""
+    return _knn(lambda rows: torch.cdist(x[rows], n), len(x), k, chunk, offsets)
+
+def solve_sparse(values, cols, num_cols, cost=None, stats=None):
+    """Column in [0, num_cols) assigned to each row (numpy int64; distinct, a permutation when there
+    are num_cols rows) minimising the summed cost over the sparse graph whose row i has the edges
+    cols[i] with costs values[i] (knn_rows). When that graph has no perfect matching, the rows left
+    unmatched by a maximum matching get edges to all the columns it left free, with their costs from
+    cost(rows, cols) -> dense [len(rows), len(cols)] (without it each counts as the row's dearest
+    listed cost), so a permutation is always returned. stats (a dict) receives 'unmatched', the
+    number of such rows."""
+    values = np.asarray(values, dtype=np.float64)
+    cols = np.asarray(cols, dtype=np.int64)
+    m = values.shape[0]
+    if values.shape != cols.shape or values.ndim != 2 or m > num_cols:
+        raise ValueError(f'AOT solve_sparse needs values and cols of one shape [m, k] with m <= num_cols, got {list(values.shape)}, {list(cols.shape)} and {num_cols}')
+    rows = np.repeat(np.arange(m), values.shape[1])
+    graph = scipy.sparse.csr_matrix((np.ones(rows.size), (rows, cols.ravel())), shape=(m, num_cols))
+    matched = scipy.sparse.csgraph.maximum_bipartite_matching(graph, perm_type='column')
+    left = np.flatnonzero(matched < 0)
+    lowest = values.min(axis=1) if values.shape[1] else np.zeros(m)
+    weights = [values.ravel()]
+    if len(left):
+        free = np.setdiff1d(np.arange(num_cols), matched[matched >= 0])
+        block = np.asarray(cost(left, free), dtype=np.float64) if cost is not None else np.repeat(values[left].max(axis=1, initial=0)[:, None], len(free), axis=1)
+        lowest[left] = np.minimum(lowest[left], block.min(axis=1))
+        rows = np.concatenate([rows, np.repeat(left, len(free))])
+        cols = np.concatenate([cols.ravel(), np.tile(free, len(left))])
+        weights.append(block.ravel())
+    # A constant per row leaves the optimal matching as it is; weights >= 1 because scipy drops
+    # explicit zeros as missing edges. (No edge repeats: a maximum matching leaves no edge between
+    # an unmatched row and a free column.)
+    weights = np.concatenate(weights) - lowest[rows] + 1
+    graph = scipy.sparse.csr_matrix((weights, (rows, cols.ravel())), shape=(m, num_cols))
+    r, c = scipy.sparse.csgraph.min_weight_full_bipartite_matching(graph)
+    assign = np.empty(m, dtype=np.int64)
+    assign[r] = c
+    if stats is not None:
+        stats['unmatched'] = len(left)
+    return assign
+
+def _solve_knn(dist, m, c, cost, k=None, chunk=KNN_CHUNK, stats=None):
+    k = KNN_K if k is None else k
+    offsets = None if k >= c else _potentials(dist, m, KNN_EPS, chunk) # a complete graph needs none
+    values, cols = _knn(dist, m, k, chunk, offsets)
+    return solve_sparse(values, cols, c, cost, stats)
+
+def solve_knn(x, n, k=None, chunk=KNN_CHUNK, stats=None):
+    """Solver 'knn' for one group: the column of noise n [c, D] assigned to each image row of x
+    [m, D] (numpy int64), from column_potentials, knn_rows (k = KNN_K) and solve_sparse."""
+    return _solve_knn(lambda rows: torch.cdist(x[rows], n), len(x), len(n),
+        lambda r, c: torch.cdist(x[upload(torch.from_numpy(r), x.device)], n[upload(torch.from_numpy(c), n.device)]).cpu().numpy(), k, chunk, stats)
+
+def _solve_knn_dense(cost):
+    t = torch.from_numpy(cost)
+    return _solve_knn(lambda rows: t[rows], len(cost), cost.shape[1], lambda r, c: cost[np.ix_(r, c)])
+
+#----------------------------------------------------------------------------
 # The permutation idx (numpy) that gives image i the noise idx[i], from the
 # columns that the solver assigned to the rows of each group's cost matrix.
 
@@ -138,9 +271,14 @@ def assign(images, noise, labels=None, solver='scipy'):
     num = images.shape[0]
     classes = class_indices(labels, num)
     groups = class_groups(None if classes is None else classes.cpu(), num)
-    # Distances on the tensors' device, float32 as the reference; the solver runs on the CPU.
-    costs = group_costs(images.detach().flatten(1).to(torch.float32), noise.detach().flatten(1).to(torch.float32), groups)
-    return torch.from_numpy(pairing(groups, solve_costs(costs, solver))).to(images.device)
+    # Distances on the tensors' device, float32 as the reference; the solvers run on the CPU.
+    x, n = images.detach().flatten(1).to(torch.float32), noise.detach().flatten(1).to(torch.float32)
+    if is_sparse(solver):
+        rows = [upload(torch.from_numpy(g), x.device) for g in groups]
+        cols = [solve_knn(x[r], n[r]) for r in rows]
+    else:
+        cols = solve_costs(group_costs(x, n, groups), solver)
+    return torch.from_numpy(pairing(groups, cols)).to(images.device)
 
 #----------------------------------------------------------------------------
 # Summed Euclidean distance between images[i] and noise[idx[i]] in float64

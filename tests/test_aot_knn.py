@@ -1,0 +1,130 @@
+"""AOT solver 'knn' for large pools (training/aot.py): chunked candidates, sparse matching, fallback."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from training import aot
+
+def random_rows(m, c, seed, dim=48):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand([m, dim], generator=gen) * 2 - 1, torch.randn([c, dim], generator=gen)
+
+def exact_cost(cost):
+    rows, cols = scipy.optimize.linear_sum_assignment(cost)
+    return cost[rows, cols].sum()
+
+def is_permutation(idx, num):
+    return sorted(np.asarray(idx).tolist()) == list(range(num))
+
+#----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('m, c, k, chunk', [(37, 50, 5, 8), (64, 64, 7, 16), (10, 4, 6, 3), (33, 40, 40, 100)])
+@pytest.mark.parametrize('offsets', [False, True])
+def test_knn_rows_is_topk_of_cdist(m, c, k, chunk, offsets):
+    # Chunks that do and do not divide m, k > c, one chunk larger than m.
+    x, n = random_rows(m, c, seed=m + c)
+    dist = torch.cdist(x.double(), n.double())
+    v = torch.linspace(0, 3, c) if offsets else None
+    values, cols = aot.knn_rows(x, n, k, chunk=chunk, offsets=v)
+    kk = min(k, c)
+    assert values.shape == cols.shape == (m, kk) and values.dtype == np.float32 and cols.dtype == np.int64
+    ref = torch.topk(dist - (0 if v is None else v.double()), kk, dim=1, largest=False)
+    np.testing.assert_array_equal(cols, ref.indices.numpy())
+    # The plain distances of the chosen columns, whatever chose them.
+    np.testing.assert_allclose(values, dist.gather(1, ref.indices).numpy(), rtol=1e-5)
+
+def test_solve_sparse_complete_graph_is_exact():
+    x, n = random_rows(40, 40, seed=1)
+    cost = torch.cdist(x, n).numpy()
+    values, cols = aot.knn_rows(x, n, 40, chunk=16)
+    idx = aot.solve_sparse(values, cols, 40)
+    assert idx.dtype == np.int64 and is_permutation(idx, 40)
+    np.testing.assert_allclose(cost[np.arange(40), idx].sum(), exact_cost(cost.astype(np.float64)), rtol=1e-6)
+
+def test_solve_sparse_zero_costs_are_edges():
+    # scipy drops explicit zero weights as missing edges; a zero distance must still be usable.
+    values = np.array([[0.0, 2.0], [0.0, 5.0]])
+    cols = np.array([[0, 1], [1, 0]])
+    assert aot.solve_sparse(values, cols, 2).tolist() == [0, 1]
+
+@pytest.mark.parametrize('seed', range(3))
+def test_default_k_within_one_percent(seed):
+    # A few hundred points in the images' dimension: the default k keeps (nearly) all of the gain.
+    gen = torch.Generator().manual_seed(seed)
+    images, noise = torch.rand([400, 3, 16, 16], generator=gen) * 2 - 1, torch.randn([400, 3, 16, 16], generator=gen)
+    assert aot.KNN_K < 400 # a sparse graph, not the complete one
+    stats = {}
+    idx = aot.solve_knn(images.flatten(1), noise.flatten(1), stats=stats)
+    assert is_permutation(idx, 400)
+    assert stats['unmatched'] == 0 # the potentials make the sparse graph enough: no fallback
+    identity = aot.pairing_cost(images, noise)
+    exact = aot.pairing_cost(images, noise, aot.assign(images, noise))
+    knn = aot.pairing_cost(images, noise, torch.from_numpy(idx))
+    assert knn <= exact * 1.01
+    assert (identity - knn) / (identity - exact) > 0.99 # the honest measure: the gain kept
+
+def test_raw_neighbours_have_no_perfect_matching():
+    # Why knn_rows takes column offsets: without them the rows' nearest noises are the same few.
+    images, noise = random_rows(300, 300, seed=3, dim=768)
+    values, cols = aot.knn_rows(images, noise, 8)
+    assert len(np.unique(cols)) < 150
+    stats = {}
+    assert is_permutation(aot.solve_sparse(values, cols, 300, stats=stats), 300) and stats['unmatched'] > 0
+
+def test_fallback_when_the_graph_has_no_perfect_matching():
+    # Every row lists only column 0: one row can have it, the others are solved on the dense block
+    # of the rows and columns left over, exactly.
+    x, n = random_rows(8, 8, seed=2)
+    cost = torch.cdist(x, n).double().numpy()
+    values, cols = cost[:, :1], np.zeros([8, 1], dtype=np.int64)
+    stats = {}
+    idx = aot.solve_sparse(values, cols, 8, cost=lambda r, c: cost[np.ix_(r, c)], stats=stats)
+    assert is_permutation(idx, 8) and stats['unmatched'] == 7
+    first = int(np.flatnonzero(idx == 0)[0])
+    rest = np.delete(np.arange(8), first)
+    np.testing.assert_allclose(cost[np.arange(8), idx].sum(), cost[first, 0] + exact_cost(cost[np.ix_(rest, np.arange(1, 8))]), rtol=1e-12)
+    # Without the costs of the missing edges it still returns a permutation.
+    assert is_permutation(aot.solve_sparse(values, cols, 8), 8)
+
+def test_assign_with_fallback_inside(monkeypatch):
+    # k = 1: rows collide on their single candidate, so assign goes through the fallback.
+    monkeypatch.setattr(aot, 'KNN_K', 1)
+    images, noise = (t.view(64, 3, 4, 4) for t in random_rows(64, 64, seed=4))
+    stats = {}
+    assert is_permutation(aot.solve_knn(images.flatten(1), noise.flatten(1), stats=stats), 64) and stats['unmatched'] > 0
+    idx = aot.assign(images, noise, solver='knn')
+    assert is_permutation(idx.numpy(), 64)
+
+@pytest.mark.parametrize('classes', [None, 4])
+def test_assign_knn(classes):
+    gen = torch.Generator().manual_seed(5)
+    images, noise = torch.rand([300, 3, 4, 4], generator=gen) * 2 - 1, torch.randn([300, 3, 4, 4], generator=gen)
+    labels = None if classes is None else torch.randint(classes, [300], generator=gen)
+    idx = aot.assign(images, noise, labels, solver='knn')
+    assert idx.dtype == torch.long and is_permutation(idx.numpy(), 300)
+    if labels is not None:
+        assert (labels[idx] == labels).all()
+    exact = aot.pairing_cost(images, noise, aot.assign(images, noise, labels))
+    assert aot.pairing_cost(images, noise, idx) == pytest.approx(exact, rel=1e-3)
+    # The dense path (solve_costs, as the pool builder calls it) pairs the same way.
+    groups = aot.class_groups(None if labels is None else labels.numpy(), 300)
+    cols = aot.solve_costs(aot.group_costs(images.flatten(1), noise.flatten(1), groups), 'knn')
+    assert aot.pairing_cost(images, noise, torch.from_numpy(aot.pairing(groups, cols))) == pytest.approx(exact, rel=1e-3)
+
+def test_solver_names():
+    assert aot.DENSE_SOLVERS == ('scipy', 'lap') and 'knn' in aot.SOLVERS
+    assert aot.is_sparse('knn') and not aot.is_sparse('scipy')
+    if importlib.util.find_spec('lap') is not None:
+        assert not aot.is_sparse('lap')
+    for bad in ('hungarian', 'KNN', ''):
+        with pytest.raises(ValueError, match=r"^Unknown AOT solver .*; choose one of scipy, lap, knn$"):
+            aot.check_solver(bad)
+        with pytest.raises(ValueError, match='Unknown AOT solver'):
+            aot.is_sparse(bad)
+    images, noise = torch.rand([4, 3]), torch.randn([4, 3])
+    with pytest.raises(ValueError, match='Unknown AOT solver'):
+        aot.assign(images, noise, solver='sinkhorn')
