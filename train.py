@@ -213,7 +213,7 @@ def check_fits(src, dst, source, strict, fix, interface=None):
 @click.option('--arch',          help='Network architecture', metavar='ddpmpp|ncsnpp|adm',          type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
 @click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm',       type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
 @click.option('--aot',           help='AOT pool per GPU: images paired with noise at once, 0 = plain EDM', metavar='INT', type=click.IntRange(min=0), default=512, show_default=True)
-@click.option('--aot-solver',    help='Assignment solver', metavar='scipy|lap',                     type=click.Choice(aot.SOLVERS), default='scipy', show_default=True)
+@click.option('--aot-solver',    help='Assignment solver: exact (scipy, lap), or knn for pools of thousands', metavar='scipy|lap|knn',                     type=click.Choice(aot.SOLVERS), default='scipy', show_default=True)
 @click.option('--aot-scope',     help='Pair each GPU\'s pool alone, or all GPUs\' pools as one (images stay on their GPU)', type=click.Choice(['gpu', 'global']), default='gpu', show_default=True)
 
 # Hyperparameters.

@@ -49,7 +49,7 @@ def run_global(tmp_path, data, world, pool, start=0, augment=0.0, solver='scipy'
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(world)]
 
-def reference(data, world, pool, k, augment=0.0):
+def reference(data, world, pool, k, augment=0.0, solver='scipy'):
     """Pool k of every rank paired as one process pairs the concatenation: images, labels, noise."""
     dataset = ImageFolderDataset(data, use_labels=True)
     pipe = AugmentPipe(p=augment, xflip=1, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1) if augment else None
@@ -57,18 +57,20 @@ def reference(data, world, pool, k, augment=0.0):
     images = torch.cat([p['images'] for p, _, _ in parts])
     labels = torch.cat([labels for _, labels, _ in parts])
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(_mix(_NOISE_TAG, 7, k)))
-    idx = aot.assign(images, noise, labels if dataset.label_dim else None)
+    idx = aot.assign(images, noise, labels if dataset.label_dim else None, solver=solver)
     return images, labels, noise[idx], noise
 
-@pytest.mark.parametrize('world,classes,augment,start', [(2, 4, 0.0, 0), (3, 4, 0.3, 2), (3, 0, 0.0, 0), (2, 13, 0.0, 1)])
-def test_global_pairing_equals_one_process_pairing_the_concatenation(tmp_path, world, classes, augment, start):
+@pytest.mark.parametrize('world,classes,augment,start,solver', [(2, 4, 0.0, 0, 'scipy'), (3, 4, 0.3, 2, 'scipy'), (3, 0, 0.0, 0, 'scipy'),
+                                                                (2, 13, 0.0, 1, 'scipy'), (2, 0, 0.0, 0, 'knn')])
+def test_global_pairing_equals_one_process_pairing_the_concatenation(tmp_path, world, classes, augment, start, solver):
     # classes=13 with pools of 16: many classes with one or two images, some on one rank only.
+    # knn on 2 x 24 = 48 noises, more than its 32 candidates per row: the sparse path.
     data = make_dataset(tmp_path / 'data', n=60, res=8, num_classes=max(classes, 1), labels=classes > 0)
-    pool = 16
-    got = run_global(tmp_path, data, world, pool, start=start, augment=augment)
+    pool = 24 if solver == 'knn' else 16
+    got = run_global(tmp_path, data, world, pool, start=start, augment=augment, solver=solver)
     moved = 0
     for j in range(POOLS):
-        images, labels, paired, noise = reference(data, world, pool, start + j, augment)
+        images, labels, paired, noise = reference(data, world, pool, start + j, augment, solver)
         for r in range(world):
             mine = slice(r * pool, (r + 1) * pool)
             assert torch.equal(got[r][j]['images'], images[mine])

@@ -28,12 +28,14 @@ def test_epoch_covers_dataset(dataset):
     seen = [PoolStream(dataset, 10, rank=r, num_replicas=2).pool_indices(k) for r in range(2) for k in range(2)]
     assert sorted(np.concatenate(seen).tolist()) == list(range(40))
 
-def test_pairing_is_optimal_permutation_within_class(dataset):
-    paired = PoolStream(dataset, 20, seed=1, pair=True).make_pool(2)
+@pytest.mark.parametrize('solver', ['scipy', 'knn'])
+def test_pairing_is_optimal_permutation_within_class(dataset, solver, monkeypatch):
+    monkeypatch.setattr(aot, 'KNN_K', 2) # candidates fewer than a class's noises: the sparse path
+    paired = PoolStream(dataset, 20, seed=1, pair=True, solver=solver).make_pool(2)
     plain = PoolStream(dataset, 20, seed=1, pair=False).make_pool(2)
     assert torch.equal(paired['images'], plain['images'])
     # Pairing only permutes the same noise draws, within classes.
-    idx = aot.assign(plain['images'], plain['noise'], plain['labels'])
+    idx = aot.assign(plain['images'], plain['noise'], plain['labels'], solver=solver)
     assert torch.equal(paired['noise'], plain['noise'][idx])
     assert torch.equal(plain['labels'][idx], plain['labels'])
     assert aot.pairing_cost(paired['images'], paired['noise']) <= aot.pairing_cost(plain['images'], plain['noise'])
@@ -113,8 +115,9 @@ def test_seeds_do_not_replay_each_other_shifted(dataset):
         assert sorted(later.tolist()) == sorted(shifted.tolist()) == list(range(n))
         assert not np.array_equal(later, shifted)
 
-def test_pool_reports_pairing_gain(dataset):
-    stream = PoolStream(dataset, 20, seed=1)
+@pytest.mark.parametrize('solver', ['scipy', 'knn'])
+def test_pool_reports_pairing_gain(dataset, solver):
+    stream = PoolStream(dataset, 20, seed=1, solver=solver)
     pool = stream.make_pool(2)
     plain = PoolStream(dataset, 20, seed=1, pair=False).make_pool(2)
     stats = pool['stats']

@@ -170,9 +170,10 @@ class PoolStream(torch.utils.data.IterableDataset):
         # classes at once, one copy to the host.
         groups = aot.class_groups(aot.class_indices(labels, len(idx)), len(idx))
         x, n = images.flatten(1), noise.flatten(1)
-        costs = aot.group_costs(x, n, groups) if self.pair else []
+        dense = self.pair and not aot.is_sparse(self.solver) # the large-pool solver never builds cost matrices
+        costs = aot.group_costs(x, n, groups) if dense else []
         # Before pairing each image has noise slot i: the diagonals of the costs (no more copies).
-        before = sum(float(np.trace(cost, dtype=np.float64)) for cost in costs) / len(idx) if self.pair else \
+        before = sum(float(np.trace(cost, dtype=np.float64)) for cost in costs) / len(idx) if dense else \
             (x - n).norm(dim=1).mean().item()
         alone = sum(len(g) for g in groups if len(g) == 1) / len(idx)
         pool['stats'] = dict(cost_before=before, cost_after=before, alone=alone)
@@ -183,9 +184,18 @@ class PoolStream(torch.utils.data.IterableDataset):
         if self.pair:
             perm = aot.pairing(groups, cols)
             pool['noise'] = pool['noise'][aot.upload(torch.from_numpy(perm), self.device)]
-            total = sum(float(cost[np.arange(len(c)), c].astype(np.float64).sum()) for cost, c in zip(costs, cols))
-            pool['stats']['cost_after'] = total / len(perm)
+            if costs:
+                total = sum(float(cost[np.arange(len(c)), c].astype(np.float64).sum()) for cost, c in zip(costs, cols))
+                pool['stats']['cost_after'] = total / len(perm)
+            else:
+                pool['stats']['cost_after'] = (pool['images'] - pool['noise']).flatten(1).norm(dim=1).mean().item()
         return pool
+
+    def solve_sparse(self, pool, groups):
+        """The large-pool solver's columns for every group, from the images and noise on the device."""
+        x, n = pool['images'].flatten(1), pool['noise'].flatten(1)
+        rows = [aot.upload(torch.from_numpy(g), x.device) for g in groups]
+        return [aot.solve_knn(x[r], n[r]) for r in rows]
 
     def build(self, k, solve=None):
         """Pool k and the CUDA event that marks it ready (None on the CPU); hand_over() makes it
@@ -200,7 +210,8 @@ class PoolStream(torch.utils.data.IterableDataset):
                 pool = self.exchange.pair(self, k, solve)
             else:
                 pool, groups, costs = self.prepare(k)
-                pool = self.finish(pool, groups, costs, solve(costs))
+                cols = self.solve_sparse(pool, groups) if self.pair and aot.is_sparse(self.solver) else solve(costs)
+                pool = self.finish(pool, groups, costs, cols)
             return pool, stream.record_event() if cuda else None
 
     def make_pool(self, k):
