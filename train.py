@@ -22,6 +22,7 @@ EXIT_INTERRUPTED = 75
 # Options of one invocation, not of the run: not recorded, not compared on resume.
 PER_INVOCATION = ['resume', 'dry_run']
 # Options that change what is watched or saved, never what is trained: a resume may give them anew.
+MAX_EXACT_POOL = 8192 # unconditional pools above this go to --aot-solver=knn (scipy: ~7 s at 4096, cubic)
 WATCHING = ['metric_every', 'metric_images', 'metric_detector', 'dump_minutes']
 
 #----------------------------------------------------------------------------
@@ -388,6 +389,10 @@ def main(**kwargs):
         aot.check_solver(opts.aot_solver)
     except ValueError as err:
         fail(f'--aot-solver={opts.aot_solver}: {err}')
+    paired_at_once = opts.aot * (world if global_scope else 1) # one unconditional assignment
+    if opts.aot_solver in aot.DENSE_SOLVERS and not interface_kwargs['label_dim'] and paired_at_once > MAX_EXACT_POOL:
+        fail(f'--aot-solver={opts.aot_solver} would solve exact assignments of {paired_at_once} noises: minutes per pool and '
+             f'{paired_at_once ** 2 * 8 / 2**30:.0f} GiB; use --aot-solver=knn (within 1% of exact, docs/aot-scale.md) or at most {MAX_EXACT_POOL}')
 
     # Random seed.
     c.seed = opts.seed if opts.seed is not None else int(torch.randint(1 << 31, size=[]))

@@ -128,3 +128,8 @@ def test_scope_cost_bench_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = [line for line in proc.stdout.splitlines() if line.startswith('| 2 | 4 | 64 |')]
     assert len(row) >= 1 and float(row[0].split('|')[5]) > 0 # a global build was timed
+
+def test_exact_solver_refuses_huge_unconditional_pools(tmp_path, data):
+    from tests.test_train import expect_cli_error
+    expect_cli_error(tmp_path, ['--data', data, '--cond=0', '--aot=8208'] + TINY, 'use --aot-solver=knn')
+    expect_cli_error(tmp_path, ['--data', data, '--cond=0', '--aot=8208', '--aot-solver=lap'] + TINY, 'would solve exact assignments of 8208 noises')
