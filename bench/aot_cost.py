@@ -307,7 +307,8 @@ def main(pools, solvers, repeats, large_pools, skip_large, large_ks, exact_max, 
                   'for the column potentials, one pass for each row\'s k candidates, one copy to the host, then scipy\'s sparse '
                   'exact matching), its alternative `sinkhorn-greedy` (the same potentials and candidates, rounded to a permutation '
                   'greedily), the plain nearest neighbours without potentials, and the exact solvers '
-                  f'up to {exact_max}. Above that the reference is `knn` at k={reference_k}, not the exact optimum. The knn rows share '
+                  f'up to {exact_max}.' + (f' Above that the reference is `knn` at k={reference_k}, not the exact optimum.' if max(r['pool'] for r in rows) > exact_max else '')
+                  + ' The knn rows share '
                   'their distance passes: each row\'s seconds count them once plus its own matching. "fallback rows": rows the sparse '
                   'graph could not match, solved with the columns left over on their dense block. "gain kept": (identity - cost) / '
                   '(identity - reference).', '',
