@@ -347,6 +347,7 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     Stopped (Ctrl-C, SIGTERM) after the current batch, a run says how many images are done and the
     command that continues it: the same command, which skips the seeds whose PNG is in --outdir
     (--force makes them again). A continued run writes the same images as one without a break.
+    --outdir/sampling.json records the sampler, NFE, noise levels and options of every image.
     """
     # Check the options that need no network before anything else.
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}

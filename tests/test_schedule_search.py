@@ -4,6 +4,8 @@ results, the solver-error descent, the command line and its JSON for generate.py
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from tests.test_solvers import DATA, README, golden_network
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 UNCOND = 'networks/ddpmpp_edm_uncond.npz'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize('case', sorted(README['dp_cases']))
 def test_dp_matches_golden(case):
@@ -89,6 +92,34 @@ def test_solver_metric_lowers_the_solvers_error():
     solvers.check_sigmas(sigmas)
     assert sigmas[0].item() == pytest.approx(80, rel=1e-6) and sigmas[-1].item() == pytest.approx(0.002, rel=1e-6)
 
+def test_gits_with_afs_inserts_the_best_level_after_the_first():
+    """diff-sampler's GITS with AFS: GITS's levels and one teacher level k between the first two, the k
+    whose levels give the solver (with AFS) the least error against the teacher; the NFE of GITS's levels without AFS."""
+    net = golden_network(UNCOND)
+    latents = torch.from_numpy(DATA['gits/warmup_latents'][:4])
+    draws, teacher_sigmas = [(latents, None)], solvers.edm_sigmas(21)
+    with torch.no_grad():
+        plain, gits = schedule_search.search(net, draws, 5, teacher_steps=21, metric='dev', progress=False)
+        sigmas, made = schedule_search.search(net, draws, 5, teacher_steps=21, metric='dev', afs=True, progress=False)
+        target = schedule_search.teacher(net, latents, None, teacher_sigmas)
+        error = lambda levels: schedule_search.solver_error(net, draws, [target], levels, solver='ipndm', afs=True)
+        first, rest = gits['indices'][:1], gits['indices'][1:]
+        errors = {k: error(teacher_sigmas[first + [k] + rest]) for k in range(1, rest[0])}
+        fixed = {'edm': error(solvers.edm_sigmas(6)), 'logsnr': error(solvers.logsnr_sigmas(6))}
+    assert len(errors) >= 3 and made['gits_indices'] == gits['indices']
+    k = min(errors, key=errors.get)
+    assert made['afs_level'] == k and made['indices'] == first + [k] + rest and torch.equal(sigmas, teacher_sigmas[made['indices']])
+    assert made['errors'] == pytest.approx(dict(fixed, searched=errors[k]), rel=1e-12) # the fixed levels at the same NFE
+    assert solvers.nfe('ipndm', len(sigmas), afs=True) == solvers.nfe('ipndm', len(plain)) == 4
+
+def test_afs_level_tries_every_level_between_the_first_two():
+    teacher_sigmas = solvers.edm_sigmas(11)
+    for best in [1, 3, 5]: # the error is least with teacher level `best` second; 1 and 5 are the ends of the range
+        error = lambda sigmas: abs(sigmas[1].item() - teacher_sigmas[best].item())
+        assert schedule_search.afs_level(error, teacher_sigmas, [0, 6, 8, 10], progress=False) == ([0, best, 6, 8, 10], 0, best)
+    assert schedule_search.afs_level(lambda sigmas: 1.0, teacher_sigmas, [0, 6, 10], progress=False) == ([0, 1, 6, 10], 1.0, 1) # ties: the smallest
+    assert schedule_search.afs_level(lambda sigmas: len(sigmas), teacher_sigmas, [0, 1, 10], progress=False) == ([0, 1, 10], 3, None) # no room
+
 #----------------------------------------------------------------------------
 # Command line.
 
@@ -114,6 +145,24 @@ def test_cli_writes_levels_for_generate(tmp_path, network_file):
     assert set(doc['errors']) == {'edm', 'logsnr', 'searched'} and all(e > 0 for e in doc['errors'].values())
     assert doc['check_seeds'] == [7, 9] and set(doc['held_out_errors']) == set(doc['errors'])
     assert doc['held_out_errors'] != doc['errors'] # other latents, other errors
+
+def test_torchrun_two_processes_pick_the_levels_of_one(tmp_path, network_file):
+    """Two processes (gloo on the CPU) each take every other warm-up latent and sum the costs over both:
+    the levels written are those of one process, exactly."""
+    args = ['tools/schedule_search.py', f'--network={network_file}', '--steps=5', '--teacher-steps=13', '--seeds=0-6',
+            '--batch=2', '--device=cpu']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    procs = {name: subprocess.Popen([*launch, *args, f'--out={tmp_path / name}.json'], cwd=ROOT, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for name, launch in [('one', [sys.executable]), ('two', torchrun)]}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f'{name}:\n{out[-3000:]}'
+    one, two = (json.loads((tmp_path / f'{name}.json').read_text()) for name in procs)
+    assert (one['processes'], two['processes']) == (1, 2)
+    assert two['sigmas'] == one['sigmas'] and two['indices'] == one['indices']
+    assert one['indices'] != [0, 3, 6, 9, 12] # not a trivial choice
+    assert two['errors'] == pytest.approx(one['errors'], rel=1e-6) # the same means, summed in another order
 
 @pytest.mark.parametrize('args, message', [
     (['--steps=9', '--teacher-steps=5'], 'raise --teacher-steps'),

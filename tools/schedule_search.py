@@ -8,6 +8,10 @@ than the teacher at j, the paper's trajectory deviation; --metric=l2: distance f
 dynamic programming then picks the --steps levels that minimise c(i0,i1) + coeff c(i1,i2) +
 coeff^2 c(i2,i3) + ...; --coeff 1.15, the paper's, weighs later jumps more.
 
+With --afs (the solver's analytical first step), GITS adds a level as diff-sampler does: the teacher
+level between the first two chosen that gives the solver's least error on the warm-up latents, so
+--steps + 1 levels cost what --steps levels cost without AFS.
+
 --metric=solver goes beyond GITS: GITS's cost is one Euler step, while what counts is the chosen
 solver's own result. Starting from the best of EDM's (rho 7) and log-SNR levels, coordinate
 descent on log sigma moves one inner level at a time while the solver's final error against the
@@ -65,19 +69,28 @@ def deviation(points, start, end):
 def jump_costs(states, slopes, sigmas, metric):
     """[L, L] costs of an Euler jump from teacher level i to each later level j, summed over the
     batch (0 elsewhere): dev = its deviation minus the teacher's at j; l2 = its distance from the teacher at j."""
+    if metric not in ('dev', 'l2'):
+        raise ValueError(f'unknown metric {metric!r}: choose dev or l2')
     L = len(sigmas)
     cost = torch.zeros([L, L], dtype=torch.float64, device=states.device)
+    start, end = states[0], states[-1]
     if metric == 'dev':
-        teacher_dev = deviation(states, states[0], states[-1])
+        teacher_dev = deviation(states, start, end)
+        unit = (end - start) / (end - start).norm(dim=-1, keepdim=True)
+        across = lambda v: v - (v * unit).sum(-1, keepdim=True) * unit # the part perpendicular to the line
     for i in range(L - 1):
-        steps = (sigmas[i + 1:] - sigmas[i]).reshape(-1, 1, 1)
-        jumps = states[i] + steps * slopes[i]                       # [L-1-i, B, D]
+        steps = (sigmas[i + 1:] - sigmas[i]).reshape(-1, 1)        # [L-1-i, 1]
         if metric == 'dev':
-            cost[i, i + 1:] = (deviation(jumps, states[0], states[-1]) - teacher_dev[i + 1:]).sum(-1)
-        elif metric == 'l2':
-            cost[i, i + 1:] = (jumps - states[i + 1:]).norm(dim=-1).sum(-1)
+            # The jump to level j lands at x_i + s_j d_i; its distance from the line is |a - s_j g|, a and g the
+            # parts of x_0 - x_i and d_i across the line. Three dot products per sample give every j: the
+            # jumps themselves ([L-1-i, B, D] per level) cost more than the teacher's network on small images.
+            a, g = across(end - states[i]), across(slopes[i])
+            aa, ag, gg = (a * a).sum(-1), (a * g).sum(-1), (g * g).sum(-1)
+            jump_dev = (aa - 2 * steps * ag + steps ** 2 * gg).clamp(min=0).sqrt() # [L-1-i, B]
+            cost[i, i + 1:] = (jump_dev - teacher_dev[i + 1:]).sum(-1)
         else:
-            raise ValueError(f'unknown metric {metric!r}: choose dev or l2')
+            jumps = states[i] + steps[..., None] * slopes[i]        # [L-1-i, B, D]
+            cost[i, i + 1:] = (jumps - states[i + 1:]).norm(dim=-1).sum(-1)
     return cost
 
 def best_path(cost, num_steps, coeff):
@@ -169,6 +182,19 @@ def descend(error, sigmas, max_sweeps=20, step=0.25, min_step=0.01, progress=Tru
     bar.close()
     return levels(log_sigmas), best, evaluations
 
+def afs_level(error, teacher_sigmas, indices, progress=True):
+    """GITS with AFS (diff-sampler's get_dp_list): the analytic first step saves a network call, spent
+    on one level more: the teacher level k between the first two chosen whose levels give the least
+    error(sigmas), the smallest k on ties. Returns (indices, their error, k); with no teacher level
+    between the first two, the indices as they are and k None. Costs indices[1] - 1 solver runs."""
+    best = (error(teacher_sigmas[indices]), indices, None) if indices[1] == 1 else (float('inf'), None, None)
+    for k in tqdm.tqdm(range(1, indices[1]), desc='AFS level', unit='level', disable=not progress):
+        candidate = indices[:1] + [k] + indices[1:]
+        value = error(teacher_sigmas[candidate])
+        if value < best[0]:
+            best = (value, candidate, k)
+    return best[1], best[0], best[2]
+
 def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, sigma_min=0.002, sigma_max=80,
            solver='ipndm', sweeps=20, check_draws=(), progress=True, **solver_kwargs):
     """The noise levels (float64 tensor) and a dict of how they were made, with the solver's error
@@ -182,6 +208,10 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
     error = lambda sigmas: solver_error(net, draws, targets, sigmas, solver=solver, **solver_kwargs)
     fixed = {'edm': solvers.edm_sigmas(num_steps, sigma_min, sigma_max, 7, device=teacher_sigmas.device),
              'logsnr': solvers.logsnr_sigmas(num_steps, sigma_min, sigma_max, device=teacher_sigmas.device)}
+    gits_afs = metric != 'solver' and solver_kwargs.get('afs', False)
+    if gits_afs: # the found levels get an AFS level more: compare at their NFE
+        fixed = {name: levels(num_steps + 1, sigma_min, sigma_max, device=teacher_sigmas.device) for name, levels in
+                 [('edm', solvers.edm_sigmas), ('logsnr', solvers.logsnr_sigmas)]}
     errors = {name: error(sigmas) for name, sigmas in fixed.items()}
     if metric == 'solver':
         start = min(errors, key=errors.get)
@@ -189,9 +219,13 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
         made = dict(start=start, solver_runs=runs + len(fixed))
     else:
         indices = best_path(cost.cpu().numpy(), num_steps, coeff)
-        sigmas = teacher_sigmas[indices]
-        errors['searched'] = error(sigmas)
         made = dict(indices=indices)
+        if gits_afs:
+            indices, errors['searched'], made['afs_level'] = afs_level(error, teacher_sigmas, indices, progress)
+            made.update(indices=indices, gits_indices=made['indices'])
+        else:
+            errors['searched'] = error(teacher_sigmas[indices])
+        sigmas = teacher_sigmas[indices]
     if check_draws: # the same comparison on latents the search has not seen
         _, check_targets = teacher_costs(net, check_draws, teacher_sigmas, 'solver', progress)
         made['held_out_errors'] = {name: solver_error(net, check_draws, check_targets, levels, solver=solver, **solver_kwargs)
@@ -203,14 +237,14 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
 @click.command()
 @click.option('--network', 'network_path', help='Network snapshot (.pkl, URL or .safetensors)', metavar='PATH', required=True)
 @click.option('--solver',                  help='Solver the levels are for (--metric=solver optimises its result)', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', show_default=True)
-@click.option('--steps', 'num_steps',      help='Noise levels to pick, sigma_max and sigma_min included', metavar='INT', type=click.IntRange(min=2), required=True)
+@click.option('--steps', 'num_steps',      help='Noise levels to pick, sigma_max and sigma_min included (GITS with --afs adds one)', metavar='INT', type=click.IntRange(min=2), required=True)
 @click.option('--seeds',                   help='Seeds of the warm-up latents (drawn as generate.py)', metavar='LIST', type=SeedList(), default='0-255', show_default=True)
 @click.option('--check-seeds',             help='Held-out seeds on which the errors are also reported', metavar='LIST', type=SeedList())
 @click.option('--teacher-steps',           help='Levels of the teacher (iPNDM, EDM levels, rho 7)', metavar='INT', type=click.IntRange(min=3), default=61, show_default=True)
 @click.option('--metric',                  help='Cost: GITS dev or l2 of one Euler jump, or the solver\'s final error', type=click.Choice(['dev', 'l2', 'solver']), default='dev', show_default=True)
 @click.option('--coeff',                   help='GITS: weight growth per later jump', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1.15, show_default=True)
 @click.option('--order',                   help='Max order of the solver  [default: the solver\'s]', metavar='INT', type=int)
-@click.option('--afs',                     help='The solver uses the analytical first step', is_flag=True)
+@click.option('--afs',                     help='The solver uses the analytical first step (GITS: one level more, at the same NFE)', is_flag=True)
 @click.option('--sweeps',                  help='--metric=solver: most sweeps of the coordinate descent', metavar='INT', type=click.IntRange(min=1), default=20, show_default=True)
 @click.option('--sigma_min',               help='Smallest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
 @click.option('--sigma_max',               help='Largest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
