@@ -34,7 +34,7 @@ import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
 from torch_utils import distributed as dist
 from training.pools import GlobalExchange, PoolStream
-pool, classes, pools, out = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+pool, classes, pools, out, device = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
 
 class RandomImages: # the interface PoolStream reads: uint8 CHW images, one-hot labels
     image_shape = [3, 32, 32]
@@ -58,7 +58,7 @@ data = RandomImages(4 * world * pool, classes)
 rows = {}
 for scope in ['gpu', 'global']:
     exchange = GlobalExchange(rank, world, 0) if scope == 'global' else None
-    stream = PoolStream(data, pool, rank=rank, num_replicas=world, exchange=exchange)
+    stream = PoolStream(data, pool, rank=rank, num_replicas=world, exchange=exchange, device=dist.device() if device == 'auto' else device)
     stream.make_pool(0) # warm-up
     got = []
     for k in range(1, pools + 1):
@@ -78,12 +78,13 @@ if rank == 0:
 @click.option('--pool', help='Pool per process P', type=int, default=512, show_default=True)
 @click.option('--classes', help='Class counts (comma list; 0 = unconditional)', default='0,10', show_default=True)
 @click.option('--pools', help='Pools timed per setting (after one warm-up)', type=int, default=3, show_default=True)
+@click.option('--device', help='Where each process builds its pools: cpu, or auto (its GPU, as train.py --workers=0)', type=click.Choice(['cpu', 'auto']), default='cpu', show_default=True)
 @click.option('--doc/--no-doc', help='Rewrite this bench\'s section of docs/benchmarks.md', default=True, show_default=True)
-def main(world, pool, classes, pools, doc):
+def main(world, pool, classes, pools, device, doc):
     env = report.machine()
     lines = ['## Global AOT pairing cost (`bench/aot_scope_cost.py`)', '',
-             f'Per pool of P = {pool} random 3x32x32 images per process, mean of {pools} pools after a warm-up; gloo on one CPU machine '
-             '(the processes share its cores). gpu: each process pairs its own pool; global: one assignment over all W x P. '
+             f'Per pool of P = {pool} random 3x32x32 images per process, built on {device}, mean of {pools} pools after a warm-up; gloo on one machine '
+             '(the processes share its cores and GPU). gpu: each process pairs its own pool; global: one assignment over all W x P. '
              'Collectives: all_to_all of cost rows + all_reduce of the permutation on the rank that waited least for the others; '
              'solve: the busiest rank\'s; network: max bytes a rank receives at 10 GB/s.', '',
              '| W | classes | global pool | build gpu (s) | build global (s) | global / gpu | collectives (s) | solve (s) | max received (MB) | network (ms) |',
@@ -95,7 +96,7 @@ def main(world, pool, classes, pools, doc):
         for w in [int(x) for x in world.split(',')]:
             for c in [int(x) for x in classes.split(',')]:
                 out = os.path.join(tmp, 'out.json')
-                cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={w}', script, ROOT, str(pool), str(c), str(pools), out]
+                cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={w}', script, ROOT, str(pool), str(c), str(pools), out, device]
                 subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.DEVNULL)
                 ranks = json.load(open(out))
                 gpu = max(r['gpu']['build_sec'] for r in ranks)
