@@ -156,6 +156,7 @@ def _potentials(dist, m, eps, chunk):
     # Log-domain Sinkhorn with uniform marginals, one pass over the rows per temperature: each chunk
     # gives its rows' u_i (rows are independent) and adds to the column log-sum-exp that makes v.
     # Rows split across devices would all-reduce `lse` (and `scale`) and keep the rest local.
+    # The temperature's scale comes from the first chunk of rows: a sample is enough to set it.
     first = dist(slice(0, min(m, chunk)))
     scale = first.std(dim=1).mean() if first.shape[1] > 1 else first.new_zeros([])
     v = first.new_zeros(first.shape[1])
