@@ -11,6 +11,8 @@ The checks, in the order they run (the numbers are those of issue 17 and of --on
     6  building one AOT pool on the GPU while training runs, against an idle GPU, at 1, 10, 1000 classes
     3  torchrun with 1 process and with 2 processes sharing the GPU (--arch=ncsnpp), ranks' weights equal
     4  generate.py on CUDA (same PNGs at two batch sizes, --dg, --ot-map), fid.py calc with the stand-in
+    7  AOT at scale: solver knn at 16,384 against the exact solvers, and --aot-scope=global's
+       collectives with 2 processes sharing the GPU
     2  training throughput of every mode at EDM's CIFAR-10 per-GPU setting, with the goal lines
 
 Each check runs its programs as subprocesses under its own time budget, so a crash or a hang fails
@@ -84,16 +86,17 @@ SEED_SPREAD = 'workers'
 # ones; the GPU budgets add up to 8 minutes.
 SIZES = {
     'gpu': dict(
-        budgets={1: 85, 5: 30, 6: 60, 3: 55, 4: 65, 2: 185},
+        budgets={1: 80, 5: 25, 6: 55, 3: 50, 4: 60, 7: 50, 2: 160},
         res=32, workers=4,
         speed='--arch=ddpmpp --batch=64 --augment=0.12 --aot=512 --cond=0', first=0.064, tick=1.024, ticks=4, speed_only=None,
         ddp='--arch=ncsnpp --batch=32 --aot=32 --cond=0', ddp_kimg=0.128, ddp_procs=(1, 2),
         net='--arch=ddpmpp --cbase=32 --cres=1,2 --batch=64 --aot=64 --cond=0', net_kimg=0.256,
         seeds=64, batches=(64, 23), dg='--batch=32 --kimg=0.256 --snap=0.128', ot_targets=64, fid='',
         ot_fit=dict(targets=20000, res=32, steps=3),
-        pools=dict(pool=512, batch=64, rounds=3, net=dict(model_channels=128, channel_mult=[2, 2, 2]))),
+        pools=dict(pool=512, batch=64, rounds=3, net=dict(model_channels=128, channel_mult=[2, 2, 2])),
+        scale=dict(large='2048,16384', exact=2048, reference_k=64, goal_pool=16384, goal_sec=2.0, scope_pool=512)),
     'smoke': dict(
-        budgets={1: 120, 5: 120, 6: 120, 3: 240, 4: 300, 2: 400},
+        budgets={1: 120, 5: 120, 6: 120, 3: 240, 4: 300, 7: 200, 2: 400},
         res=8, workers=1,
         # Start-up is most of a tiny run's cost: fewer runs and processes (no DataLoader workers).
         speed='--arch=ddpmpp --cbase=16 --cres=1 --batch=16 --augment=0.12 --aot=16 --cond=0 --workers=0', first=0.016, tick=0.032, ticks=4,
@@ -102,7 +105,8 @@ SIZES = {
         net='--arch=ddpmpp --cbase=16 --cres=1 --batch=16 --aot=16 --cond=0 --workers=0', net_kimg=0.032,
         seeds=12, batches=(12, 5), dg='--batch=8 --kimg=0.016 --snap=0.016', ot_targets=6, fid='--workers=0',
         ot_fit=dict(targets=200, res=8, steps=2),
-        pools=dict(pool=32, batch=16, rounds=2, net=dict(model_channels=16, channel_mult=[1]))),
+        pools=dict(pool=32, batch=16, rounds=2, net=dict(model_channels=16, channel_mult=[1])),
+        scale=dict(large='64,128', exact=64, reference_k=16, goal_pool=128, goal_sec=2.0, scope_pool=16)),
 }
 WARMUP_TICKS = 2 # tick 0 is one step (start-up, compilation); tick 1 still warms up
 POOL_CLASSES = [1, 10, 1000]
@@ -464,6 +468,38 @@ def check_pools(ctx):
     return ctx.smoke or all(met for _, met in goals), summary, lines
 
 #----------------------------------------------------------------------------
+# Check 7: AOT at scale (issue 19).
+
+def table_rows(out, first):
+    return [line for line in out.splitlines() if line.startswith(first)]
+
+def check_aot_scale(ctx):
+    p = ctx.size['scale']
+    device = 'cuda' if ctx.cuda else 'cpu'
+    out = ctx.sh([PY, 'bench/aot_cost.py', '--pools=', '--no-builds', '--no-train', '--no-doc', f'--large-pools={p["large"]}', '--large-ks=32',
+                  f'--exact-max={p["exact"]}', f'--reference-k={p["reference_k"]}', f'--device={device}'], f'solver knn at pools {p["large"]} on {device}')
+    rows = table_rows(out, '| ')
+    knn = [r for r in rows if r.split('|')[2].strip() == 'knn k=32']
+    cells = {int(r.split('|')[1].replace(',', '')): r.split('|') for r in knn}
+    if p['goal_pool'] not in cells or p['exact'] not in cells:
+        raise CheckFailed(f'no knn rows for pools {p["exact"]} and {p["goal_pool"]} in the bench output\n{tail(out)}')
+    seconds = float(cells[p['goal_pool']][3])
+    kept = float(cells[p['exact']][7])
+    scope = ctx.sh([PY, 'bench/aot_scope_cost.py', '--world=2', f'--pool={p["scope_pool"]}', '--pools=2', '--classes=0,10', '--device=auto', '--no-doc'],
+                   f'--aot-scope=global, 2 processes sharing the {device}')
+    scope_rows = list(dict.fromkeys(table_rows(scope, '| 2 |'))) # printed as measured, then in the whole table
+    goals = [(f'knn pairs {p["goal_pool"]} in {seconds:.2f} s (goal about a second: <= {p["goal_sec"]} s)', seconds <= p['goal_sec']),
+             (f'knn keeps {kept:.4f} of the exact pairing\'s gain at {p["exact"]} (goal: cost within 1%, i.e. gain kept >= 0.99 here)', kept >= 0.99)]
+    lines = [f'Solver `knn` on the {device} (`bench/aot_cost.py`, random 3x32x32; exact solvers up to '
+             f'{p["exact"]}, above it knn at k = {p["reference_k"]} is the reference):', '', rows[0], table_rows(out, '|---')[0], *rows[1:],
+             '', f'`--aot-scope=global` with 2 processes sharing the {device} (`bench/aot_scope_cost.py`, P = {p["scope_pool"]} per process):', '',
+             '| W | classes | global pool | build gpu (s) | build global (s) | global / gpu | collectives (s) | solve (s) | max received (MB) | network (ms) |',
+             '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|', *scope_rows, ''] + [f'- {"met" if met else "MISSED"}: {line}' for line, met in goals]
+    summary = f'knn {p["goal_pool"]}: {seconds:.2f} s, gain kept {kept:.4f} at {p["exact"]}; global/gpu build ' + \
+              ', '.join(r.split('|')[6].strip() + 'x' for r in scope_rows)
+    return ctx.smoke or all(met for _, met in goals), summary, lines
+
+#----------------------------------------------------------------------------
 # The report.
 
 CHECKS = { # number: (title, function), in the order they run
@@ -472,6 +508,7 @@ CHECKS = { # number: (title, function), in the order they run
     6: ('pool building under training load', check_pools),
     3: ('torchrun: 1 process, 2 sharing the GPU', check_ddp),
     4: ('generate.py, --dg, --ot-map, fid.py', check_generate),
+    7: ('AOT at scale: knn solver, global scope', check_aot_scale),
     2: ('training throughput and goals', check_speed),
 }
 
