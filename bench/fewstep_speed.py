@@ -1,0 +1,204 @@
+"""Few-step sampling speed against its floor, and the schedule search's cost against sampling.
+
+Measured side by side in one run on one network and batch; rounds interleave the rows, so that load
+changes hit them alike (medians kept). On CPU the times are the process's CPU time, which other
+programs on a shared machine do not inflate; on CUDA wall time between synchronisations.
+
+(a) generate.py's work per batch (generate.generate_batch: per-seed latents, the sampler generate.py
+    builds for --solver=NAME --steps=N, uint8, one PNG per seed) for each few-step solver and for
+    EDM's Heun (no --solver, the reference), against its floor: NFE network forwards on the same
+    batch. Goal: floor / loop >= 0.95 (the solver's own work at most 5%). Two ways: direct (the loop
+    timed just after NFE forwards, the median of the rounds' ratios), and decomposed: the loop run
+    with the network replaced by a stored output (NoNetwork) times everything but the network, the
+    rest; floor / (floor + rest). On a busy machine the direct ratio moves by +-10% from round to
+    round; the rest is small and measured alone, so the decomposed ratio resolves a few percent.
+(b) tools/schedule_search.py's search at its defaults (GITS, --metric=dev, teacher iPNDM on 61 EDM
+    levels, --coeff 1.15, with its report of the solver's errors) on the warm-up latents of
+    --search-seeds, against generate.py sampling the same latents at the teacher's NFE
+    (--solver=ipndm --steps=61): direct and decomposed (NFE per latent x one forward + the rest).
+    Goal: the search costs less (sampling / search > 1).
+
+    python bench/fewstep_speed.py                     # golden test network (16x16x3, random weights)
+    python bench/fewstep_speed.py --network=runs/.../network-snapshot-000030.pkl
+"""
+
+import inspect
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import generate
+from bench import report
+from bench.sampling_speed import golden_network
+from tools import schedule_search
+from training import sampling, solvers
+from training.network_io import load_network
+
+SAMPLERS = ['heun', *generate.FEW_STEP] # heun: EDM's sampler, generate.py without --solver
+
+def generate_sampler(net, device, *args):
+    """(sampler_fn, its keyword arguments, NFE) as generate.py builds them from these command-line arguments."""
+    params = generate.main.make_context('generate.py', ['--network=-', '--outdir=-', *args]).params
+    named = [name for name, p in inspect.signature(generate.main.callback).parameters.items() if p.kind != p.VAR_KEYWORD]
+    sampler_kwargs = {key: value for key, value in params.items() if key not in named and value is not None and not key.startswith('dg_')}
+    generate.check_few_step_options(sampler_kwargs)
+    sampler_fn, sampler_kwargs = generate.choose_sampler(net, sampler_kwargs)
+    nfe, _ = sampling.trace_sampler(net, sampler_fn, device=device, **sampler_kwargs)
+    return sampler_fn, sampler_kwargs, nfe
+
+def bench_network(path, device):
+    """(network, description): a snapshot, or by default the golden test network's architecture with random weights."""
+    if path is None:
+        return golden_network(device)
+    try:
+        return load_network(path, device=device, verbose=False), path
+    except Exception as e: # unreadable, corrupt or not a network: one line
+        raise click.ClickException(f'Cannot load network "{path}": {type(e).__name__}: {" ".join(str(e).split())}')
+
+class NoNetwork:
+    """The network's attributes, but a call returns a stored output at once: a loop run with it costs
+    all but its network evaluations."""
+
+    def __init__(self, net, output):
+        self.net, self.output = net, output
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__['net'], name)
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        return self.output[:len(x)]
+
+def timed_rounds(rows, rounds, device, warm_up=True):
+    """{name: [seconds per round]} of each fn of rows {name: fn}, run in turn in every round (round 0 warms up)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+    clock = time.perf_counter if device.type == 'cuda' else time.process_time
+    times = {name: [] for name in rows}
+    for r in range(rounds + int(warm_up)):
+        for name, fn in rows.items():
+            sync(); start = clock(); fn(); sync()
+            if r > 0 or not warm_up:
+                times[name].append(clock() - start)
+    return times
+
+def verdict(ok):
+    return 'meets' if ok else 'misses'
+
+@click.command()
+@click.option('--network',       help='Network snapshot  [default: the golden test network, random weights]', metavar='PATH', type=str)
+@click.option('--batch',         help='Images per batch (sampling and search)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--steps',         help='Noise levels of the solvers (generate.py --steps; Heun: 2N-1 NFE)', metavar='INT', type=click.IntRange(min=4), default=11, show_default=True)
+@click.option('--solvers', 'names', help='Samplers of part (a), comma-separated', metavar='LIST', type=str, default=','.join(SAMPLERS), show_default=True)
+@click.option('--rounds',        help='Timing rounds of part (a) (medians reported)', metavar='INT', type=click.IntRange(min=1), default=5, show_default=True)
+@click.option('--search-seeds',  help='Warm-up latents of the search (its default is 0-255)', metavar='LIST', type=generate.SeedList(), default='0-255', show_default=True)
+@click.option('--search-steps',  help='Levels the search picks (iPNDM, order 4: at least 5)', metavar='INT', type=click.IntRange(min=5), default=11, show_default=True)
+@click.option('--teacher-steps', help='Levels of the search\'s teacher (its default)', metavar='INT', type=click.IntRange(min=3), default=61, show_default=True)
+@click.option('--search-rounds', help='Timing rounds of part (b); 0 leaves it out', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--threads',       help='Torch threads  [default: torch default]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--device',        help='Device  [default: cuda if available]', metavar='STR', type=str)
+@click.option('--doc/--no-doc',  help='Rewrite the section in docs/benchmarks.md', default=True, show_default=True)
+def main(network, batch, steps, names, rounds, search_seeds, search_steps, teacher_steps, search_rounds, threads, device, doc):
+    """Time the few-step solvers against NFE x one forward, and the schedule search against sampling."""
+    names = [name.strip() for name in names.split(',') if name.strip()]
+    unknown = [name for name in names if name not in SAMPLERS]
+    if unknown or not names:
+        raise click.BadParameter(f'{", ".join(unknown) or "none given"}: choose from {",".join(SAMPLERS)}', param_hint='--solvers')
+    if search_rounds and search_steps > teacher_steps:
+        raise click.BadParameter(f'{search_steps} levels cannot be picked from {teacher_steps} teacher levels', param_hint='--search-steps')
+    torch.set_num_threads(threads or torch.get_num_threads())
+    env = report.machine() # before measuring: its load average
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    net, desc = bench_network(network, device)
+    clock_name = 'wall' if device.type == 'cuda' else 'CPU'
+    draw = lambda seeds: sampling.latents_for_seeds(net, seeds, device=device)
+    print(env)
+
+    # (a) generate.py's loop per sampler against NFE x one forward on the same batch.
+    seeds = list(range(batch))
+    samplers = {name: generate_sampler(net, device, f'--steps={steps}', *([] if name == 'heun' else [f'--solver={name}'])) for name in names}
+    latents, class_labels, _ = draw(seeds)
+    x, sigma = latents.to(torch.float64), torch.as_tensor(1.0, dtype=torch.float64, device=device) # as the solvers call it
+    with torch.no_grad():
+        no_net = NoNetwork(net, net(x, sigma, class_labels))
+    print(f'{desc}: batch {batch}, {steps} levels, {rounds} rounds + warm-up')
+    with torch.no_grad(), tempfile.TemporaryDirectory() as outdir:
+        # Each loop right after its floor (NFE forwards), so that both see the same load; then the loop without the network.
+        rows = {}
+        for name, (fn, kwargs, nfe) in samplers.items():
+            rows[f'{name} floor'] = (lambda nfe: lambda: [net(x, sigma, class_labels) for _ in range(nfe)])(nfe)
+            for key, model in [(name, net), (f'{name} rest', no_net)]:
+                rows[key] = (lambda model, fn, kwargs: lambda: generate.generate_batch(model, fn, kwargs, draw, seeds, outdir, False))(model, fn, kwargs)
+            rows[f'{name} solver'] = (lambda fn, kwargs: lambda: fn(sampling.MinBatchNet(no_net), latents, class_labels, randn_like=torch.randn_like, **kwargs))(fn, kwargs)
+        times = timed_rounds(rows, rounds, device)
+    med = {name: statistics.median(values) for name, values in times.items()}
+    one = statistics.median(t / samplers[name][2] for name in samplers for t in times[f'{name} floor'])
+    lines = ['## Few-step sampling speed (`bench/fewstep_speed.py`)', '',
+             f'{desc}, batch {batch}, `--steps={steps}`; medians of {rounds} interleaved rounds of {clock_name} time; one forward '
+             f'{one:.4f} s. (a) generate.py\'s loop per batch (latents, sampler, uint8, PNGs) against its floor, NFE forwards '
+             f'of the same batch timed just before it (direct: the median of the rounds\' ratios, and their range); and the same '
+             f'loop with the network replaced by a stored output, which times all the rest (solver arithmetic, latents, PNGs): '
+             f'floor / (floor + rest), with floor = NFE x one forward; and the solver alone without the network (its arithmetic).', '',
+             f'| sampler | NFE | loop s | floor s | floor / loop, direct (range) | rest s | floor / (floor + rest) | solver alone s | floor / (floor + solver alone) |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    ratios = {}
+    for name, (_, _, nfe) in samplers.items():
+        direct = [floor / loop for floor, loop in zip(times[f'{name} floor'], times[name])]
+        ratios[name] = nfe * one / (nfe * one + med[f'{name} rest'])
+        label = 'heun (EDM, no --solver)' if name == 'heun' else f'`--solver={name}`'
+        lines.append(f'| {label} | {nfe} | {med[name]:.3f} | {med[f"{name} floor"]:.3f} | {statistics.median(direct):.3f} '
+                     f'({min(direct):.3f}-{max(direct):.3f}) | {med[f"{name} rest"]:.4f} | {ratios[name]:.3f} | '
+                     f'{med[f"{name} solver"]:.4f} | {nfe * one / (nfe * one + med[f"{name} solver"]):.3f} |')
+    worst = min(ratios, key=ratios.get)
+    lines += ['', f'Lowest floor / (floor + rest): {worst} at {ratios[worst]:.3f}: {verdict(ratios[worst] >= 0.95)} the goal (>= 0.95 for every solver).']
+
+    # (b) the search at its defaults against sampling its warm-up latents at the teacher's NFE.
+    if search_rounds:
+        teacher_fn, teacher_kwargs, teacher_nfe = generate_sampler(net, device, f'--steps={teacher_steps}', '--solver=ipndm')
+        chunks = schedule_search.batches(search_seeds, batch)
+        sigma_min, sigma_max = max(0.002, float(net.sigma_min)), min(80, float(net.sigma_max)) # as schedule_search.py clips them
+        teacher_sigmas = solvers.get_sigmas('edm', teacher_steps, sigma_min, sigma_max, 7, device=device)
+        report_nfe = 3 * solvers.nfe('ipndm', search_steps)
+        def sample(model, outdir):
+            for chunk in chunks:
+                generate.generate_batch(model, teacher_fn, teacher_kwargs, draw, chunk, outdir, False)
+        def gits(model): # the search without its error report: teacher, jump costs, dynamic programme
+            cost, _ = schedule_search.teacher_costs(model, [draw(chunk)[:2] for chunk in chunks], teacher_sigmas, 'dev', progress=False)
+            schedule_search.best_path(cost.cpu().numpy(), search_steps, 1.15)
+        def search(model):
+            schedule_search.search(model, [draw(chunk)[:2] for chunk in chunks], search_steps, teacher_steps,
+                                   sigma_min=sigma_min, sigma_max=sigma_max, progress=False)
+        with torch.no_grad(), tempfile.TemporaryDirectory() as outdir:
+            print(f'search: {len(search_seeds)} warm-up latents, {search_steps} of {teacher_steps} teacher levels, {search_rounds} rounds')
+            rows = dict(sample=lambda: sample(net, outdir), gits=lambda: gits(net), search=lambda: search(net),
+                        **{'sample rest': lambda: sample(no_net, outdir), 'gits rest': lambda: gits(no_net), 'search rest': lambda: search(no_net)})
+            times = timed_rounds(rows, search_rounds, device, warm_up=False)
+        med = {name: statistics.median(values) for name, values in times.items()}
+        forwards_time = lambda nfe: nfe * one * len(search_seeds) / batch # NFE forwards of every latent, at one forward per batch
+        nfes = dict(sample=teacher_nfe, gits=teacher_nfe, search=teacher_nfe + report_nfe)
+        model = {key: forwards_time(nfes[key]) + med[f"{key} rest"] for key in nfes}
+        lines += ['', f'(b) `tools/schedule_search.py --steps={search_steps}` at its defaults (GITS `--metric=dev`, teacher iPNDM on '
+                      f'{teacher_steps} EDM levels = {teacher_nfe} NFE, `--coeff=1.15`) on the {len(search_seeds)} warm-up latents of seeds '
+                      f'{schedule_search.seed_text(search_seeds)}, against generate.py sampling them at the teacher\'s NFE; medians of '
+                      f'{search_rounds} interleaved rounds of {clock_name} time. Direct: as timed; rest: the same with the network '
+                      f'replaced by a stored output; decomposed: NFE per latent x one forward per {batch} latents + rest.', '',
+                  f'| what | NFE per latent | direct s | sampling / this, direct | rest s | decomposed s | sampling / this, decomposed |',
+                  '|---|---:|---:|---:|---:|---:|---:|']
+        for key, label in [('sample', f'generate.py loop, `--solver=ipndm --steps={teacher_steps}`'),
+                           ('gits', 'search without its error report: teacher, jump costs, dynamic programme'),
+                           ('search', 'search: the above + iPNDM on EDM, log-SNR and the found levels')]:
+            lines.append(f'| {label} | {nfes[key]} | {med[key]:.2f} | {med["sample"] / med[key]:.3f} | {med[f"{key} rest"]:.2f} | '
+                         f'{model[key]:.2f} | {model["sample"] / model[key]:.3f} |')
+        lines += ['', f'Search at {model["search"] / model["sample"]:.3f} of the sampling time (decomposed; direct {med["search"] / med["sample"]:.3f}): '
+                      f'{verdict(model["search"] < model["sample"])} the goal (< 1); without its error report at {model["gits"] / model["sample"]:.3f} '
+                      f'(direct {med["gits"] / med["sample"]:.3f}).']
+    print('\n'.join(lines))
+    if doc:
+        report.update_section(f'fewstep_speed{"" if network is None else "_network"}', '\n'.join(lines), env)
+
+if __name__ == '__main__':
+    main()
