@@ -247,6 +247,12 @@ def solve_knn(x, n, k=None, chunk=KNN_CHUNK, stats=None):
     return _solve_knn(lambda rows: torch.cdist(x[rows], n), len(x), len(n),
         lambda r, c: torch.cdist(x[upload(torch.from_numpy(r), x.device)], n[upload(torch.from_numpy(c), n.device)]).cpu().numpy(), k, chunk, stats)
 
+def solve_groups_knn(x, n, groups):
+    """Solver 'knn' for every class group (index arrays) of images x and noise n [N, D] on a device:
+    each group's columns, with no cost matrix built."""
+    rows = [upload(torch.from_numpy(g), x.device) for g in groups]
+    return [solve_knn(x[r], n[r]) for r in rows]
+
 def _solve_knn_dense(cost):
     t = torch.from_numpy(cost)
     return _solve_knn(lambda rows: t[rows], len(cost), cost.shape[1], lambda r, c: cost[np.ix_(r, c)])
@@ -279,8 +285,7 @@ def assign(images, noise, labels=None, solver='scipy'):
     # Distances on the tensors' device, float32 as the reference; the solvers run on the CPU.
     x, n = images.detach().flatten(1).to(torch.float32), noise.detach().flatten(1).to(torch.float32)
     if is_sparse(solver):
-        rows = [upload(torch.from_numpy(g), x.device) for g in groups]
-        cols = [solve_knn(x[r], n[r]) for r in rows]
+        cols = solve_groups_knn(x, n, groups)
     else:
         cols = solve_costs(group_costs(x, n, groups), solver)
     return torch.from_numpy(pairing(groups, cols)).to(images.device)

@@ -191,12 +191,6 @@ class PoolStream(torch.utils.data.IterableDataset):
                 pool['stats']['cost_after'] = (pool['images'] - pool['noise']).flatten(1).norm(dim=1).mean().item()
         return pool
 
-    def solve_sparse(self, pool, groups):
-        """The large-pool solver's columns for every group, from the images and noise on the device."""
-        x, n = pool['images'].flatten(1), pool['noise'].flatten(1)
-        rows = [aot.upload(torch.from_numpy(g), x.device) for g in groups]
-        return [aot.solve_knn(x[r], n[r]) for r in rows]
-
     def build(self, k, solve=None):
         """Pool k and the CUDA event that marks it ready (None on the CPU); hand_over() makes it
         usable. On CUDA the pool is built on a stream of its own: its kernels run beside the
@@ -210,7 +204,8 @@ class PoolStream(torch.utils.data.IterableDataset):
                 pool = self.exchange.pair(self, k, solve)
             else:
                 pool, groups, costs = self.prepare(k)
-                cols = self.solve_sparse(pool, groups) if self.pair and aot.is_sparse(self.solver) else solve(costs)
+                sparse = self.pair and aot.is_sparse(self.solver)
+                cols = aot.solve_groups_knn(pool['images'].flatten(1), pool['noise'].flatten(1), groups) if sparse else solve(costs)
                 pool = self.finish(pool, groups, costs, cols)
             return pool, stream.record_event() if cuda else None
 
@@ -322,18 +317,12 @@ class GlobalExchange:
             torch.distributed.all_to_all_single(recv, torch.from_numpy(send), recv_splits, send_splits, group=self.groups[0])
             exchange_sec = time.perf_counter() - start
 
-        # Solve my groups; the permutation of the whole pool, summed over the ranks.
-        parts = np.split(recv.numpy(), np.cumsum(recv_splits)[:-1])
-        blocks = {q: [] for q in range(W)}
-        for q in range(W):
-            start = 0
-            for i in range(len(groups)):
-                if owner[i] == r:
-                    size = int(counts[i][q]) * len(groups[i])
-                    blocks[q].append(parts[q][start:start + size].reshape(-1, len(groups[i])))
-                    start += size
+        # Solve my groups (each source's rows of them, stacked in rank order); the permutation of the
+        # whole pool, summed over the ranks.
         mine_solved = [i for i in range(len(groups)) if owner[i] == r]
-        costs = [np.concatenate([blocks[q][j] for q in range(W)]) for j in range(len(mine_solved))]
+        parts = np.split(recv.numpy(), np.cumsum(recv_splits)[:-1])
+        by_source = [np.split(parts[q], np.cumsum([int(counts[i][q]) * len(groups[i]) for i in mine_solved])[:-1]) for q in range(W)]
+        costs = [np.concatenate([by_source[q][j].reshape(-1, len(groups[i])) for q in range(W)]) for j, i in enumerate(mine_solved)]
         perm = torch.zeros(W * P, dtype=torch.int64)
         start = time.perf_counter()
         for i, cols in zip(mine_solved, solve(costs) if costs else []):
@@ -347,12 +336,11 @@ class GlobalExchange:
         # My images' partners, and the mean distances before (slot i) and after pairing.
         partners = perm[r * P : (r + 1) * P]
         pool['noise'] = noise[aot.upload(partners, noise.device)]
-        chosen = [np.searchsorted(g, perm[g[(g >= r * P) & (g < (r + 1) * P)]].numpy()) for g in groups]
         before = after = 0.0
         for i, (m, g) in enumerate(zip(mine, groups)):
             block = flat[offsets[i]:offsets[i + 1]].reshape(len(m), len(g)).astype(np.float64)
             before += block[np.arange(len(m)), np.searchsorted(g, m + r * P)].sum()
-            after += block[np.arange(len(m)), chosen[i]].sum()
+            after += block[np.arange(len(m)), np.searchsorted(g, perm[m + r * P].numpy())].sum()
         alone = sum(int(counts[i][r]) for i, g in enumerate(groups) if len(g) == 1) / P
         pool['stats'] = dict(cost_before=before / P, cost_after=after / P, alone=alone, exchange_sec=exchange_sec, solve_sec=solve_sec,
                              sent_bytes=send.nbytes, received_bytes=recv.numel() * 4)
