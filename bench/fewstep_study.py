@@ -1,20 +1,21 @@
-"""Few-step sampling study: every solver of training/solvers.py on every kind of noise levels, with
-and without AFS, at small NFE, on each --network, against EDM's Heun.
+"""Few-step sampling study: every solver of training/solvers.py on EDM's (rho 7), log-SNR and GITS's
+searched noise levels, with and without AFS, at small NFE, on each --network, against EDM's Heun.
 
-For each network and configuration (solver, levels, AFS, NFE):
+`run`, for each network:
 - truncation error: RMS over pixels of (result - 511-NFE solution) from the same latents (seeds
   --error-seeds), mean over seeds. The few-step solvers end at sigma_min, as does their reference
-  (iPNDM on 512 EDM levels); Heun ends at 0, as does its reference (Heun, 256 steps);
-- FD-digits (bench/digits_fd.py's classifier features, --fd-seeds samples rounded to uint8) for each
-  solver on the levels with the lowest error at that NFE, and for Heun at 35 NFE (rho 7, EDM's
-  setting) and at 27/35 NFE with the paper's rho 90; a second seed draw (--fd-seeds2) for the
-  headline rows;
-- the fewest NFE at which a configuration comes within 10% of Heun's FD-digits at 35 NFE.
+  (iPNDM on 512 EDM levels); Heun (rho 7, 72, 90) ends at 0, as does its reference (Heun, 256 steps).
+  GITS's levels come from one teacher run on --search-seeds (held out from the errors); iPNDM also
+  gets levels from tools/schedule_search.py's --metric=solver at --solver-search-nfe;
+- FD-digits (bench/digits_fd.py's classifier features, --fd-seeds samples rounded to uint8) of the
+  --fd-top configurations of least error per NFE (distinct solvers), of Heun (rho 7; the AOT paper's
+  rho 90 at 27 NFE and rho 72 at 29); a second seed draw for Heun at 35 NFE and the best per NFE;
+- the fewest NFE at which a few-step configuration, and Heun, come within 10% of Heun's FD-digits at 35 NFE.
+`report` merges runs (one network per process uses both cores) into markdown tables and two plots.
 
-    python bench/fewstep_study.py --data=datasets/uci-digits-16x16.zip --network=EDM.pkl --name=EDM \\
-        --network=AOT.pkl --name=AOT --out=out/fewstep/study
-
-Writes PREFIX.json, PREFIX.md (tables) and PREFIX-error.png, PREFIX-fd.png.
+    python bench/fewstep_study.py run --data=datasets/uci-digits-16x16.zip --network=AOT.pkl --name=AOT --out=out/fewstep/aot.json
+    python bench/fewstep_study.py run --data=datasets/uci-digits-16x16.zip --network=EDM.pkl --name=EDM --out=out/fewstep/edm.json
+    python bench/fewstep_study.py report --out=out/fewstep/study out/fewstep/aot.json out/fewstep/edm.json
 """
 
 import json
@@ -30,12 +31,14 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.digits_fd import frechet, load_digits, train_classifier
+from tools import schedule_search
+from tools.trajectory import parse_int_list, pyplot
 from training import sampling, solvers
 from training.images import to_uint8
 from training.network_io import load_network
-from tools.trajectory import parse_int_list, pyplot
 
-LEVELS = {'edm': dict(disc='edm', rho=7), 'logsnr': dict(disc='logsnr'), 'time-uniform': dict(disc='time-uniform', rho=1)}
+LEVELS = ('edm', 'logsnr', 'gits') # EDM's rho 7, uniform in log-SNR, GITS's search (metric dev)
+HEUN_RHOS = (7, 72, 90) # EDM's, and the AOT paper's conditional / unconditional choices
 
 def levels_for(solver, nfe, afs):
     """Number of noise levels giving exactly `nfe` evaluations, or None when impossible."""
@@ -49,19 +52,14 @@ def levels_for(solver, nfe, afs):
         if solvers.nfe(solver, num, afs) > nfe:
             return None
 
+def draws(net, seeds, batch):
+    return [sampling.latents_for_seeds(net, seeds[i:i + batch])[:2] for i in range(0, len(seeds), batch)]
+
 def run_solver(net, seeds, solver, sigmas, afs, batch):
-    out = []
-    for i in range(0, len(seeds), batch):
-        latents, labels, _ = sampling.latents_for_seeds(net, seeds[i:i + batch])
-        out.append(solvers.sample(net, latents, labels, solver=solver, sigmas=sigmas, afs=afs).float())
-    return torch.cat(out)
+    return torch.cat([solvers.sample(net, z, c, solver=solver, sigmas=sigmas, afs=afs).float() for z, c in draws(net, seeds, batch)])
 
 def run_heun(net, seeds, nfe, rho, batch):
-    out = []
-    for i in range(0, len(seeds), batch):
-        latents, labels, _ = sampling.latents_for_seeds(net, seeds[i:i + batch])
-        out.append(sampling.edm_sampler(net, latents, labels, num_steps=(nfe + 1) // 2, rho=rho).float())
-    return torch.cat(out)
+    return torch.cat([sampling.edm_sampler(net, z, c, num_steps=(nfe + 1) // 2, rho=rho).float() for z, c in draws(net, seeds, batch)])
 
 def rms_error(x, ref):
     return (x - ref).flatten(1).pow(2).mean(dim=1).sqrt().mean().item()
@@ -70,125 +68,184 @@ def as_measured(x):
     # Rounded to uint8 as generate.py writes images, back to [-1, 1].
     return torch.as_tensor(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
-@click.command()
+class Levels:
+    """The noise levels of each kind for a network: fixed formulas, and GITS's DP on the jump costs of
+    one teacher run over the warm-up latents (the DP alone differs per number of levels)."""
+
+    def __init__(self, net, search_seeds, teacher_steps, batch):
+        t = schedule_search.TEACHER
+        self.teacher_sigmas = solvers.get_sigmas(t['disc'], teacher_steps, rho=t['rho'])
+        cost, _ = schedule_search.teacher_costs(net, draws(net, search_seeds, batch), self.teacher_sigmas, 'dev')
+        self.cost = cost.numpy()
+
+    def __call__(self, kind, num):
+        if kind == 'gits':
+            return self.teacher_sigmas[schedule_search.best_path(self.cost, num, coeff=1.15)]
+        return solvers.get_sigmas(kind, num, rho=7)
+
+def save(path, record):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+@click.group()
+def cli():
+    """Few-step sampling study: `run` measures networks, `report` writes tables and plots."""
+
+@cli.command()
 @click.option('--data', help='Labelled digits dataset', metavar='ZIP|DIR', required=True)
 @click.option('--network', 'networks', help='Network snapshot; repeat', metavar='PATH', multiple=True, required=True)
 @click.option('--name', 'names', help='Label of each --network', metavar='STR', multiple=True, required=True)
-@click.option('--nfe', help='NFE budgets of the few-step solvers', metavar='LIST', default='4,5,6,7,8,10,12,15', show_default=True)
-@click.option('--heun-nfe', help='NFE budgets of Heun (odd)', metavar='LIST', default='7,9,11,15,19,27,35', show_default=True)
-@click.option('--error-seeds', help='Seeds of the truncation error', metavar='LIST', default='0-63', show_default=True)
+@click.option('--nfe', help='NFE budgets of the few-step solvers', metavar='LIST', default='4,5,6,8,10,12,15', show_default=True)
+@click.option('--heun-nfe', help='NFE budgets of Heun (odd)', metavar='LIST', default='7,9,11,15,19,27,29,35', show_default=True)
+@click.option('--heun-fd-nfe', help='Heun budgets with FD-digits (rho 7; rho 90 at 27, rho 72 at 29 where listed)', metavar='LIST', default='7,11,19,27,35', show_default=True)
+@click.option('--error-seeds', help='Seeds of the truncation error', metavar='LIST', default='0-31', show_default=True)
+@click.option('--search-seeds', help='Warm-up seeds of the searches (held out from the errors)', metavar='LIST', default='1000-1127', show_default=True)
+@click.option('--solver-search-seeds', help='Warm-up seeds of --metric=solver (its cost grows with them)', metavar='LIST', default='1000-1031', show_default=True)
+@click.option('--solver-search-nfe', help='NFE at which --metric=solver levels are searched for iPNDM', metavar='LIST', default='5,8,10', show_default=True)
+@click.option('--sweeps', help='Coordinate-descent sweeps of --metric=solver', type=int, default=4, show_default=True)
+@click.option('--fd-top', help='Configurations with FD-digits per NFE: the best by error, distinct solvers', type=int, default=2, show_default=True)
 @click.option('--fd-seeds', help='Seeds of FD-digits', metavar='LIST', default='0-499', show_default=True)
-@click.option('--fd-seeds2', help='Second seed draw for the headline rows', metavar='LIST', default='500-999', show_default=True)
+@click.option('--fd-seeds2', help='Second seed draw: Heun 35 and the best per NFE', metavar='LIST', default='500-999', show_default=True)
+@click.option('--epochs', help='Training epochs of the FD-digits classifier', type=int, default=30, show_default=True)
 @click.option('--batch', help='Images per sampler call', type=int, default=250, show_default=True)
-@click.option('--out', help='Output prefix', metavar='PATH', required=True)
+@click.option('--out', help='Output JSON', metavar='FILE', required=True)
 @torch.no_grad()
-def main(data, networks, names, nfe, heun_nfe, error_seeds, fd_seeds, fd_seeds2, batch, out):
-    """Few-step solvers x noise levels x AFS on each network: truncation error and FD-digits."""
+def run(data, networks, names, nfe, heun_nfe, heun_fd_nfe, error_seeds, search_seeds, solver_search_seeds, solver_search_nfe, sweeps, fd_top,
+        fd_seeds, fd_seeds2, epochs, batch, out):
+    """Measure each --network: truncation errors of every configuration, FD-digits of the best."""
     if len(names) != len(networks):
         raise click.BadParameter('give one --name per --network', param_hint='--name')
-    nfes, heun_nfes = parse_int_list(nfe, 'NFE'), parse_int_list(heun_nfe, 'NFE')
-    error_seeds, fd_seeds, fd_seeds2 = [parse_int_list(s, 'seed') for s in (error_seeds, fd_seeds, fd_seeds2)]
+    nfes, heun_nfes, heun_fd_nfes, search_nfes = [parse_int_list(s, 'NFE') for s in (nfe, heun_nfe, heun_fd_nfe, solver_search_nfe)]
+    if any(n % 2 == 0 for n in heun_nfes + heun_fd_nfes):
+        raise click.BadParameter('Heun costs an odd NFE (2 x steps - 1)', param_hint='--heun-nfe')
+    error_seeds, search_seeds, solver_search_seeds, fd_seeds, fd_seeds2 = [parse_int_list(s, 'seed') for s in (error_seeds, search_seeds, solver_search_seeds, fd_seeds, fd_seeds2)]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     warnings.filterwarnings('ignore', category=scipy.linalg.LinAlgWarning)
     images, labels = load_digits(data)
     with torch.enable_grad():
-        classifier, accuracy, _ = train_classifier(images, labels)
+        classifier, accuracy, _ = train_classifier(images, labels, epochs=epochs)
     real = classifier.features(images)
     fd = lambda x: frechet(classifier.features(as_measured(x)), real)
-    result = dict(settings=dict(nfe=nfes, heun_nfe=heun_nfes, error_seeds=len(error_seeds), fd_seeds=len(fd_seeds),
-                                classifier_accuracy=accuracy), networks={})
+    result = dict(settings=dict(data=data, nfe=nfes, heun_nfe=heun_nfes, error_seeds=len(error_seeds), search_seeds=len(search_seeds), solver_search_seeds=len(solver_search_seeds),
+                                fd_seeds=len(fd_seeds), fd_seeds2=len(fd_seeds2), sweeps=sweeps, classifier_accuracy=accuracy), networks={})
 
     for name, path in zip(names, networks):
         net = load_network(path)
+        res = result['networks'][name] = dict(path=path, rows=[])
+        rows = res['rows']
+        # Truncation errors. The few-step solvers end at sigma_min, as does their reference (iPNDM on
+        # 512 EDM levels); Heun ends at 0, as does its reference (Heun, 256 steps).
         ref = run_solver(net, error_seeds, 'ipndm', solvers.get_sigmas('edm', 512), False, batch)
         heun_ref = run_heun(net, error_seeds, 511, 7, batch)
-        rows = []
+        levels = Levels(net, search_seeds, 61, batch)
         configs = [(s, lv, afs, n) for s in solvers.SOLVERS for lv in LEVELS for afs in (False, True) for n in nfes]
         for solver, lv, afs, n in tqdm.tqdm(configs, desc=f'{name} errors'):
             num = levels_for(solver, n, afs)
-            if num is None:
-                continue
-            sigmas = solvers.get_sigmas(num_steps=num, **LEVELS[lv])
-            x = run_solver(net, error_seeds, solver, sigmas, afs, batch)
-            rows.append(dict(solver=solver, levels=lv, afs=afs, nfe=n, error=rms_error(x, ref)))
-        for rho in (7, 90):
+            if num is not None:
+                sigmas = levels(lv, num)
+                rows.append(dict(solver=solver, levels=lv, afs=afs, nfe=n, sigmas=sigmas.tolist(),
+                                 error=rms_error(run_solver(net, error_seeds, solver, sigmas, afs, batch), ref)))
+        for n in tqdm.tqdm(search_nfes, desc=f'{name} solver search'): # --metric=solver for iPNDM
+            sigmas, _ = schedule_search.search(net, draws(net, solver_search_seeds, batch), levels_for('ipndm', n, False), metric='solver',
+                                               solver='ipndm', sweeps=sweeps, progress=False)
+            rows.append(dict(solver='ipndm', levels='solver-search', afs=False, nfe=n, sigmas=sigmas.tolist(),
+                             error=rms_error(run_solver(net, error_seeds, 'ipndm', sigmas, False, batch), ref)))
+        for rho in HEUN_RHOS:
             for n in heun_nfes:
-                rows.append(dict(solver='heun', levels=f'edm-rho{rho}', afs=False, nfe=n, error=rms_error(run_heun(net, error_seeds, n, rho, batch), heun_ref)))
+                rows.append(dict(solver='heun', levels=f'edm-rho{rho}', afs=False, nfe=n,
+                                 error=rms_error(run_heun(net, error_seeds, n, rho, batch), heun_ref)))
+        save(out, result)
 
-        # FD-digits: each solver (+/- AFS) on its best levels per NFE; Heun's references.
-        best = {}
+        # FD-digits: per NFE the fd_top configurations of least error (one per solver); Heun.
+        for n in tqdm.tqdm(nfes, desc=f'{name} FD'):
+            ranked, seen = sorted((r for r in rows if r['nfe'] == n and r['solver'] != 'heun'), key=lambda r: r['error']), set()
+            for r in ranked:
+                if r['solver'] not in seen and len(seen) < fd_top:
+                    seen.add(r['solver'])
+                    r['fd'] = fd(run_solver(net, fd_seeds, r['solver'], torch.tensor(r['sigmas'], dtype=torch.float64), r['afs'], batch))
+        paper = {27: 90, 29: 72} # the AOT paper's settings, where listed
         for r in rows:
-            key = (r['solver'], r['afs'], r['nfe'])
-            if r['solver'] != 'heun' and (key not in best or r['error'] < best[key]['error']):
-                best[key] = r
-        for r in tqdm.tqdm(list(best.values()), desc=f'{name} FD'):
-            num = levels_for(r['solver'], r['nfe'], r['afs'])
-            r['fd'] = fd(run_solver(net, fd_seeds, r['solver'], solvers.get_sigmas(num_steps=num, **LEVELS[r['levels']]), r['afs'], batch))
-        heun_rows = [r for r in rows if r['solver'] == 'heun' and r['nfe'] in (27, 35)]
-        for r in heun_rows:
-            r['fd'] = fd(run_heun(net, fd_seeds, r['nfe'], int(r['levels'][7:]), batch))
-        target = next(r['fd'] for r in heun_rows if r['levels'] == 'edm-rho7' and r['nfe'] == 35)
-        fewest = {}
-        for r in best.values():
-            key = (r['solver'], r['afs'])
-            if r['fd'] <= 1.1 * target and r['nfe'] < fewest.get(key, (1 << 30, None))[0]:
-                fewest[key] = (r['nfe'], r['levels'])
-        # Second draw: Heun 35 and each solver's fewest-NFE configuration.
-        heun35 = next(r for r in heun_rows if r['levels'] == 'edm-rho7' and r['nfe'] == 35)
-        heun35['fd2'] = fd(run_heun(net, fd_seeds2, 35, 7, batch))
-        for (solver, afs), (n, lv) in fewest.items():
-            r = best[(solver, afs, n)]
-            r['fd2'] = fd(run_solver(net, fd_seeds2, solver, solvers.get_sigmas(num_steps=levels_for(solver, n, afs), **LEVELS[lv]), afs, batch))
-        result['networks'][name] = dict(path=path, rows=rows, heun35_fd=target,
-                                        fewest={f'{s}{"+afs" if a else ""}': dict(nfe=n, levels=lv) for (s, a), (n, lv) in fewest.items()})
-        print(f'{name}: Heun 35 NFE FD-digits {target:.2f}; fewest NFE within 10%:',
-              ', '.join(f'{s}{"+afs" if a else ""} {n} ({lv})' for (s, a), (n, lv) in sorted(fewest.items())) or 'none')
+            if r['solver'] == 'heun' and r['nfe'] in heun_fd_nfes and r['levels'] in ('edm-rho7', f'edm-rho{paper.get(r["nfe"])}'):
+                r['fd'] = fd(run_heun(net, fd_seeds, r['nfe'], int(r['levels'][7:]), batch))
+        heun35 = next(r for r in rows if r['solver'] == 'heun' and r['levels'] == 'edm-rho7' and r['nfe'] == max(heun_fd_nfes))
+        heun35['fd2'] = fd(run_heun(net, fd_seeds2, heun35['nfe'], 7, batch))
+        for n in nfes: # second draw of the best per NFE: the spread between draws
+            r = min((r for r in rows if r['nfe'] == n and r['solver'] != 'heun' and 'fd' in r), key=lambda r: r['fd'])
+            r['fd2'] = fd(run_solver(net, fd_seeds2, r['solver'], torch.tensor(r['sigmas'], dtype=torch.float64), r['afs'], batch))
+        res['heun_fd'] = dict(nfe=heun35['nfe'], fd=heun35['fd'], fd2=heun35['fd2'])
+        res['fewest'] = fewest_within(rows, 1.1 * heun35['fd'])
+        save(out, result)
+        print(f'{name}: Heun {heun35["nfe"]} NFE FD-digits {heun35["fd"]:.2f}; fewest NFE within 10%: ' +
+              (', '.join(f'{k} {v["nfe"]}' for k, v in res['fewest'].items()) or 'none'))
+    print(f'Wrote "{out}"; tables and plots: python bench/fewstep_study.py report --out=PREFIX {out}')
 
-    with open(out + '.json', 'w') as f:
-        json.dump(result, f, indent=1)
-    write_tables(result, out + '.md')
-    plot(result, out)
+def label(r):
+    return r['solver'] + ('+afs' if r['afs'] else '') + ('' if r['solver'] == 'heun' else f' ({r["levels"]})')
 
-def write_tables(result, path):
+def fewest_within(rows, target):
+    """{'few-step': row, 'heun': row}: the fewest NFE with FD-digits <= target, per family."""
+    out = {}
+    for family, members in [('few-step', [r for r in rows if r['solver'] != 'heun']), ('heun', [r for r in rows if r['solver'] == 'heun'])]:
+        hits = sorted((r for r in members if r.get('fd', float('inf')) <= target), key=lambda r: (r['nfe'], r['fd']))
+        if hits:
+            out[family] = dict(nfe=hits[0]['nfe'], config=label(hits[0]), fd=hits[0]['fd'])
+    return out
+
+@cli.command()
+@click.argument('results', nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option('--out', help='Output prefix of PREFIX.md, PREFIX-error.png, PREFIX-fd.png', metavar='PATH', required=True)
+def report(results, out):
+    """Tables and plots of one or more `run` results (their networks in order)."""
+    merged = {}
+    for path in results:
+        with open(path) as f:
+            merged.update(json.load(f)['networks'])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_tables(merged, out + '.md')
+    plot(merged, out)
+    print(f'Wrote "{out}.md", "{out}-error.png", "{out}-fd.png"')
+
+def write_tables(networks, path):
     lines = []
-    for name, res in result['networks'].items():
+    for name, res in networks.items():
         rows = res['rows']
-        nfes = sorted({r['nfe'] for r in rows if r['solver'] != 'heun'})
-        lines += [f'### {name}: truncation error (RMS vs the 511-NFE solution), best levels per cell', '',
-                  '| solver | AFS | ' + ' | '.join(f'{n} NFE' for n in nfes) + ' |', '|---|---|' + '---:|' * len(nfes)]
+        few = [r for r in rows if r['solver'] != 'heun']
+        nfes = sorted({r['nfe'] for r in few})
+        head = lambda first: ['| ' + first + ' | ' + ' | '.join(f'{n} NFE' for n in nfes) + ' |', '|---|' + '---:|' * len(nfes)]
+        best = lambda cand, key: min(cand, key=lambda r: r[key]) if cand else None
+        lines += [f'### {name}: truncation error (RMS vs the 511-NFE solution), best levels per cell', ''] + head('solver')
         for solver in solvers.SOLVERS:
             for afs in (False, True):
-                cells = []
-                for n in nfes:
-                    cand = [r for r in rows if r['solver'] == solver and r['afs'] == afs and r['nfe'] == n]
-                    b = min(cand, key=lambda r: r['error']) if cand else None
-                    cells.append(f'{b["error"]:.4f} ({b["levels"]})' if b else '')
-                lines.append(f'| {solver} | {"yes" if afs else ""} | ' + ' | '.join(cells) + ' |')
+                cells = [best([r for r in few if r['solver'] == solver and r['afs'] == afs and r['nfe'] == n], 'error') for n in nfes]
+                lines.append(f'| {solver}{" + AFS" if afs else ""} | ' + ' | '.join(f'{b["error"]:.4f} ({b["levels"]})' if b else '' for b in cells) + ' |')
+        lines += ['', f'iPNDM (no AFS) by noise levels:', ''] + head('levels')
+        for lv in LEVELS + ('solver-search',):
+            cells = [next((r for r in few if r['solver'] == 'ipndm' and not r['afs'] and r['levels'] == lv and r['nfe'] == n), None) for n in nfes]
+            lines.append(f'| {lv} | ' + ' | '.join(f'{c["error"]:.4f}' if c else '' for c in cells) + ' |')
         heun = [r for r in rows if r['solver'] == 'heun']
-        lines += ['', '| Heun | ' + ' | '.join(f'{r["nfe"]} NFE' for r in heun if r['levels'] == 'edm-rho7') + ' |',
-                  '|---|' + '---:|' * len([r for r in heun if r['levels'] == 'edm-rho7'])]
-        for lv in ('edm-rho7', 'edm-rho90'):
-            lines.append(f'| {lv} | ' + ' | '.join(f'{r["error"]:.4f}' for r in heun if r['levels'] == lv) + ' |')
-        lines += ['', f'### {name}: FD-digits (best levels by error; second seed draw in brackets)', '',
-                  '| solver | AFS | ' + ' | '.join(f'{n} NFE' for n in nfes) + ' |', '|---|---|' + '---:|' * len(nfes)]
-        for solver in solvers.SOLVERS:
-            for afs in (False, True):
-                cells = []
-                for n in nfes:
-                    b = [r for r in rows if r['solver'] == solver and r['afs'] == afs and r['nfe'] == n and 'fd' in r]
-                    cells.append((f'{b[0]["fd"]:.1f}' + (f' [{b[0]["fd2"]:.1f}]' if 'fd2' in b[0] else '')) if b else '')
-                lines.append(f'| {solver} | {"yes" if afs else ""} | ' + ' | '.join(cells) + ' |')
-        lines += ['', 'Heun: ' + ', '.join(f'{r["levels"]} {r["nfe"]} NFE {r["fd"]:.1f}' + (f' [{r["fd2"]:.1f}]' if 'fd2' in r else '')
-                                      for r in rows if 'fd' in r and r['solver'] == 'heun'),
-                  '', 'Fewest NFE within 10% of Heun at 35 NFE: ' + (', '.join(f'{k} {v["nfe"]} ({v["levels"]})' for k, v in sorted(res['fewest'].items())) or 'none'), '']
+        heun_nfes = sorted({r['nfe'] for r in heun})
+        lines += ['', '| Heun | ' + ' | '.join(f'{n} NFE' for n in heun_nfes) + ' |', '|---|' + '---:|' * len(heun_nfes)]
+        for rho in HEUN_RHOS:
+            cells = {r['nfe']: r['error'] for r in heun if r['levels'] == f'edm-rho{rho}'}
+            lines.append(f'| rho {rho} | ' + ' | '.join(f'{cells[n]:.4f}' if n in cells else '' for n in heun_nfes) + ' |')
+        lines += ['', f'### {name}: FD-digits (second seed draw in brackets)', '', '| NFE | configuration | error | FD-digits |', '|---:|---|---:|---:|']
+        for r in sorted((r for r in rows if 'fd' in r), key=lambda r: (r['nfe'], r['solver'] == 'heun', r['fd'])):
+            lines.append(f'| {r["nfe"]} | {label(r) if r["solver"] != "heun" else "heun " + r["levels"]} | {r["error"]:.4f} | '
+                         f'{r["fd"]:.2f}' + (f' [{r["fd2"]:.2f}]' if 'fd2' in r else '') + ' |')
+        h = res.get('heun_fd')
+        if h:
+            lines += ['', f'Heun {h["nfe"]} NFE (rho 7): FD-digits {h["fd"]:.2f} [{h["fd2"]:.2f}]; fewest NFE within 10% of it: ' +
+                      (', '.join(f'{k} {v["nfe"]} NFE ({v["config"]}, {v["fd"]:.2f})' for k, v in res['fewest'].items()) or 'none')]
+        lines.append('')
     with open(path, 'w') as f:
         f.write('\n'.join(lines))
 
-def plot(result, out):
+def plot(networks, out):
     plt = pyplot()
-    for what, key in [('error', 'error'), ('fd', 'fd')]:
-        fig, axes = plt.subplots(1, len(result['networks']), figsize=(6 * len(result['networks']), 4.5), squeeze=False)
-        for ax, (name, res) in zip(axes[0], result['networks'].items()):
+    for key in ('error', 'fd'):
+        fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 4.5), squeeze=False)
+        for ax, (name, res) in zip(axes[0], networks.items()):
             for solver in list(solvers.SOLVERS) + ['heun']:
                 for afs in (False, True):
                     pts = {}
@@ -197,13 +254,20 @@ def plot(result, out):
                             pts[r['nfe']] = min(pts.get(r['nfe'], float('inf')), r[key])
                     if pts:
                         xs = sorted(pts)
-                        ax.plot(xs, [pts[x] for x in xs], marker='o', linestyle='--' if afs else '-', label=solver + (' + AFS' if afs else ''))
-            ax.set_yscale('log'); ax.set_xlabel('NFE'); ax.set_title(f'{name}: {"truncation error" if key == "error" else "FD-digits"}')
+                        ax.plot(xs, [pts[x] for x in xs], marker='o', linestyle='--' if afs else '-',
+                                color='black' if solver == 'heun' else None, label=solver + (' + AFS' if afs else ''))
+            if key == 'fd':
+                spread = [r for r in res['rows'] if 'fd2' in r]
+                ax.scatter([r['nfe'] for r in spread], [r['fd2'] for r in spread], marker='x', color='gray', label='second seed draw', zorder=3)
+                ax.axhline(1.1 * res['heun_fd']['fd'], color='gray', linestyle=':', label='Heun 35 NFE + 10%')
+            ax.set_xscale('log'); ax.set_yscale('log'); ax.set_xlabel('NFE')
+            ax.set_xticks([4, 5, 6, 8, 10, 15, 20, 35]); ax.set_xticklabels(['4', '5', '6', '8', '10', '15', '20', '35'])
+            ax.set_title(f'{name}: {"truncation error (best levels)" if key == "error" else "FD-digits"}')
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fig.savefig(f'{out}-{what}.png', dpi=110)
+        fig.savefig(f'{out}-{key}.png', dpi=110)
         plt.close(fig)
 
 if __name__ == '__main__':
-    main()
+    cli()
