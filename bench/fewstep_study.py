@@ -246,7 +246,10 @@ def plot(networks, out):
     for key in ('error', 'fd'):
         fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 4.5), squeeze=False)
         for ax, (name, res) in zip(axes[0], networks.items()):
-            for solver in list(solvers.SOLVERS) + ['heun']:
+            if not any(key in r for r in res['rows']): # a run still measuring
+                ax.set_title(f'{name}: not measured yet')
+                continue
+            for i, solver in enumerate(list(solvers.SOLVERS) + ['heun']):
                 for afs in (False, True):
                     pts = {}
                     for r in res['rows']:
@@ -255,16 +258,19 @@ def plot(networks, out):
                     if pts:
                         xs = sorted(pts)
                         ax.plot(xs, [pts[x] for x in xs], marker='o', linestyle='--' if afs else '-',
-                                color='black' if solver == 'heun' else None, label=solver + (' + AFS' if afs else ''))
+                                color='black' if solver == 'heun' else plt.cm.tab10(i), label=solver + (' + AFS' if afs else ''))
             if key == 'fd':
                 spread = [r for r in res['rows'] if 'fd2' in r]
                 ax.scatter([r['nfe'] for r in spread], [r['fd2'] for r in spread], marker='x', color='gray', label='second seed draw', zorder=3)
-                ax.axhline(1.1 * res['heun_fd']['fd'], color='gray', linestyle=':', label='Heun 35 NFE + 10%')
+                if 'heun_fd' in res: # absent while a run is still measuring FD-digits
+                    ax.axhline(1.1 * res['heun_fd']['fd'], color='gray', linestyle=':', label=f'Heun {res["heun_fd"]["nfe"]} NFE + 10%')
             ax.set_xscale('log'); ax.set_yscale('log'); ax.set_xlabel('NFE')
             ax.set_xticks([4, 5, 6, 8, 10, 15, 20, 35]); ax.set_xticklabels(['4', '5', '6', '8', '10', '15', '20', '35'])
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_title(f'{name}: {"truncation error (best levels)" if key == "error" else "FD-digits"}')
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, ncol=2)
+        if axes[0][-1].get_legend_handles_labels()[0]:
+            axes[0][-1].legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(f'{out}-{key}.png', dpi=110)
         plt.close(fig)
