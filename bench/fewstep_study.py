@@ -244,8 +244,13 @@ def write_tables(networks, path):
 def plot(networks, out):
     plt = pyplot()
     for key in ('error', 'fd'):
-        fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 4.5), squeeze=False)
-        for ax, (name, res) in zip(axes[0], networks.items()):
+        cols = min(2, len(networks)) # pairs side by side (e.g. AOT and its EDM twin), one y scale
+        rows = (len(networks) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False, sharey=True)
+        axes = axes.flatten()
+        for ax in axes[len(networks):]:
+            ax.set_visible(False)
+        for ax, (name, res) in zip(axes, networks.items()):
             if not any(key in r for r in res['rows']): # a run still measuring
                 ax.set_title(f'{name}: not measured yet')
                 continue
@@ -269,8 +274,8 @@ def plot(networks, out):
             ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_title(f'{name}: {"truncation error (best levels)" if key == "error" else "FD-digits"}')
             ax.grid(alpha=0.3)
-        if axes[0][-1].get_legend_handles_labels()[0]:
-            axes[0][-1].legend(fontsize=7, ncol=2)
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(f'{out}-{key}.png', dpi=110)
         plt.close(fig)
