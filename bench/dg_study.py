@@ -20,7 +20,7 @@ import torch
 import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.digits_fd import load_digits, train_classifier, frechet
+from bench.digits_fd import load_digits, train_classifier, frechet, quantize
 from training import guidance, sampling
 from training.images import to_uint8, save_image_grid
 from training.network_io import load_network
@@ -140,7 +140,7 @@ def main(data, network, dgs, names, dg_weight, dg_time_max, dg_boosting, seeds, 
                 latents, class_labels, rnd = sampling.latents_for_seeds(net, chunk)
                 kwargs = dict(guidance=dg, dg_weight=w, dg_boosting=dg_boosting) if dg is not None else {}
                 x = sampling.edm_sampler(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, num_steps=heun_steps(n), rho=rho, **kwargs)
-                samples.append(torch.as_tensor(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+                samples.append(quantize(x))
             samples = torch.cat(samples)
             parts = samples.chunk(draws)
             rows.append(dict(nfe=n, fd_digits=[frechet(classifier.features(x), real_feat) for x in parts],

@@ -72,6 +72,10 @@ def train_classifier(images, labels, epochs=30, seed=0):
     accuracy = (net(images[held]).argmax(dim=1) == labels[held]).float().mean().item()
     return net, accuracy, perm
 
+def quantize(x):
+    """Images as generate.py writes them (uint8), back in [-1, 1]: what FD-digits measures."""
+    return torch.as_tensor(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
 def stats(x):
     x = x.double().numpy()
     return x.mean(axis=0), np.cov(x, rowvar=False)
@@ -128,7 +132,7 @@ def main(data, networks, names, seeds, nfe, rho, batch, out):
             for chunk in tqdm.tqdm([seeds[i:i + batch] for i in range(0, len(seeds), batch)], desc=f'{name} NFE {n}', unit='batch'):
                 latents, class_labels, _ = sampling.latents_for_seeds(net, chunk)
                 x = sampling.edm_sampler(net, latents, class_labels, num_steps=s, rho=rho)
-                samples.append(torch.as_tensor(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+                samples.append(quantize(x))
             samples = torch.cat(samples)
             rows.append(dict(nfe=n, steps=s, fd_digits=frechet(classifier.features(samples), real_feat), fd_pixels=frechet(samples.flatten(1), real_pix),
                              class_hist=np.bincount(classifier(samples).argmax(dim=1).numpy(), minlength=int(labels.max()) + 1).tolist()))

@@ -30,11 +30,10 @@ import torch
 import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.digits_fd import frechet, load_digits, train_classifier
+from bench.digits_fd import frechet, load_digits, quantize, train_classifier
 from tools import schedule_search
-from tools.trajectory import parse_int_list, pyplot
+from tools.trajectory import heun_steps, parse_int_list, pyplot
 from training import sampling, solvers
-from training.images import to_uint8
 from training.network_io import load_network
 
 LEVELS = ('edm', 'logsnr', 'gits') # EDM's rho 7, uniform in log-SNR, GITS's search (metric dev)
@@ -53,20 +52,16 @@ def levels_for(solver, nfe, afs):
             return None
 
 def draws(net, seeds, batch):
-    return [sampling.latents_for_seeds(net, seeds[i:i + batch])[:2] for i in range(0, len(seeds), batch)]
+    return [sampling.latents_for_seeds(net, chunk)[:2] for chunk in schedule_search.batches(seeds, batch)]
 
 def run_solver(net, seeds, solver, sigmas, afs, batch):
     return torch.cat([solvers.sample(net, z, c, solver=solver, sigmas=sigmas, afs=afs).float() for z, c in draws(net, seeds, batch)])
 
 def run_heun(net, seeds, nfe, rho, batch):
-    return torch.cat([sampling.edm_sampler(net, z, c, num_steps=(nfe + 1) // 2, rho=rho).float() for z, c in draws(net, seeds, batch)])
+    return torch.cat([sampling.edm_sampler(net, z, c, num_steps=heun_steps(nfe), rho=rho).float() for z, c in draws(net, seeds, batch)])
 
 def rms_error(x, ref):
     return (x - ref).flatten(1).pow(2).mean(dim=1).sqrt().mean().item()
-
-def as_measured(x):
-    # Rounded to uint8 as generate.py writes images, back to [-1, 1].
-    return torch.as_tensor(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 class Levels:
     """The noise levels of each kind for a network: fixed formulas, and GITS's DP on the jump costs of
@@ -126,7 +121,7 @@ def run(data, networks, names, nfe, heun_nfe, heun_fd_nfe, error_seeds, search_s
     with torch.enable_grad():
         classifier, accuracy, _ = train_classifier(images, labels, epochs=epochs)
     real = classifier.features(images)
-    fd = lambda x: frechet(classifier.features(as_measured(x)), real)
+    fd = lambda x: frechet(classifier.features(quantize(x)), real)
     result = dict(settings=dict(data=data, nfe=nfes, heun_nfe=heun_nfes, error_seeds=len(error_seeds), search_seeds=len(search_seeds), solver_search_seeds=len(solver_search_seeds),
                                 fd_seeds=len(fd_seeds), fd_seeds2=len(fd_seeds2), sweeps=sweeps, classifier_accuracy=accuracy), networks={})
 

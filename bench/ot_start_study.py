@@ -27,7 +27,7 @@ import torch
 import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.digits_fd import load_digits, train_classifier, frechet
+from bench.digits_fd import load_digits, train_classifier, frechet, quantize
 from training import sampling, semidiscrete_ot
 from training.images import to_uint8, save_image_grid
 from training.network_io import load_network
@@ -53,10 +53,6 @@ def memorisation_rate(samples, train):
 
 def mode_mixture_rate(classifier, samples):
     return float((classifier(samples).softmax(dim=1).amax(dim=1) < MIXED_BELOW).double().mean())
-
-def quantize(x):
-    """Images as generate.py writes them (uint8), back in [-1, 1]."""
-    return torch.as_tensor(to_uint8(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 #----------------------------------------------------------------------------
 
