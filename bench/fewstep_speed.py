@@ -4,7 +4,7 @@ Measured side by side in one run on one network and batch; rounds interleave the
 changes hit them alike (medians kept). On CPU the times are the process's CPU time, which other
 programs on a shared machine do not inflate; on CUDA wall time between synchronisations.
 
-(a) generate.py's work per batch (generate.generate_batch: per-seed latents, the sampler generate.py
+(a) generate.py's work per batch (generate.sample_batch and write_pngs: per-seed latents, the sampler generate.py
     builds for --solver=NAME --steps=N, uint8, one PNG per seed) for each few-step solver and for
     EDM's Heun (no --solver, the reference), against its floor: NFE network forwards on the same
     batch. Goal: floor / loop >= 0.95 (the solver's own work at most 5%). Two ways: direct (the loop
@@ -132,7 +132,7 @@ def main(network, batch, steps, names, rounds, search_seeds, search_steps, teach
         for name, (fn, kwargs, nfe) in samplers.items():
             rows[f'{name} floor'] = (lambda nfe: lambda: [net(x, sigma, class_labels) for _ in range(nfe)])(nfe)
             for key, model in [(name, net), (f'{name} rest', no_net)]:
-                rows[key] = (lambda model, fn, kwargs: lambda: generate.generate_batch(model, fn, kwargs, draw, seeds, outdir, False))(model, fn, kwargs)
+                rows[key] = (lambda model, fn, kwargs: lambda: generate.write_pngs(*generate.sample_batch(model, fn, kwargs, draw, seeds), seeds, outdir, False))(model, fn, kwargs)
             rows[f'{name} solver'] = (lambda fn, kwargs: lambda: fn(sampling.MinBatchNet(no_net), latents, class_labels, randn_like=torch.randn_like, **kwargs))(fn, kwargs)
         times = timed_rounds(rows, rounds, device)
     med = {name: statistics.median(values) for name, values in times.items()}
@@ -165,7 +165,7 @@ def main(network, batch, steps, names, rounds, search_seeds, search_steps, teach
         report_nfe = 3 * solvers.nfe('ipndm', search_steps)
         def sample(model, outdir):
             for chunk in chunks:
-                generate.generate_batch(model, teacher_fn, teacher_kwargs, draw, chunk, outdir, False)
+                generate.write_pngs(*generate.sample_batch(model, teacher_fn, teacher_kwargs, draw, chunk), chunk, outdir, False)
         def gits(model): # the search without its error report: teacher, jump costs, dynamic programme
             cost, _ = schedule_search.teacher_costs(model, [draw(chunk)[:2] for chunk in chunks], teacher_sigmas, 'dev', progress=False)
             schedule_search.best_path(cost.cpu().numpy(), search_steps, 1.15)

@@ -49,6 +49,24 @@ def atomic_write(path):
         if os.path.exists(temp):
             os.remove(temp)
 
+def write_atomic(path, data):
+    """Write bytes to path as atomic_write does, in fewer system calls (no chmod: the file is created
+    with 0666 less the umask), for the many small files of generate.py."""
+    temp = f'{path}.tmp-{uuid.uuid4().hex}'
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view: # os.write may write less than asked
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
 #----------------------------------------------------------------------------
 # Dictionary with attribute-style access.
 

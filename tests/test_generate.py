@@ -226,6 +226,53 @@ def test_ctrl_c_under_torchrun_stops_every_rank_cleanly(nets, tmp_path):
     assert all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(24))
     assert listed(tmp_path) == expected_labels(nets['net'], list(range(24)))
 
+def test_pngs_are_written_while_the_next_batch_samples(nets, tmp_path, monkeypatch):
+    # The PNGs of a batch are written by a thread while the next batch samples (on a GPU the writes
+    # would otherwise leave it idle): each write waits here until the next batch has started sampling.
+    import threading
+    from click.testing import CliRunner
+    import generate
+    sampled, writes, change = [], [], threading.Condition()
+    real_sample, real_write = generate.sample_batch, generate.write_pngs
+    def sample_batch(net, sampler_fn, sampler_kwargs, draw, batch_seeds):
+        with change:
+            sampled.append(batch_seeds[0])
+            change.notify_all()
+        return real_sample(net, sampler_fn, sampler_kwargs, draw, batch_seeds)
+    def write_pngs(images, classes, batch_seeds, outdir, subdirs):
+        with change: # the last batch has no next one
+            overlapped = batch_seeds[0] == 4 or change.wait_for(lambda: sampled[-1] > batch_seeds[0], timeout=10)
+        writes.append((batch_seeds[0], overlapped, threading.current_thread() is not threading.main_thread()))
+        return real_write(images, classes, batch_seeds, outdir, subdirs)
+    monkeypatch.setattr(generate, 'sample_batch', sample_batch)
+    monkeypatch.setattr(generate, 'write_pngs', write_pngs)
+    result = CliRunner().invoke(generate.main, ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-5', '--batch=2', *STEPS, *CPU])
+    assert result.exit_code == 0, result.output
+    assert writes == [(0, True, True), (2, True, True), (4, True, True)]
+    expected = expected_images(nets['net'], list(range(6)))
+    images = pngs(tmp_path)
+    assert sorted(images) == [f'{s:06d}.png' for s in range(6)] and all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(6))
+    assert listed(tmp_path) == expected_labels(nets['net'], list(range(6))) and record(tmp_path)[0]['images'] == sorted(images)
+
+def test_failed_write_stops_every_rank_and_keeps_what_is_written(nets, tmp_path):
+    # A write that fails on one rank (here a folder where rank 1's PNG of seed 6 goes; on a cluster a
+    # full disk or quota) must stop both ranks with one line, with every written PNG listed.
+    (tmp_path / '000006.png').mkdir()
+    args = ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-7', '--batch=2', *STEPS, *CPU]
+    code, out, err = finish(start_torchrun(args))
+    [line] = [line for line in err.splitlines() if line.startswith('Error:')] # one line (torchrun adds its own report)
+    assert code != 0 and line.startswith('Error: Cannot write the images: [Errno 21] Is a directory') and '000006.png' in line, err
+    done = pngs(tmp_path) # and no temporary file
+    assert sorted(done) == [f'{s:06d}.png' for s in range(6)] and f'6 of 8 are in "{tmp_path}"' in line, (sorted(done), line)
+    assert [name for name, _ in listed(tmp_path)] == sorted(done) and record(tmp_path)[0]['images'] == sorted(done)
+    (tmp_path / '000006.png').rmdir()
+    code, out, err = finish(start(args))
+    assert code == 0 and 'Generating 2 images' in out, f'{out}\n{err}'
+    expected = expected_images(nets['net'], list(range(8)))
+    images = pngs(tmp_path)
+    assert sorted(images) == [f'{s:06d}.png' for s in range(8)] and all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(8))
+    assert listed(tmp_path) == expected_labels(nets['net'], list(range(8)))
+
 def test_existing_images_are_kept_unless_forced(nets, tmp_path):
     args = ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-3', *STEPS, *CPU]
     assert finish(start(args))[0] == 0

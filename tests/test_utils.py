@@ -387,3 +387,16 @@ def test_atomic_write_gives_umask_permissions(tmp_path, umask):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / 'out.bin').st_mode & 0o777 == 0o666 & ~umask
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_write_atomic_writes_whole_files_with_umask_permissions(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        dnnlib.util.write_atomic(str(tmp_path / 'out.bin'), b'complete')
+        (tmp_path / 'dir.bin').mkdir() # a target that cannot be replaced: the write fails, leaving nothing
+        with pytest.raises(IsADirectoryError):
+            dnnlib.util.write_atomic(str(tmp_path / 'dir.bin'), b'lost')
+    finally:
+        os.umask(old)
+    assert (tmp_path / 'out.bin').read_bytes() == b'complete' and os.stat(tmp_path / 'out.bin').st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['dir.bin', 'out.bin'] and not list((tmp_path / 'dir.bin').iterdir())
