@@ -1,6 +1,6 @@
 """Every GPU promise in one command, for the rare visits to a GPU: a complete verdict in minutes.
 
-    python bench/gpu_check.py                    # on one GPU, at most 8 minutes: report + its section of docs/benchmarks.md
+    python bench/gpu_check.py                    # on one GPU, at most 8.5 minutes: report + its section of docs/benchmarks.md
     python bench/gpu_check.py --only=2,4         # a second visit: re-run what failed (report only)
     python bench/gpu_check.py --smoke            # every check's code path at tiny sizes on a CPU (run by the tests)
 
@@ -13,6 +13,8 @@ The checks, in the order they run (the numbers are those of issue 17 and of --on
     4  generate.py on CUDA (same PNGs at two batch sizes, --dg, --ot-map), fid.py calc with the stand-in
     7  AOT at scale: solver knn at 16,384 against the exact solvers, and --aot-scope=global's
        collectives with 2 processes sharing the GPU
+    8  few-step sampling on CUDA (issue 18): generate.py --solver=ipndm at two batch sizes,
+       tools/schedule_search.py and --sigmas, bench/fewstep_speed.py on a CIFAR-10-sized DDPM++
     2  training throughput of every mode at EDM's CIFAR-10 per-GPU setting, with the goal lines
 
 Each check runs its programs as subprocesses under its own time budget, so a crash or a hang fails
@@ -27,6 +29,7 @@ import io
 import json
 import math
 import os
+import pickle
 import shlex
 import signal
 import subprocess
@@ -83,10 +86,10 @@ NUMERIC_MODES = ['tf32', 'bf16', 'fp16']
 SEED_SPREAD = 'workers'
 
 # Per mode: time budgets (s) of the checks, and sizes. Time a check leaves unused goes to the next
-# ones; the GPU budgets add up to 8 minutes.
+# ones; the GPU budgets add up to 8.5 minutes.
 SIZES = {
     'gpu': dict(
-        budgets={1: 80, 5: 25, 6: 55, 3: 50, 4: 60, 7: 50, 2: 160},
+        budgets={1: 80, 5: 25, 6: 55, 3: 50, 4: 60, 7: 50, 8: 60, 2: 130},
         res=32, workers=4,
         speed='--arch=ddpmpp --batch=64 --augment=0.12 --aot=512 --cond=0', first=0.064, tick=1.024, ticks=4, speed_only=None,
         ddp='--arch=ncsnpp --batch=32 --aot=32 --cond=0', ddp_kimg=0.128, ddp_procs=(1, 2),
@@ -94,9 +97,11 @@ SIZES = {
         seeds=64, batches=(64, 23), dg='--batch=32 --kimg=0.256 --snap=0.128', ot_targets=64, fid='',
         ot_fit=dict(targets=20000, res=32, steps=3),
         pools=dict(pool=512, batch=64, rounds=3, net=dict(model_channels=128, channel_mult=[2, 2, 2])),
-        scale=dict(large='2048,16384', exact=2048, reference_k=64, goal_pool=16384, goal_sec=2.0, scope_pool=512)),
+        scale=dict(large='2048,16384', exact=2048, reference_k=64, goal_pool=16384, goal_sec=2.0, scope_pool=512),
+        fewstep=dict(net=dict(img_resolution=32, model_channels=128, channel_mult=[2, 2, 2]), seeds=64, batches=(64, 23),
+                     search='--steps=11', speed='--batch=64 --steps=11 --rounds=3 --search-rounds=1')),
     'smoke': dict(
-        budgets={1: 120, 5: 120, 6: 120, 3: 240, 4: 300, 7: 200, 2: 400},
+        budgets={1: 120, 5: 120, 6: 120, 3: 240, 4: 300, 7: 200, 8: 200, 2: 400},
         res=8, workers=1,
         # Start-up is most of a tiny run's cost: fewer runs and processes (no DataLoader workers).
         speed='--arch=ddpmpp --cbase=16 --cres=1 --batch=16 --augment=0.12 --aot=16 --cond=0 --workers=0', first=0.016, tick=0.032, ticks=4,
@@ -106,7 +111,10 @@ SIZES = {
         seeds=12, batches=(12, 5), dg='--batch=8 --kimg=0.016 --snap=0.016', ot_targets=6, fid='--workers=0',
         ot_fit=dict(targets=200, res=8, steps=2),
         pools=dict(pool=32, batch=16, rounds=2, net=dict(model_channels=16, channel_mult=[1])),
-        scale=dict(large='64,128', exact=64, reference_k=16, goal_pool=128, goal_sec=2.0, scope_pool=16)),
+        scale=dict(large='64,128', exact=64, reference_k=16, goal_pool=128, goal_sec=2.0, scope_pool=16),
+        fewstep=dict(net=dict(img_resolution=8, model_channels=16, channel_mult=[1]), seeds=12, batches=(12, 5),
+                     search='--steps=5 --seeds=0-7 --teacher-steps=9',
+                     speed='--batch=4 --steps=5 --rounds=1 --search-rounds=1 --search-seeds=0-4 --search-steps=5 --teacher-steps=7')),
 }
 WARMUP_TICKS = 2 # tick 0 is one step (start-up, compilation); tick 1 still warms up
 POOL_CLASSES = [1, 10, 1000]
@@ -321,18 +329,22 @@ def read_pngs(folder):
     names = sorted(n for n in os.listdir(folder) if n.endswith('.png'))
     return {n: np.asarray(PIL.Image.open(os.path.join(folder, n))) for n in names}
 
+def same_at_two_batches(ctx, sample, seeds, batches, name):
+    """Run generate.py (the arguments in sample) for seeds 0 .. seeds-1 at two batch sizes; how many PNGs are identical, or CheckFailed."""
+    for batch in batches:
+        ctx.sh([PY, *sample, f'--outdir={ctx.path(f"{name}{batch}")}', f'--seeds=0-{seeds - 1}', f'--batch={batch}'], f'generate.py {shlex.join(sample[2:])} --batch={batch}')
+    a, b = (read_pngs(ctx.path(f'{name}{batch}')) for batch in batches)
+    same = sum(np.array_equal(a[n], b[n]) for n in a if n in b)
+    if not (len(a) == len(b) == seeds == same):
+        raise CheckFailed(f'generate.py {shlex.join(sample[2:])} at batch {batches[0]} and {batches[1]}: {same} of {seeds} images identical ({len(a)} and {len(b)} written)')
+    return same
+
 def check_generate(ctx):
     s = ctx.size
     ctx.sh(train_cmd(ctx, ctx.path('net'), s['net_kimg'], s['net'].split() + ['--snap=1']), f'train.py {s["net"]} (a network to sample)')
     net = ctx.path('net', sorted(n for n in os.listdir(ctx.path('net')) if n.startswith('network-snapshot-') and n.endswith('.pkl'))[-1])
-    seeds = f'--seeds=0-{s["seeds"] - 1}'
     sample = ['generate.py', f'--network={net}', '--rho=90', '--steps=14']
-    for batch in s['batches']:
-        ctx.sh([PY, *sample, f'--outdir={ctx.path(f"gen{batch}")}', seeds, f'--batch={batch}'], f'generate.py --rho 90 --steps 14 --batch={batch}')
-    a, b = (read_pngs(ctx.path(f'gen{batch}')) for batch in s['batches'])
-    same = sum(np.array_equal(a[n], b[n]) for n in a if n in b)
-    if not (len(a) == len(b) == s['seeds'] == same):
-        raise CheckFailed(f'batch {s["batches"][0]} and {s["batches"][1]}: {same} of {s["seeds"]} images identical ({len(a)} and {len(b)} written)')
+    same = same_at_two_batches(ctx, sample, s['seeds'], s['batches'], 'gen')
     fakes = ctx.path(f'gen{s["batches"][0]}')
     ctx.sh([PY, 'train_discriminator.py', f'--data={ctx.digits()}', f'--fakes={fakes}', f'--outdir={ctx.path("disc")}', *s['dg'].split()], 'train_discriminator.py')
     ctx.sh([PY, *sample, f'--outdir={ctx.path("gen-dg")}', '--seeds=0-7', f'--dg={ctx.path("disc", "discriminator.safetensors")}'], 'generate.py --dg')
@@ -500,6 +512,44 @@ def check_aot_scale(ctx):
     return ctx.smoke or all(met for _, met in goals), summary, lines
 
 #----------------------------------------------------------------------------
+# Check 8: few-step sampling on CUDA.
+
+def save_ddpmpp(path, img_resolution, **kwargs):
+    """A conditional DDPM++ EDMPrecond with random weights (train.py's --arch=ddpmpp), as a snapshot pickle."""
+    from training import networks
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=img_resolution, img_channels=3, label_dim=10, model_type='SongUNet', embedding_type='positional',
+                              encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], **kwargs)
+    with open(path, 'wb') as f:
+        pickle.dump(dict(ema=net.eval().requires_grad_(False)), f)
+
+def check_few_step(ctx):
+    p = ctx.size['fewstep']
+    net = ctx.path('ddpmpp.pkl')
+    save_ddpmpp(net, **p['net'])
+    same = same_at_two_batches(ctx, ['generate.py', f'--network={net}', '--solver=ipndm', '--steps=11'], p['seeds'], p['batches'], 'fs')
+    levels = ctx.path('levels.json')
+    search = ctx.sh([PY, 'tools/schedule_search.py', f'--network={net}', *p['search'].split(), f'--out={levels}'], 'tools/schedule_search.py')
+    ctx.sh([PY, 'generate.py', f'--network={net}', '--solver=ipndm', f'--sigmas={levels}', '--seeds=0-7', f'--outdir={ctx.path("fs-searched")}'],
+           'generate.py --sigmas=the searched levels')
+    if len(read_pngs(ctx.path('fs-searched'))) != 8:
+        raise CheckFailed('generate.py --sigmas wrote no 8 images')
+    out = ctx.sh([PY, 'bench/fewstep_speed.py', f'--network={net}', *p['speed'].split(), '--no-doc'], 'bench/fewstep_speed.py')
+    verdict = [line for line in out.splitlines() if line.startswith('Lowest ') or line.startswith('Search at ')]
+    loop = [line for line in verdict if line.startswith('Lowest ')]
+    if not loop:
+        raise CheckFailed(f'no verdict line in the bench output\n{tail(out)}')
+    met = ': meets the goal' in loop[0]
+    rows = [line for row in table_rows(out, '|') for line in ([''] if row.startswith('| what') else []) + [row]] # two tables
+    lines = [f'{same}/{p["seeds"]} PNGs identical with `--solver=ipndm --steps=11` at batch {p["batches"][0]} and {p["batches"][1]}; '
+             f'`tools/schedule_search.py {p["search"]}` and `generate.py --sigmas` ran. Its report:', '', '```',
+             *[line for line in search.splitlines() if ' levels for ' in line or ' error against ' in line], '```', '',
+             f'`bench/fewstep_speed.py {p["speed"]}` on a conditional DDPM++ of {p["net"]["img_resolution"]}x{p["net"]["img_resolution"]}x3 '
+             f'(random weights; on CUDA the verdict is the direct ratio, wall time with the writes in their thread):', '', *rows, '', *verdict]
+    summary = f'{same}/{p["seeds"]} ipndm PNGs identical; search ran; ' + loop[0].split(': ', 1)[1]
+    return ctx.smoke or met, summary, lines
+
+#----------------------------------------------------------------------------
 # The report.
 
 CHECKS = { # number: (title, function), in the order they run
@@ -509,6 +559,7 @@ CHECKS = { # number: (title, function), in the order they run
     3: ('torchrun: 1 process, 2 sharing the GPU', check_ddp),
     4: ('generate.py, --dg, --ot-map, fid.py', check_generate),
     7: ('AOT at scale: knn solver, global scope', check_aot_scale),
+    8: ('few-step solvers, schedule search, speed', check_few_step),
     2: ('training throughput and goals', check_speed),
 }
 

@@ -33,9 +33,9 @@ def test_bench_runs_and_reports_every_ratio():
     assert re.search(r'Search at [0-9.]+ of the sampling time \(decomposed; direct [0-9.]+\): (meets|misses) the goal', result.output)
 
 def test_bench_takes_a_subset_and_refuses_unknown_samplers():
-    result = CliRunner().invoke(fewstep_speed.main, [*TINY, '--solvers=unipc', '--search-rounds=0'])
+    result = CliRunner().invoke(fewstep_speed.main, [*TINY, '--solvers=unipc', '--search-rounds=0', '--loop-batches=3'])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert '`--solver=unipc` | 4 |' in result.output and 'ipndm`' not in result.output and 'Search at' not in result.output
+    assert '(3 batches per loop:' in result.output and '`--solver=unipc` | 4 |' in result.output and 'ipndm`' not in result.output and 'Search at' not in result.output
     result = CliRunner().invoke(fewstep_speed.main, [*TINY, '--solvers=unipc,rk4'])
     assert result.exit_code != 0 and 'rk4: choose from heun,ipndm' in result.output.strip().splitlines()[-1], result.output
 
