@@ -45,6 +45,37 @@ def test_solve_sparse_complete_graph_is_exact():
     assert idx.dtype == np.int64 and is_permutation(idx, 40)
     np.testing.assert_allclose(cost[np.arange(40), idx].sum(), exact_cost(cost.astype(np.float64)), rtol=1e-6)
 
+@pytest.mark.parametrize('m', [40, 30])
+def test_solve_sparse_offsets_keep_the_optimum(m):
+    # Column offsets (the potentials) are subtracted only for a perfect matching, where they cannot
+    # move the optimum; with fewer rows than columns they would (large random offsets here), so they are ignored.
+    x, n = random_rows(m, 40, seed=5)
+    cost = torch.cdist(x, n).double().numpy()
+    values, cols = aot.knn_rows(x, n, 40)
+    offsets = np.random.default_rng(0).uniform(-50, 50, 40)
+    idx = aot.solve_sparse(values, cols, 40, offsets=offsets)
+    assert len(set(idx.tolist())) == m
+    np.testing.assert_allclose(cost[np.arange(m), idx].sum(), exact_cost(cost), rtol=1e-6)
+
+@pytest.mark.parametrize('seed', range(3))
+def test_solve_sparse_offsets_with_the_fallback(seed):
+    # Rows 0-9 list 3 of columns 0-4, so half of them go through the fallback's dense block; with
+    # offsets the result is still the optimum over that graph (solved densely, missing edges barred).
+    rng = np.random.default_rng(seed)
+    cost = rng.uniform(0, 10, [20, 20])
+    cols = np.stack([rng.choice(5, 3, replace=False) for _ in range(10)] + [5 + rng.choice(15, 3, replace=False) for _ in range(10)])
+    values = np.take_along_axis(cost, cols, 1)
+    stats, found = {}, {}
+    def dense(r, c):
+        found.update(rows=r, cols=c)
+        return cost[np.ix_(r, c)]
+    idx = aot.solve_sparse(values, cols, 20, cost=dense, stats=stats, offsets=rng.uniform(-50, 50, 20))
+    assert stats['unmatched'] > 0 and is_permutation(idx, 20)
+    allowed = np.full([20, 20], 1e6)
+    np.put_along_axis(allowed, cols, values, 1)
+    allowed[np.ix_(found['rows'], found['cols'])] = cost[np.ix_(found['rows'], found['cols'])]
+    np.testing.assert_allclose(cost[np.arange(20), idx].sum(), exact_cost(allowed), rtol=1e-12)
+
 def test_solve_sparse_zero_costs_are_edges():
     # scipy drops explicit zero weights as missing edges; a zero distance must still be usable.
     values = np.array([[0.0, 2.0], [0.0, 5.0]])
