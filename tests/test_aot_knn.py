@@ -159,3 +159,11 @@ def test_solver_names():
     images, noise = torch.rand([4, 3]), torch.randn([4, 3])
     with pytest.raises(ValueError, match='Unknown AOT solver'):
         aot.assign(images, noise, solver='sinkhorn')
+
+def test_matching_bench_runs_and_finds_the_same_cost():
+    from click.testing import CliRunner
+    from bench import knn_matching
+    result = CliRunner().invoke(knn_matching.main, ['--pools=64,200', '--dim=12', '--rounds=1'])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith('| 64 ') or line.startswith('| 200 ')]
+    assert len(rows) == 4 and all(row.split('|')[-2].strip() == 'yes' for row in rows), result.output # as measured, then in the table
