@@ -1,6 +1,6 @@
 """Every GPU promise in one command, for the rare visits to a GPU: a complete verdict in minutes.
 
-    python bench/gpu_check.py                    # on one GPU, at most 8.5 minutes: report + its section of docs/benchmarks.md
+    python bench/gpu_check.py                    # on one GPU, at most 8.75 minutes: report + its section of docs/benchmarks.md
     python bench/gpu_check.py --only=2,4         # a second visit: re-run what failed (report only)
     python bench/gpu_check.py --smoke            # every check's code path at tiny sizes on a CPU (run by the tests)
 
@@ -49,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench import report # noqa: E402
 from dnnlib.util import atomic_write # noqa: E402
+from training import networks # noqa: E402
 
 #----------------------------------------------------------------------------
 # What runs: the tests, the training configurations and the sizes, in one place.
@@ -86,10 +87,10 @@ NUMERIC_MODES = ['tf32', 'bf16', 'fp16']
 SEED_SPREAD = 'workers'
 
 # Per mode: time budgets (s) of the checks, and sizes. Time a check leaves unused goes to the next
-# ones; the GPU budgets add up to 8.5 minutes.
+# ones; the GPU budgets add up to 8.75 minutes.
 SIZES = {
     'gpu': dict(
-        budgets={1: 80, 5: 25, 6: 55, 3: 50, 4: 60, 7: 50, 8: 60, 2: 130},
+        budgets={1: 80, 5: 25, 6: 55, 3: 50, 4: 60, 7: 50, 8: 75, 2: 130},
         res=32, workers=4,
         speed='--arch=ddpmpp --batch=64 --augment=0.12 --aot=512 --cond=0', first=0.064, tick=1.024, ticks=4, speed_only=None,
         ddp='--arch=ncsnpp --batch=32 --aot=32 --cond=0', ddp_kimg=0.128, ddp_procs=(1, 2),
@@ -99,7 +100,7 @@ SIZES = {
         pools=dict(pool=512, batch=64, rounds=3, net=dict(model_channels=128, channel_mult=[2, 2, 2])),
         scale=dict(large='2048,16384', exact=2048, reference_k=64, goal_pool=16384, goal_sec=2.0, scope_pool=512),
         fewstep=dict(net=dict(img_resolution=32, model_channels=128, channel_mult=[2, 2, 2]), seeds=64, batches=(64, 23),
-                     search='--steps=11', speed='--batch=64 --steps=11 --rounds=3 --search-rounds=1')),
+                     search='--steps=11', speed='--batch=64 --steps=11 --rounds=2 --search-rounds=1 --search-seeds=0-127')),
     'smoke': dict(
         budgets={1: 120, 5: 120, 6: 120, 3: 240, 4: 300, 7: 200, 8: 200, 2: 400},
         res=8, workers=1,
@@ -516,7 +517,6 @@ def check_aot_scale(ctx):
 
 def save_ddpmpp(path, img_resolution, **kwargs):
     """A conditional DDPM++ EDMPrecond with random weights (train.py's --arch=ddpmpp), as a snapshot pickle."""
-    from training import networks
     torch.manual_seed(0)
     net = networks.EDMPrecond(img_resolution=img_resolution, img_channels=3, label_dim=10, model_type='SongUNet', embedding_type='positional',
                               encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], **kwargs)
@@ -532,8 +532,9 @@ def check_few_step(ctx):
     search = ctx.sh([PY, 'tools/schedule_search.py', f'--network={net}', *p['search'].split(), f'--out={levels}'], 'tools/schedule_search.py')
     ctx.sh([PY, 'generate.py', f'--network={net}', '--solver=ipndm', f'--sigmas={levels}', '--seeds=0-7', f'--outdir={ctx.path("fs-searched")}'],
            'generate.py --sigmas=the searched levels')
-    if len(read_pngs(ctx.path('fs-searched'))) != 8:
-        raise CheckFailed('generate.py --sigmas wrote no 8 images')
+    written = len(read_pngs(ctx.path('fs-searched')))
+    if written != 8:
+        raise CheckFailed(f'generate.py --sigmas wrote {written} images, expected 8')
     out = ctx.sh([PY, 'bench/fewstep_speed.py', f'--network={net}', *p['speed'].split(), '--no-doc'], 'bench/fewstep_speed.py')
     verdict = [line for line in out.splitlines() if line.startswith('Lowest ') or line.startswith('Search at ')]
     loop = [line for line in verdict if line.startswith('Lowest ')]
