@@ -61,6 +61,8 @@ def test_solve_sparse_offsets_keep_the_optimum(m):
 def test_solve_sparse_offsets_with_the_fallback(seed):
     # Rows 0-9 list 3 of columns 0-4, so half of them go through the fallback's dense block; with
     # offsets the result is still the optimum over that graph (solved densely, missing edges barred).
+    # An exactness test only: every perfect matching covers the free columns by the block's edges, so
+    # no offsets there (or missing ones) can change the result.
     rng = np.random.default_rng(seed)
     cost = rng.uniform(0, 10, [20, 20])
     cols = np.stack([rng.choice(5, 3, replace=False) for _ in range(10)] + [5 + rng.choice(15, 3, replace=False) for _ in range(10)])
