@@ -35,25 +35,26 @@ def current_umask() -> int:
     return mask
 
 @contextlib.contextmanager
-def atomic_write(path):
+def atomic_write(path, set_mode=True):
     """Yields a temporary path beside `path`; it is renamed to `path` only when the block completes,
-    and removed otherwise, so an interrupted write never leaves a file that looks valid. The file
-    gets the permissions of a newly created one (0666 less the umask) even if the writer made it
-    private (safetensors writes 0600)."""
+    and removed otherwise, so an interrupted write never leaves a file that looks valid. With
+    set_mode the file gets the permissions of a newly created one (0666 less the umask) even if the
+    writer made it private (safetensors writes 0600)."""
     temp = f'{path}.tmp-{uuid.uuid4().hex}'
     try:
         yield temp
-        os.chmod(temp, 0o666 & ~current_umask())
+        if set_mode:
+            os.chmod(temp, 0o666 & ~current_umask())
         os.replace(temp, path)
-    finally:
+    except BaseException:
         if os.path.exists(temp):
             os.remove(temp)
+        raise
 
 def write_atomic(path, data):
-    """Write bytes to path as atomic_write does, in fewer system calls (no chmod: the file is created
-    with 0666 less the umask), for the many small files of generate.py."""
-    temp = f'{path}.tmp-{uuid.uuid4().hex}'
-    try:
+    """Write bytes to path through atomic_write in few system calls, for generate.py's many small
+    files: the file is created with 0666 less the umask, so no chmod (nor reading the umask) is needed."""
+    with atomic_write(path, set_mode=False) as temp:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             view = memoryview(data)
@@ -61,11 +62,6 @@ def write_atomic(path, data):
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
 
 #----------------------------------------------------------------------------
 # Dictionary with attribute-style access.
