@@ -7,9 +7,11 @@ import os
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 
 from training import aot
+from tests.helpers import kernels_pinned
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'aot')
 HAVE_LAP = importlib.util.find_spec('lap') is not None
@@ -51,13 +53,44 @@ def test_golden_small(case, solver):
     np.testing.assert_allclose(aot.pairing_cost(images, noise, idx), ref['cost_assignment'], rtol=1e-9)
     np.testing.assert_allclose(aot.pairing_cost(images, noise), ref['cost_identity'], rtol=1e-9)
 
+def second_best_margin(cost):
+    """Cost of the second-best assignment less the best's: it differs from the best in some edge, so
+    it is the best assignment with one of the best's edges forbidden."""
+    rows, cols = scipy.optimize.linear_sum_assignment(cost)
+    second = np.inf
+    for i, j in zip(rows, cols):
+        forbidden = cost.copy()
+        forbidden[i, j] = np.inf
+        r, c = scipy.optimize.linear_sum_assignment(forbidden)
+        second = min(second, forbidden[r, c].sum())
+    return second - cost[rows, cols].sum()
+
+@pytest.mark.parametrize('case', ['uncond_32', 'cond_32'])
+def test_golden_small_cases_have_no_near_ties(case):
+    # The pairing is exact only if float32 distances on another CPU cannot make another assignment
+    # the cheapest: that needs a gap to the second best above 2 N delta, delta bounding each distance's
+    # error (float32 rounding of distances ~34: under 1e-5).
+    images, noise, labels, _ = load_case(case)
+    x, n = images.flatten(1).double(), noise.flatten(1).double()
+    for g in aot.class_groups(None if labels is None else labels.argmax(1).numpy() if labels.ndim == 2 else labels.numpy(), len(x)):
+        if len(g) > 1:
+            assert second_best_margin(torch.cdist(x[g], n[g]).numpy()) > 2 * len(g) * 1e-5, (case, len(g))
+
+@pytest.mark.golden
 @pytest.mark.parametrize('solver', solvers())
 def test_golden_large(solver):
+    # Images and noise come from torch.rand/randn here, in the last bits kernel-dependent, and the case
+    # has near-ties (second best 5e-4 above the best, at a summed cost of 28,000): the reference's exact
+    # pairing is promised under the golden kernels only. Elsewhere a near-tie may swap a few partners,
+    # at no measurable cost; a wrong pairing changes most of them.
     images, noise, perm, meta = large_case()
     idx = aot.assign(images, noise, solver=solver)
-    np.testing.assert_array_equal(idx.numpy(), perm)
-    np.testing.assert_allclose(aot.pairing_cost(images, noise, idx), meta['cost_assignment'], rtol=1e-9)
-    np.testing.assert_allclose(aot.pairing_cost(images, noise), meta['cost_identity'], rtol=1e-9)
+    if kernels_pinned():
+        np.testing.assert_array_equal(idx.numpy(), perm)
+    else:
+        assert (idx.numpy() == perm).mean() >= 0.98
+    np.testing.assert_allclose(aot.pairing_cost(images, noise, idx), meta['cost_assignment'], rtol=1e-7)
+    np.testing.assert_allclose(aot.pairing_cost(images, noise), meta['cost_identity'], rtol=1e-7)
 
 def test_cond_golden_classes():
     # The golden case has an empty class and a single-member class; the single member keeps its own noise.

@@ -10,6 +10,7 @@ import torch
 
 from training import augment
 from training.augment import AugmentPipe
+from tests.helpers import assert_golden
 
 # EDM train.py's setting for --augment (gives 9-dimensional augment_labels).
 EDM_KWARGS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
@@ -158,7 +159,12 @@ def test_pickles_with_constructor_args():
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'augment')
 GOLDEN_CASES = sorted(name[:-4] for name in os.listdir(GOLDEN) if name.endswith('.npz'))
-GOLDEN_ATOL = 1e-5 # measured: at most 4.5e-6 on CPU (images in [-1, 1])
+# EDM's pipeline runs in float32 through torch's vectorised kernels (exp2, trigonometry, grid sampling):
+# images within 4.5e-6 of EDM's on every CPU tried (images in [-1, 1]). The labels come out bit for bit
+# under the golden kernels (helpers.PINNED_KERNELS); elsewhere within 7e-7 (randn, exp2 and log2 in
+# other roundings, no vectorisation against AVX2).
+GOLDEN_ATOL = 1e-5
+LABELS_ATOL = 1e-5
 
 def golden(case):
     d = np.load(os.path.join(GOLDEN, f'{case}.npz'), allow_pickle=False)
@@ -172,12 +178,13 @@ def test_golden_cases_cover_edm_settings_and_each_transform():
         assert (labels != 0).any() and np.abs(y - x).max() > 0.1, case
     assert golden('edm_p012')[0]['p'] == 0.12 and golden('edm_p012')[4].shape[1] == 9
 
+@pytest.mark.golden
 @pytest.mark.parametrize('case', GOLDEN_CASES)
 def test_matches_edm_golden(case):
     kwargs, seed, x, y_ref, labels_ref = golden(case)
     torch.manual_seed(seed)
     y, labels = AugmentPipe(**kwargs)(torch.from_numpy(x))
-    np.testing.assert_array_equal(labels.numpy(), labels_ref)
+    assert_golden(labels, labels_ref, atol=LABELS_ATOL, what=f'{case}: augment labels')
     np.testing.assert_allclose(y.numpy(), y_ref, rtol=0, atol=GOLDEN_ATOL)
 
 class _HostRandom:

@@ -45,8 +45,11 @@ def test_features_and_heads_match_dg(dg_modules):
     with torch.no_grad():
         features = dg_modules['classifier'](x, t, feature=True)
         assert features.shape == (3, 512, 8, 8)
-        np.testing.assert_allclose(features.numpy(), ref['features'], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(dg_modules['classifier'](x, t).numpy(), ref['classifier_logits'], rtol=0, atol=1e-5)
+        # DG's encoder is ours, not DG's code, and these are sums over thousands of float32 terms: on
+        # the CPUs tried (AVX2, AVX-512, no vectorisation) within 4e-6 of the largest value (15 for
+        # the features); 3e-5 of it leaves a margin for other kernels and is far below any layer bug.
+        for got, key in [(features, 'features'), (dg_modules['classifier'](x, t), 'classifier_logits')]:
+            np.testing.assert_allclose(got.numpy(), ref[key], rtol=0, atol=3e-5 * np.abs(ref[key]).max(), err_msg=key)
         feats = torch.from_numpy(ref['features'])
         np.testing.assert_allclose(dg_modules['uncond'](feats, t, sigmoid=True).view(-1).numpy(), ref['disc_uncond'], rtol=0, atol=1e-6)
         np.testing.assert_allclose(dg_modules['cond'](feats, t, sigmoid=True, condition=labels).view(-1).numpy(), ref['disc_cond'], rtol=0, atol=1e-6)

@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import torch
 from training import sampling
+from tests.helpers import assert_golden
 from training.sampling import (edm_sampler, ablation_sampler, latents_for_seeds, NFECounter,
                                StackedRandomGenerator, trace_sampler, edm_time_steps)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
 SAMPLER_README = json.load(open(os.path.join(GOLDEN, 'sampler', 'README.json')))
 CONFIGS = SAMPLER_README['configs']
+# torch.randn's Box-Muller uses the kernels' own log and cos: latents differ in the last bits between
+# kernel sets (at most 1.4e-6 seen, no vectorisation against AVX2), so a seed's latents are EDM's
+# bit for bit under the golden kernels only (helpers.PINNED_KERNELS) and within this elsewhere.
+LATENTS_ATOL = 1e-5
 
 def load_golden_network(npz_path, json_path):
     from training import networks
@@ -36,16 +41,17 @@ class GaussianDenoiser:
 
 #----------------------------------------------------------------------------
 
+@pytest.mark.golden
 def test_latents_and_labels_match_edm_generate():
     ref = np.load(os.path.join(GOLDEN, 'sampler', 'inputs.npz'))
     latents, labels, _ = latents_for_seeds(stub_net(), [0, 1, 2, 3])
     assert latents.dtype == torch.float32
-    np.testing.assert_array_equal(latents.numpy(), ref['latents'])
+    assert_golden(latents, ref['latents'], atol=LATENTS_ATOL, what='latents')
     np.testing.assert_array_equal(labels.numpy(), ref['class_labels'])
     assert labels.argmax(1).tolist() == CONFIGS['edm_steps18_rho7']['class_labels']
     uncond_latents, uncond_labels, _ = latents_for_seeds(stub_net(label_dim=0), [0, 1, 2, 3])
     assert uncond_labels is None
-    np.testing.assert_array_equal(uncond_latents.numpy(), ref['latents'])
+    assert_golden(uncond_latents, ref['latents'], atol=LATENTS_ATOL, what='latents')
 
 def test_seed_gives_same_latents_in_any_batch():
     all4, labels4, _ = latents_for_seeds(stub_net(), [0, 1, 2, 3])
@@ -55,10 +61,11 @@ def test_seed_gives_same_latents_in_any_batch():
     shuffled, _, _ = latents_for_seeds(stub_net(), [3, 1])
     assert torch.equal(shuffled, all4[[3, 1]])
 
+@pytest.mark.golden
 def test_forced_class():
     ref = np.load(os.path.join(GOLDEN, 'sampler', 'inputs.npz'))
     latents, labels, rnd = latents_for_seeds(stub_net(), [0, 1, 2, 3], class_idx=4)
-    np.testing.assert_array_equal(latents.numpy(), ref['latents'])
+    assert_golden(latents, ref['latents'], atol=LATENTS_ATOL, what='latents')
     assert labels.argmax(1).tolist() == [4] * 4 and labels.sum().item() == 4
     # The label draw still happened, so the noise stream after it is the same as without --class.
     _, _, rnd_free = latents_for_seeds(stub_net(), [0, 1, 2, 3])
@@ -79,13 +86,14 @@ def test_stacked_generator_is_per_seed():
 #----------------------------------------------------------------------------
 # Golden outputs of EDM's generate.py on the small golden networks.
 
+@pytest.mark.golden
 @pytest.mark.parametrize('config', list(CONFIGS))
 def test_sampler_matches_golden(config):
     cfg = CONFIGS[config]
     ref = np.load(os.path.join(GOLDEN, 'sampler', cfg['file']))
     net = load_golden_network(cfg['network'], cfg['network_json'])
     latents, class_labels, rnd = latents_for_seeds(net, [0, 1, 2, 3])
-    np.testing.assert_array_equal(latents.numpy(), ref['latents'])
+    assert_golden(latents, ref['latents'], atol=LATENTS_ATOL, what='latents')
     if 'class_labels' in ref.files:
         np.testing.assert_array_equal(class_labels.numpy(), ref['class_labels'])
     else:

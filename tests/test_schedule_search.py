@@ -60,8 +60,23 @@ def test_gits_search_matches_golden(case, golden_teacher):
     reference = DATA[f'{case}/cost']
     np.testing.assert_allclose(cost, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
     path = schedule_search.best_path(cost, cfg['num_steps'], cfg['coeff'])
-    assert path == cfg['dp_list']
-    np.testing.assert_allclose(sigmas[path].numpy(), DATA[f'{case}/t_steps'], rtol=1e-6)
+    # The path is a discrete result of float costs: it is diff-sampler's exactly when the costs' error
+    # here cannot outweigh the reference's gap to its second-best path; otherwise (a near-tie on this
+    # CPU's kernels) it must be as good, on the reference's costs, as the error allows.
+    weights = cfg['coeff'] ** np.arange(cfg['num_steps'] - 1)
+    total = lambda p, c: float((weights * c[p[:-1], p[1:]]).sum())
+    error = float(weights.sum() * np.abs(cost - reference).max())
+    best = total(cfg['dp_list'], reference)
+    second = np.inf
+    for a, b in zip(cfg['dp_list'], cfg['dp_list'][1:]):
+        forbidden = reference.copy()
+        forbidden[a, b] = np.inf
+        second = min(second, total(schedule_search.best_path(forbidden, cfg['num_steps'], cfg['coeff']), forbidden))
+    if second - best > 2 * error:
+        assert path == cfg['dp_list']
+        np.testing.assert_allclose(sigmas[path].numpy(), DATA[f'{case}/t_steps'], rtol=1e-6)
+    else:
+        assert total(path, reference) <= best + 2 * error, (path, cfg['dp_list'])
 
 def test_teacher_path_holds_the_teachers_states_and_slopes():
     net = golden_network(UNCOND)
