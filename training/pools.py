@@ -53,8 +53,8 @@ def auto_workers(pool_size, num_classes, cpu_cores_per_gpu, cuda, solver='scipy'
     One worker builds a pool on one core. The count at pool 512 is the one measured to keep an H100
     from waiting at EDM's CIFAR-10 settings; per image, building costs the same at any pool size
     but for the assignment, which grows with the class size n = pool / classes as (n / 512)^1.45
-    from a small share of the build at n = 512 (figures: docs/training.md, "Where pools are
-    built")."""
+    from a small share of the build at n = 512 (figures: docs/training.md, "How the pairing
+    works")."""
     if not cuda:
         return 1
     if solver == 'knn' or pool_size >= KNN_POOL:
