@@ -22,8 +22,10 @@ EXIT_INTERRUPTED = 75
 # Options of one invocation, not of the run: not recorded, not compared on resume.
 PER_INVOCATION = ['resume', 'dry_run']
 # Options that change what is watched or saved, never what is trained: a resume may give them anew.
-MAX_EXACT_POOL = 8192 # unconditional pools above this go to --aot-solver=knn (scipy: ~7 s at 4096, cubic)
 WATCHING = ['metric_every', 'metric_images', 'metric_detector', 'dump_minutes']
+# Unconditional pools above this go to --aot-solver=knn: an exact solve grows as the cube of the
+# pool (times: docs/training.md, "Choosing the pool size and solver").
+MAX_EXACT_POOL = 8192
 
 #----------------------------------------------------------------------------
 
@@ -215,7 +217,6 @@ def check_fits(src, dst, source, strict, fix, interface=None):
 @click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm',       type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
 @click.option('--aot',           help='AOT pool per GPU: images paired with noise at once, 0 = plain EDM', metavar='INT', type=click.IntRange(min=0), default=512, show_default=True)
 @click.option('--aot-solver',    help='Assignment solver: exact (scipy, lap), or knn for pools of thousands', metavar='scipy|lap|knn',                     type=click.Choice(aot.SOLVERS), default='scipy', show_default=True)
-@click.option('--aot-scope',     help='Pair each GPU\'s pool alone, or all GPUs\' pools as one (images stay on their GPU)', type=click.Choice(['gpu', 'global']), default='gpu', show_default=True)
 
 # Hyperparameters.
 @click.option('--duration',      help='Training duration', metavar='MIMG',                          type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
@@ -235,7 +236,7 @@ def check_fits(src, dst, source, strict, fix, interface=None):
 @click.option('--ls',            help='Loss scaling (fixed, as EDM; no step is skipped)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
-@click.option('--workers',       help='Pool worker processes; 0 = build pools on the training device in background threads; auto = on a GPU as many as keep it from waiting (4 at pool 512), 1 on the CPU', metavar='INT|auto', type=Workers(), default='auto', show_default=True)
+@click.option('--workers',       help='Pool worker processes; 0 = build each pool in the training process, on the training device, when it is needed; auto = on a GPU as many as keep it from waiting (0 for knn pools), 1 on the CPU', metavar='INT|auto', type=Workers(), default='auto', show_default=True)
 @click.option('--tf32',          help='Allow TF32 matmuls/convolutions on CUDA (fast mode; default is EDM\'s exact fp32)', is_flag=True)
 @click.option('--bf16',          help='bf16 autocast inside the U-Net (fast mode)',                 is_flag=True)
 @click.option('--compile',       help='torch.compile the network for training (fast mode)',         is_flag=True)
@@ -315,17 +316,11 @@ def main(**kwargs):
     except (IOError, OSError, ValueError) as err:
         fail(f'Cannot use dataset --data={opts.data}: {err}')
 
-    # Pool placement: worker processes, as many as keep the GPU from waiting (training/pools.py), one on the CPU.
-    global_scope = opts.aot_scope == 'global' and opts.aot > 0 and dist.get_world_size() > 1
-    if opts.aot_scope == 'global' and opts.aot > 0 and not global_scope:
-        dist.print0('Note: --aot-scope=global with one process pairs its one pool, as --aot-scope=gpu does.')
-    if global_scope and opts.workers not in ('auto', 0):
-        fail(f'--aot-scope=global builds its pools in the training process, together with the other GPUs; use --workers=0 (not {opts.workers})')
-    if global_scope:
-        opts.workers = 0
+    # Pool placement: worker processes, as many as keep the GPU from waiting, one on the CPU; knn
+    # pools in the training process, on the GPU (training/pools.py, auto_workers).
     if opts.workers == 'auto':
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-        opts.workers = pools.auto_workers(opts.aot, interface_kwargs['label_dim'], cores // dist.get_local_world_size(), dist.use_cuda())
+        opts.workers = pools.auto_workers(opts.aot, interface_kwargs['label_dim'], cores // dist.get_local_world_size(), dist.use_cuda(), opts.aot_solver)
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=dist.use_cuda(), num_workers=opts.workers)
     if opts.workers > 0:
         c.data_loader_kwargs.update(prefetch_factor=1, persistent_workers=True) # each worker builds one pool ahead: enough overlap, no waste
@@ -372,7 +367,7 @@ def main(**kwargs):
     if opts.bf16 and opts.fp16:
         fail('--bf16 and --fp16=1 are two kinds of mixed precision; choose one')
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, state_dump_minutes=opts.dump_minutes or None)
-    c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, aot_scope=opts.aot_scope, grid_images=opts.grid)
+    c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, grid_images=opts.grid)
     c.update(metric_every=opts.metric_every, metric_images=opts.metric_images, metric_detector=opts.metric_detector)
 
     # Batch and pool sizes: refuse what EDM-AOT silently got wrong (dropped or empty slices).
@@ -389,10 +384,9 @@ def main(**kwargs):
         aot.check_solver(opts.aot_solver)
     except ValueError as err:
         fail(f'--aot-solver={opts.aot_solver}: {err}')
-    paired_at_once = opts.aot * (world if global_scope else 1) # one unconditional assignment
-    if opts.aot_solver in aot.DENSE_SOLVERS and not interface_kwargs['label_dim'] and paired_at_once > MAX_EXACT_POOL:
-        fail(f'--aot-solver={opts.aot_solver} would solve exact assignments of {paired_at_once} noises: minutes per pool and '
-             f'{paired_at_once ** 2 * 8 / 2**30:.0f} GiB; use --aot-solver=knn (within 1% of exact, docs/aot-scale.md) or at most {MAX_EXACT_POOL}')
+    if opts.aot_solver in aot.DENSE_SOLVERS and not interface_kwargs['label_dim'] and opts.aot > MAX_EXACT_POOL:
+        fail(f'--aot-solver={opts.aot_solver} would solve exact assignments of {opts.aot} noises: minutes per pool and '
+             f'{opts.aot ** 2 * 8 / 2**30:.0f} GiB; use --aot-solver=knn (within 1% of exact, docs/aot-scale.md) or at most {MAX_EXACT_POOL}')
 
     # Random seed.
     c.seed = opts.seed if opts.seed is not None else int(torch.randint(1 << 31, size=[]))

@@ -58,7 +58,7 @@ def make_pool(real, fake, pool, gen, aot_pool):
         x, y = images[idx], (None if labels is None else labels[idx])
         z = torch.randn(x.shape, generator=gen)
         if aot_pool:
-            z = z[aot.assign(x.float() / 127.5 - 1, z, y)]
+            z = z[aot.assign(x.float() / 127.5 - 1, z, y)[0]]
         parts.append((x, y, torch.full([len(idx)], target), z))
     order = torch.randperm(pool // 2 * 2, generator=gen)
     cat = lambda k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])[order]

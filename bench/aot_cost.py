@@ -83,7 +83,7 @@ def time_assign(pools, solvers, repeats, shape=(3, 32, 32)):
             best = float('inf')
             for _ in range(repeats):
                 start = time.perf_counter()
-                idx = aot.assign(images, noise, solver=solver)
+                idx, _ = aot.assign(images, noise, solver=solver)
                 best = min(best, time.perf_counter() - start)
             times[solver], costs[solver] = best, aot.pairing_cost(images, noise, idx)
         gap = (max(costs.values()) - min(costs.values())) / min(costs.values())
@@ -141,7 +141,7 @@ def time_large(pools, ks, ref_k, exact_max, exact_solvers, device, digits=None):
         for solver in (exact_solvers if pool <= exact_max else []):
             sync(device)
             start = time.perf_counter()
-            idx = aot.assign(images, noise, solver=solver)
+            idx, _ = aot.assign(images, noise, solver=solver)
             add(solver, time.perf_counter() - start, idx.cpu())
         # Solver 'knn' in its steps, the passes shared by every k (each k's seconds count them all).
         sync(device)

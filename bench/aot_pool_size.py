@@ -52,7 +52,7 @@ def measure(kind, size, draw, digits, exact_max, exact_solver, device):
     images, noise = images.to(device), noise.to(device)
     solver = exact_solver if size <= exact_max else 'knn'
     start = time.perf_counter()
-    idx = aot.assign(images, noise, solver=solver)
+    idx, _ = aot.assign(images, noise, solver=solver)
     seconds = time.perf_counter() - start
     identity, paired = aot.pairing_cost(images, noise), aot.pairing_cost(images, noise, idx)
     return dict(kind=kind, size=size, draw=draw, solver=solver, seconds=seconds,

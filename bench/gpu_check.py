@@ -11,8 +11,7 @@ The checks, in the order they run (the numbers are those of issue 17 and of --on
     6  building one AOT pool on the GPU while training runs, against an idle GPU, at 1, 10, 1000 classes
     3  torchrun with 1 process and with 2 processes sharing the GPU (--arch=ncsnpp), ranks' weights equal
     4  generate.py on CUDA (same PNGs at two batch sizes, --dg, --ot-map), fid.py calc with the stand-in
-    7  AOT at scale: solver knn at 16,384 against the exact solvers, and --aot-scope=global's
-       collectives with 2 processes sharing the GPU
+    7  AOT at scale: solver knn at 16,384 against the exact solvers
     8  few-step sampling on CUDA (issue 18): generate.py --solver=ipndm at two batch sizes,
        tools/schedule_search.py and --sigmas, bench/fewstep_speed.py on a CIFAR-10-sized DDPM++
     2  training throughput of every mode at EDM's CIFAR-10 per-GPU setting, with the goal lines
@@ -79,7 +78,7 @@ SPEED_CONFIGS = {
     'fp16':     ['--fp16=1'],
     'fast':     None,                                # the fastest of tf32/bf16/fp16, plus --tf32 --compile
     'workers':  ['--workers={workers}', '--seed=1'], # pools in worker processes; another seed: its loss curve is the seed spread
-    'workers0': ['--workers=0'],                     # pools built on the GPU in background threads
+    'workers0': ['--workers=0'],                     # pools built in the training process, on the GPU
     'lap':      ['--aot-solver=lap'],                # the optional solver, when its package is installed
 }
 OPTIONAL = {'lap': 'lap'} # config: the package it needs
@@ -98,7 +97,7 @@ SIZES = {
         seeds=64, batches=(64, 23), dg='--batch=32 --kimg=0.256 --snap=0.128', ot_targets=64, fid='',
         ot_fit=dict(targets=20000, res=32, steps=3),
         pools=dict(pool=512, batch=64, rounds=3, net=dict(model_channels=128, channel_mult=[2, 2, 2])),
-        scale=dict(large='2048,16384', exact=2048, reference_k=64, goal_pool=16384, goal_sec=2.0, scope_pool=512),
+        scale=dict(large='2048,16384', exact=2048, reference_k=64, goal_pool=16384, goal_sec=2.0),
         fewstep=dict(net=dict(img_resolution=32, model_channels=128, channel_mult=[2, 2, 2]), seeds=64, batches=(64, 23),
                      search='--steps=11', speed='--batch=64 --steps=11 --rounds=2 --search-rounds=1 --search-seeds=0-127')),
     'smoke': dict(
@@ -112,7 +111,7 @@ SIZES = {
         seeds=12, batches=(12, 5), dg='--batch=8 --kimg=0.016 --snap=0.016', ot_targets=6, fid='--workers=0',
         ot_fit=dict(targets=200, res=8, steps=2),
         pools=dict(pool=32, batch=16, rounds=2, net=dict(model_channels=16, channel_mult=[1])),
-        scale=dict(large='64,128', exact=64, reference_k=16, goal_pool=128, goal_sec=2.0, scope_pool=16),
+        scale=dict(large='64,128', exact=64, reference_k=16, goal_pool=128, goal_sec=2.0),
         fewstep=dict(net=dict(img_resolution=8, model_channels=16, channel_mult=[1]), seeds=12, batches=(12, 5),
                      search='--steps=5 --seeds=0-7 --teacher-steps=9',
                      speed='--batch=4 --steps=5 --rounds=1 --search-rounds=1 --search-seeds=0-4 --search-steps=5 --teacher-steps=7')),
@@ -498,18 +497,12 @@ def check_aot_scale(ctx):
         raise CheckFailed(f'no knn rows for pools {p["exact"]} and {p["goal_pool"]} in the bench output\n{tail(out)}')
     seconds = float(cells[p['goal_pool']][3])
     kept = float(cells[p['exact']][7])
-    scope = ctx.sh([PY, 'bench/aot_scope_cost.py', '--world=2', f'--pool={p["scope_pool"]}', '--pools=2', '--classes=0,10', '--device=auto', '--no-doc'],
-                   f'--aot-scope=global, 2 processes sharing the {device}')
-    scope_rows = list(dict.fromkeys(table_rows(scope, '| 2 |'))) # printed as measured, then in the whole table
     goals = [(f'knn pairs {p["goal_pool"]} in {seconds:.2f} s (goal about a second: <= {p["goal_sec"]} s)', seconds <= p['goal_sec']),
              (f'knn keeps {kept:.4f} of the exact pairing\'s gain at {p["exact"]} (goal: cost within 1%, i.e. gain kept >= 0.99 here)', kept >= 0.99)]
     lines = [f'Solver `knn` on the {device} (`bench/aot_cost.py`, random 3x32x32; exact solvers up to '
              f'{p["exact"]}, above it knn at k = {p["reference_k"]} is the reference):', '', rows[0], table_rows(out, '|---')[0], *rows[1:],
-             '', f'`--aot-scope=global` with 2 processes sharing the {device} (`bench/aot_scope_cost.py`, P = {p["scope_pool"]} per process):', '',
-             '| W | classes | global pool | build gpu (s) | build global (s) | global / gpu | collectives (s) | solve (s) | max received (MB) | network (ms) |',
-             '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|', *scope_rows, ''] + [f'- {"met" if met else "MISSED"}: {line}' for line, met in goals]
-    summary = f'knn {p["goal_pool"]}: {seconds:.2f} s, gain kept {kept:.4f} at {p["exact"]}; global/gpu build ' + \
-              ', '.join(r.split('|')[6].strip() + 'x' for r in scope_rows)
+             ''] + [f'- {"met" if met else "MISSED"}: {line}' for line, met in goals]
+    summary = f'knn {p["goal_pool"]}: {seconds:.2f} s, gain kept {kept:.4f} at {p["exact"]}'
     return ctx.smoke or all(met for _, met in goals), summary, lines
 
 #----------------------------------------------------------------------------
@@ -559,7 +552,7 @@ CHECKS = { # number: (title, function), in the order they run
     6: ('pool building under training load', check_pools),
     3: ('torchrun: 1 process, 2 sharing the GPU', check_ddp),
     4: ('generate.py, --dg, --ot-map, fid.py', check_generate),
-    7: ('AOT at scale: knn solver, global scope', check_aot_scale),
+    7: ('AOT at scale: knn solver', check_aot_scale),
     8: ('few-step solvers, schedule search, speed', check_few_step),
     2: ('training throughput and goals', check_speed),
 }

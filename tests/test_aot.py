@@ -45,7 +45,7 @@ def solvers():
 @pytest.mark.parametrize('case', ['uncond_32', 'cond_32'])
 def test_golden_small(case, solver):
     images, noise, labels, perm = load_case(case)
-    idx = aot.assign(images, noise, labels, solver=solver)
+    idx = aot.assign(images, noise, labels, solver=solver)[0]
     assert idx.dtype == torch.long
     np.testing.assert_array_equal(idx.numpy(), perm)
     with open(os.path.join(GOLDEN, 'README.json')) as f:
@@ -84,7 +84,7 @@ def test_golden_large(solver):
     # pairing is promised under the golden kernels only. Elsewhere a near-tie may swap a few partners,
     # at no measurable cost; a wrong pairing changes most of them.
     images, noise, perm, meta = large_case()
-    idx = aot.assign(images, noise, solver=solver)
+    idx = aot.assign(images, noise, solver=solver)[0]
     if kernels_pinned():
         np.testing.assert_array_equal(idx.numpy(), perm)
     else:
@@ -98,18 +98,18 @@ def test_cond_golden_classes():
     classes = labels.argmax(1)
     counts = torch.bincount(classes, minlength=labels.shape[1])
     assert 0 in counts.tolist() and 1 in counts.tolist()
-    idx = aot.assign(images, noise, labels)
+    idx = aot.assign(images, noise, labels)[0]
     single = torch.nonzero(counts[classes] == 1).flatten()
     assert (idx[single] == single).all()
     # Integer class indices give the same pairing as one-hot labels.
-    assert (aot.assign(images, noise, classes) == idx).all()
+    assert (aot.assign(images, noise, classes)[0] == idx).all()
 
 #----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('classes', [None, 3])
 def test_permutation_and_cost(classes):
     images, noise, labels = random_pool(64, classes, seed=1)
-    idx = aot.assign(images, noise, labels)
+    idx = aot.assign(images, noise, labels)[0]
     assert sorted(idx.tolist()) == list(range(64))
     assert aot.pairing_cost(images, noise, idx) <= aot.pairing_cost(images, noise)
     # A real improvement on a random pool, not just the identity.
@@ -117,11 +117,11 @@ def test_permutation_and_cost(classes):
 
 def test_classwise_never_crosses_and_equals_per_class_solution():
     images, noise, labels = random_pool(60, classes=4, seed=2)
-    idx = aot.assign(images, noise, torch.nn.functional.one_hot(labels, 4).float())
+    idx = aot.assign(images, noise, torch.nn.functional.one_hot(labels, 4).float())[0]
     assert (labels[idx] == labels).all()
     for c in range(4):
         members = torch.nonzero(labels == c).flatten()
-        alone = aot.assign(images[members], noise[members])
+        alone = aot.assign(images[members], noise[members])[0]
         assert (idx[members] == members[alone]).all()
 
 @pytest.mark.parametrize('seed', range(8))
@@ -130,14 +130,14 @@ def test_brute_force_optimum(seed):
     images, noise, _ = random_pool(num, seed=100 + seed, shape=(2,))
     dist = torch.cdist(images.double(), noise.double())
     best = min(sum(dist[i, p[i]].item() for i in range(num)) for p in itertools.permutations(range(num)))
-    idx = aot.assign(images, noise)
+    idx = aot.assign(images, noise)[0]
     np.testing.assert_allclose(aot.pairing_cost(images, noise, idx), best, rtol=1e-6)
 
 @pytest.mark.skipif(not HAVE_LAP, reason='lap not installed (pip install lap)')
 @pytest.mark.parametrize('classes', [None, 5])
 def test_solvers_agree(classes):
     images, noise, labels = random_pool(200, classes, seed=3, shape=(3, 8, 8))
-    assert (aot.assign(images, noise, labels, solver='scipy') == aot.assign(images, noise, labels, solver='lap')).all()
+    assert (aot.assign(images, noise, labels, solver='scipy')[0] == aot.assign(images, noise, labels, solver='lap')[0]).all()
 
 def test_missing_lap_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(__import__('sys').modules, 'lap', None) # makes `import lap` raise ImportError
@@ -147,7 +147,7 @@ def test_missing_lap_is_a_clear_error(monkeypatch):
 
 def test_empty_label_vector_means_unconditional():
     images, noise, _ = random_pool(16, seed=4)
-    assert (aot.assign(images, noise, torch.zeros([16, 0])) == aot.assign(images, noise)).all()
+    assert (aot.assign(images, noise, torch.zeros([16, 0]))[0] == aot.assign(images, noise)[0]).all()
 
 def test_bad_inputs():
     images, noise, labels = random_pool(8, classes=2)
@@ -189,3 +189,24 @@ def test_class_groups_on_the_host():
     assert aot.pairing(groups, [np.array([1, 0]), np.array([2, 0, 1]), np.array([0])]).tolist() == [5, 4, 0, 3, 1, 2]
 
 #----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('solver', solvers() + ['knn'])
+@pytest.mark.parametrize('classes', [None, 6])
+def test_assign_returns_the_pairings_stats(solver, classes):
+    # cost_before / cost_after: the mean image-noise distance before and after pairing; alone: images
+    # alone in their class, which keep their noise. The pool builder logs exactly these.
+    images, noise, _ = random_pool(40, seed=4)
+    labels = None if classes is None else torch.arange(40) % classes
+    if labels is not None:
+        labels[0] = classes # a class of its own: one image alone
+    idx, stats = aot.assign(images, noise, labels, solver=solver)
+    assert set(stats) == {'cost_before', 'cost_after', 'alone'}
+    assert stats['cost_before'] == pytest.approx(aot.pairing_cost(images, noise) / 40, rel=1e-6)
+    assert stats['cost_after'] == pytest.approx(aot.pairing_cost(images, noise, idx) / 40, rel=1e-6)
+    assert stats['cost_after'] < stats['cost_before']
+    assert stats['alone'] == (0 if classes is None else 1 / 40)
+    if classes is not None:
+        assert idx[0] == 0 # alone: its own noise
+    unpaired = aot.unpaired_stats(images, noise, labels)
+    assert unpaired['cost_after'] == unpaired['cost_before'] == pytest.approx(stats['cost_before'], rel=1e-6)
+    assert unpaired['alone'] == stats['alone']

@@ -95,7 +95,7 @@ def test_default_k_within_one_percent(seed):
     assert is_permutation(idx, 400)
     assert stats['unmatched'] == 0 # the potentials make the sparse graph enough: no fallback
     identity = aot.pairing_cost(images, noise)
-    exact = aot.pairing_cost(images, noise, aot.assign(images, noise))
+    exact = aot.pairing_cost(images, noise, aot.assign(images, noise)[0])
     knn = aot.pairing_cost(images, noise, torch.from_numpy(idx))
     assert knn <= exact * 1.01
     assert (identity - knn) / (identity - exact) > 0.99 # the honest measure: the gain kept
@@ -129,7 +129,7 @@ def test_assign_with_fallback_inside(monkeypatch):
     images, noise = (t.view(64, 3, 4, 4) for t in random_rows(64, 64, seed=4))
     stats = {}
     assert is_permutation(aot.solve_knn(images.flatten(1), noise.flatten(1), stats=stats), 64) and stats['unmatched'] > 0
-    idx = aot.assign(images, noise, solver='knn')
+    idx = aot.assign(images, noise, solver='knn')[0]
     assert is_permutation(idx.numpy(), 64)
 
 @pytest.mark.parametrize('classes', [None, 4])
@@ -137,27 +137,21 @@ def test_assign_knn(classes):
     gen = torch.Generator().manual_seed(5)
     images, noise = torch.rand([300, 3, 4, 4], generator=gen) * 2 - 1, torch.randn([300, 3, 4, 4], generator=gen)
     labels = None if classes is None else torch.randint(classes, [300], generator=gen)
-    idx = aot.assign(images, noise, labels, solver='knn')
+    idx = aot.assign(images, noise, labels, solver='knn')[0]
     assert idx.dtype == torch.long and is_permutation(idx.numpy(), 300)
     if labels is not None:
         assert (labels[idx] == labels).all()
-    exact = aot.pairing_cost(images, noise, aot.assign(images, noise, labels))
+    exact = aot.pairing_cost(images, noise, aot.assign(images, noise, labels)[0])
     assert aot.pairing_cost(images, noise, idx) == pytest.approx(exact, rel=1e-3)
-    # The dense path (solve_costs, as the pool builder calls it) pairs the same way.
-    groups = aot.class_groups(None if labels is None else labels.numpy(), 300)
-    cols = aot.solve_costs(aot.group_costs(images.flatten(1), noise.flatten(1), groups), 'knn')
-    assert aot.pairing_cost(images, noise, torch.from_numpy(aot.pairing(groups, cols))) == pytest.approx(exact, rel=1e-3)
 
 def test_solver_names():
     assert aot.DENSE_SOLVERS == ('scipy', 'lap') and 'knn' in aot.SOLVERS
-    assert aot.is_sparse('knn') and not aot.is_sparse('scipy')
+    assert aot.check_solver('knn') is None and callable(aot.check_solver('scipy')) # knn needs no cost matrix
     if importlib.util.find_spec('lap') is not None:
-        assert not aot.is_sparse('lap')
+        assert callable(aot.check_solver('lap'))
     for bad in ('hungarian', 'KNN', ''):
         with pytest.raises(ValueError, match=r"^Unknown AOT solver .*; choose one of scipy, lap, knn$"):
             aot.check_solver(bad)
-        with pytest.raises(ValueError, match='Unknown AOT solver'):
-            aot.is_sparse(bad)
     images, noise = torch.rand([4, 3]), torch.randn([4, 3])
     with pytest.raises(ValueError, match='Unknown AOT solver'):
         aot.assign(images, noise, solver='sinkhorn')

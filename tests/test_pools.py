@@ -7,7 +7,7 @@ import torch
 from training import aot
 from training.dataset import ImageFolderDataset
 from training.augment import AugmentPipe
-from training.pools import PoolPrefetcher, PoolStream, auto_workers, iterate_slices
+from training.pools import KNN_POOL, PoolStream, auto_workers, iterate_slices
 from tests.datagen import make_dataset
 
 @pytest.fixture(scope='module')
@@ -35,8 +35,8 @@ def test_pairing_is_optimal_permutation_within_class(dataset, solver, monkeypatc
     plain = PoolStream(dataset, 20, seed=1, pair=False).make_pool(2)
     assert torch.equal(paired['images'], plain['images'])
     # Pairing only permutes the same noise draws, within classes.
-    idx = aot.assign(plain['images'], plain['noise'], plain['labels'], solver=solver)
-    assert torch.equal(paired['noise'], plain['noise'][idx])
+    idx, stats = aot.assign(plain['images'], plain['noise'], plain['labels'], solver=solver)
+    assert torch.equal(paired['noise'], plain['noise'][idx]) and paired['stats'] == stats # aot.assign is the pool's pairing
     assert torch.equal(plain['labels'][idx], plain['labels'])
     assert aot.pairing_cost(paired['images'], paired['noise']) <= aot.pairing_cost(plain['images'], plain['noise'])
 
@@ -65,36 +65,15 @@ def single_thread_worker(worker_id):
 
 @pytest.mark.parametrize('augment', [False, True])
 def test_in_process_pools_equal_worker_pools(dataset, augment):
-    # The same pools from background threads (several built at once) as from a DataLoader worker
-    # process: --workers 0 and --workers N train on the same data.
+    # The same pools from the stream iterated in this process (--workers 0) as from a DataLoader
+    # worker process: --workers 0 and --workers N train on the same data.
     make = lambda: PoolStream(dataset, 16, seed=6, start_pool=2, augment_pipe=aug() if augment else None)
     loader = iter(torch.utils.data.DataLoader(make(), batch_size=None, num_workers=1, worker_init_fn=single_thread_worker))
     expected = [next(loader) for _ in range(6)]
     del loader
-    prefetcher = PoolPrefetcher(make(), max_ahead=4)
-    prefetcher.ahead = 4
-    try:
-        assert_same_pools([next(prefetcher) for _ in range(6)], expected)
-    finally:
-        prefetcher.close()
+    in_process = iter(make())
+    assert_same_pools([next(in_process) for _ in range(6)], expected)
     assert expected[0]['augment_labels'] is None or expected[0]['augment_labels'].abs().sum() > 0 # augmentation fired
-
-def test_concurrent_pool_builds_are_repeatable(dataset):
-    # Pools built four at a time, again and again, beside a busy thread: always the pools built one by one.
-    make = lambda: PoolStream(dataset, 16, seed=8, augment_pipe=aug())
-    expected = [make().make_pool(k) for k in range(8)]
-    conv, x = torch.nn.Conv2d(3, 16, 3), torch.randn(8, 3, 8, 8)
-    for _ in range(10):
-        prefetcher = PoolPrefetcher(make(), max_ahead=4)
-        prefetcher.ahead = 4
-        try:
-            got = []
-            for _ in range(8):
-                conv(x).sum().backward() # training kernels beside the builds
-                got.append(next(prefetcher))
-            assert_same_pools(got, expected)
-        finally:
-            prefetcher.close()
 
 def test_slices_resume_where_they_left_off(dataset):
     stream = PoolStream(dataset, 12, seed=4)
@@ -180,34 +159,6 @@ def test_one_host_copy_per_pool_whatever_the_classes(tmp_path, on_device, num_cl
     assert OnDevice.reads == ['item'] # the mean distance, for the log
 
 #----------------------------------------------------------------------------
-# Memory: pools in flight are bounded.
-
-def test_pools_in_flight_stay_within_max_bytes(dataset, monkeypatch):
-    stream = PoolStream(dataset, 8, seed=2)
-    built = stream.build
-    in_flight, most = [0], [0]
-    lock = __import__('threading').Lock()
-    def slow_build(k, solve=None):
-        with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-        __import__('time').sleep(0.1) # slower than the loop: it waits for every pool
-        return built(k, solve)
-    monkeypatch.setattr(stream, 'build', slow_build)
-    prefetcher = PoolPrefetcher(stream, max_ahead=4, max_bytes=3 * stream.pool_bytes()) # the pool in use + 2 ahead
-    reference = PoolStream(dataset, 8, seed=2)
-    try:
-        for k in range(6):
-            assert torch.equal(next(prefetcher)['noise'], reference.make_pool(k)['noise'])
-            with lock:
-                in_flight[0] -= 1
-    finally:
-        prefetcher.close()
-    # The bound was reached, not passed: the pool in use and 2 ahead, 3 pools' bytes.
-    assert prefetcher.max_ahead == 2 and prefetcher.ahead == 2 and most[0] == 3
-    assert PoolPrefetcher(stream, max_bytes=stream.pool_bytes()).max_ahead == 1 # always one ahead
-
-#----------------------------------------------------------------------------
 
 def test_auto_workers():
     assert auto_workers(512, 10, 16, cuda=False) == 1
@@ -220,64 +171,18 @@ def test_auto_workers():
     assert auto_workers(4096, 10, 64, cuda=True) < sizes[2]
     assert auto_workers(8192, 1, 4, cuda=True) == 3 and auto_workers(512, 1, 1, cuda=True) == 1
 
-#----------------------------------------------------------------------------
-# lap's solver runs in small helper processes, started as needed.
-
-def test_lap_helpers_start_as_needed_and_stay_small():
-    pytest.importorskip('lap', reason='lap not installed (pip install lap)')
-    import subprocess, sys
-    from training.pools import LapHelpers
-    helpers = LapHelpers(limit=2)
-    assert helpers.procs == [] # nothing started before the first solve
-    rng = np.random.default_rng(0)
-    try:
-        for _ in range(3):
-            costs = [rng.random([n, n], dtype=np.float32) for n in [1, 5, 30]]
-            got = helpers.solve(costs)
-            assert all(np.array_equal(a, b) for a, b in zip(got, aot.solve_costs(costs, 'scipy')))
-        assert len(helpers.procs) == 1 # one at a time needs one helper
-    finally:
-        helpers.close()
-    assert all(proc.returncode == 0 for proc in helpers.procs)
-    # The helper imports neither torch nor the training script.
-    root = __import__('os').path.dirname(__import__('os').path.dirname(__import__('os').path.abspath(__file__)))
-    out = subprocess.run([sys.executable, '-X', 'importtime', '-m', 'training.lap_helper'], input=b'', cwd=root, capture_output=True, check=True)
-    imported = {line.split('|')[-1].strip().split('.')[0] for line in out.stderr.decode().splitlines()[1:]}
-    assert 'lap' in imported and not imported & {'torch', 'train', 'scipy', 'dnnlib'}
+def test_auto_workers_keeps_knn_pools_off_single_threaded_cpu_workers():
+    # knn's distance passes are for the GPU: built in the training process (0 workers) on CUDA.
+    assert auto_workers(512, 10, 16, cuda=True, solver='knn') == 0
+    assert auto_workers(KNN_POOL, 10, 16, cuda=True) == auto_workers(4 * KNN_POOL, 1, 64, cuda=True, solver='lap') == 0
+    assert auto_workers(KNN_POOL - 512, 10, 16, cuda=True, solver='scipy') >= 4
+    # On the CPU the trainer's device is the CPU too: one worker on a spare core, as for any pool.
+    assert auto_workers(KNN_POOL, 1, 16, cuda=False, solver='knn') == 1
 
 #----------------------------------------------------------------------------
-# CUDA: pools are built on streams of their own while the training stream is busy.
 
 def aug():
     return AugmentPipe(p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1, brightness=1, hue=1)
-
-def test_cuda_pools_are_handed_over_to_the_training_stream(dataset):
-    if not torch.cuda.is_available():
-        pytest.skip('needs CUDA: pools built on side streams and used on the training stream')
-    device = torch.device('cuda')
-    reference = PoolStream(dataset, 16, seed=5, augment_pipe=aug(), device=device)
-    expected = [reference.make_pool(k) for k in range(6)] # one at a time, nothing else running
-    prefetcher = PoolPrefetcher(PoolStream(dataset, 16, seed=5, augment_pipe=aug(), device=device), max_ahead=3)
-    prefetcher.ahead = 3
-    busy = torch.randn(4096, 4096, device=device)
-    got = []
-    try:
-        for k in range(6):
-            for _ in range(10): # training kernels queued while pools are built beside them
-                busy = (busy @ busy).tanh()
-            pool = next(prefetcher)
-            # Read on the training stream, after which the pool is dropped and its memory may be reused.
-            got.append([pool[key].clone() for key in ['images', 'labels', 'augment_labels', 'noise']] + [pool['indices'], pool['stats']])
-            del pool
-    finally:
-        prefetcher.close()
-    for k, (images, labels, augment_labels, noise, indices, stats) in enumerate(got):
-        ref = expected[k]
-        assert torch.equal(indices, ref['indices']) and torch.equal(labels, ref['labels']) and torch.equal(augment_labels, ref['augment_labels'])
-        torch.testing.assert_close(images, ref['images'], rtol=0, atol=1e-5)
-        # Same noise draws; the pairing may only differ where distances tie to rounding.
-        torch.testing.assert_close(noise.sum(dim=0), ref['noise'].sum(dim=0))
-        assert stats['cost_after'] == pytest.approx(ref['stats']['cost_after'], rel=1e-5)
 
 def test_cuda_pool_has_the_cpu_pools_augmentation(dataset):
     if not torch.cuda.is_available():
@@ -287,6 +192,6 @@ def test_cuda_pool_has_the_cpu_pools_augmentation(dataset):
     # Augmentation parameters are drawn on the CPU for both; only the noise generator differs.
     assert torch.equal(gpu['augment_labels'].cpu(), cpu['augment_labels']) and torch.equal(gpu['indices'], cpu['indices'])
     torch.testing.assert_close(gpu['images'].cpu(), cpu['images'], rtol=0, atol=1e-4)
-    idx = aot.assign(gpu['images'], gpu['noise'], gpu['labels'])
+    idx, _ = aot.assign(gpu['images'], gpu['noise'], gpu['labels'])
     assert aot.pairing_cost(gpu['images'], gpu['noise']) == pytest.approx(aot.pairing_cost(gpu['images'], gpu['noise'], idx), rel=1e-6)
 

@@ -336,6 +336,25 @@ def test_warning_pool_larger_than_dataset(tmp_path, data):
     result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--aot=128', '--dry-run'] + TINY)
     assert result.exit_code == 0 and 'Warning: --aot=128 is larger than the dataset (64 images)' in result.output
 
+@pytest.mark.parametrize('solver,workers', [('scipy', 1), ('knn', 0)])
+def test_workers_auto_on_cuda_keeps_knn_pools_in_the_training_process(tmp_path, data, monkeypatch, solver, workers):
+    # On a GPU --workers auto means worker processes (here 1: two cores), but knn pools are built in
+    # the training process, where their distance passes run on the GPU.
+    from torch_utils import distributed as dist
+    monkeypatch.setattr(dist, 'use_cuda', lambda: True)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    args = [arg for arg in TINY if not arg.startswith('--workers')]
+    result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--aot=16', f'--aot-solver={solver}', '--dry-run'] + args)
+    assert result.exit_code == 0, result.output
+    c = json.loads(result.output.split('Training options:\n', 1)[1].split('\nOutput directory:', 1)[0])
+    assert c['data_loader_kwargs']['num_workers'] == workers
+
+def test_aot_scope_is_gone(tmp_path, data):
+    # Removed (docs/aot-scale.md): click's own error, nothing written.
+    result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--aot-scope=global', '--dry-run'] + TINY)
+    assert result.exit_code == 2 and "No such option '--aot-scope'" in result.output, result.output
+    assert not (tmp_path / 'out').exists()
+
 def test_error_batch_not_divisible_by_world(tmp_path, data):
     expect_error(tmp_path, ['--data', data, '--aot=0'] + TINY + ['--batch=15'], 'not divisible by the number of GPUs (2)', torchrun=2)
 

@@ -15,7 +15,7 @@ import torch
 from tests.datagen import make_dataset
 from tests.test_train import ROOT, TINY, all_tensors, assert_same_weights, final_losses, only_run_dir, run
 from training.dataset import ImageFolderDataset
-from training.pools import PoolPrefetcher, PoolStream
+from training.pools import PoolStream
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
@@ -130,39 +130,32 @@ def test_pool_never_reseeds_trainer(dataset, monkeypatch):
     PoolStream(dataset, 8, augment_pipe=aug()).make_pool(0)
     assert torch.equal(torch.get_rng_state(), state)
 
-def test_background_pools_leave_trainer_stream_alone(dataset):
+def test_in_process_pools_leave_trainer_stream_alone(dataset):
     torch.manual_seed(1)
     expected = [torch.randn(64) for _ in range(200)]
     torch.manual_seed(1)
-    prefetcher = PoolPrefetcher(PoolStream(dataset, 16, seed=5, augment_pipe=aug()), max_ahead=2)
+    stream = iter(PoolStream(dataset, 16, seed=5, augment_pipe=aug())) # --workers 0: built between the trainer's draws
     got = []
-    try:
-        pools = [next(prefetcher)]
-        for i in range(200): # the trainer draws while pools are built in the background
-            got.append(torch.randn(64))
-            if i % 50 == 0:
-                pools.append(next(prefetcher))
-    finally:
-        prefetcher.close()
+    pools = [next(stream)]
+    for i in range(200):
+        got.append(torch.randn(64))
+        if i % 50 == 0:
+            pools.append(next(stream))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     reference = PoolStream(dataset, 16, seed=5, augment_pipe=aug())
     for k, pool in enumerate(pools):
         assert torch.equal(pool['noise'], reference.make_pool(k)['noise'])
 
 @pytest.mark.parametrize('solver', ['scipy', 'lap'])
-def test_prefetcher_equals_pure_pools(dataset, solver):
+def test_in_process_pools_equal_pure_pools(dataset, solver):
     pytest.importorskip(solver)
     stream = PoolStream(dataset, 10, seed=7, solver=solver, start_pool=3, augment_pipe=aug())
-    prefetcher = PoolPrefetcher(stream, max_ahead=3)
-    prefetcher.ahead = 3 # as after waits: several pools in flight at once
-    try:
-        for k in range(3, 9):
-            got, expected = next(prefetcher), stream.make_pool(k)
-            for key in ['images', 'labels', 'augment_labels', 'noise', 'indices']:
-                assert torch.equal(got[key], expected[key]), (k, key)
-            assert got['stats'] == expected['stats']
-    finally:
-        prefetcher.close()
+    pools = iter(stream)
+    for k in range(3, 9):
+        got, expected = next(pools), stream.make_pool(k)
+        for key in ['images', 'labels', 'augment_labels', 'noise', 'indices']:
+            assert torch.equal(got[key], expected[key]), (k, key)
+        assert got['stats'] == expected['stats']
 
 #----------------------------------------------------------------------------
 # Fast numerics and gradient hygiene.

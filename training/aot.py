@@ -19,7 +19,7 @@ import scipy.sparse.csgraph
 import torch
 
 SOLVERS = ('scipy', 'lap', 'knn')
-DENSE_SOLVERS = ('scipy', 'lap') # solve a dense cost matrix; 'knn' never needs one (is_sparse)
+DENSE_SOLVERS = ('scipy', 'lap') # solve a dense cost matrix; 'knn' never needs one
 
 # 'knn': exact minimum-cost matching on the graph of each image's KNN_K cheapest noises, chosen
 # after entropic column potentials have been subtracted (see column_potentials). Measured in
@@ -29,54 +29,45 @@ KNN_EPS = (0.3, 0.1, 0.03) # Sinkhorn temperatures, one pass each, relative to t
 KNN_CHUNK = 1024 # rows of distances computed at once: chunk x noises float32 on the device
 
 #----------------------------------------------------------------------------
-# The one place a solver name is checked: known, and its package importable.
-# Returns the solve function (float64 cost matrix -> column of every row).
 
 def check_solver(solver):
+    """The one place a solver name is checked: known, and its package importable. Returns the
+    solve function of a dense solver (float64 cost matrix -> column of every row), None for 'knn'
+    (which pairs from the images and noise, solve_knn)."""
     if solver not in SOLVERS:
         raise ValueError(f"Unknown AOT solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if solver == 'lap':
         try:
-            import lap # checked here, even when training.lap_helper is already imported
-            from training import lap_helper
+            import lap # noqa: F401 (optional package)
         except ImportError:
             raise ValueError("AOT solver 'lap' needs the lap package: pip install lap (or use solver 'scipy')") from None
-        return lap_helper.solve
-    if solver == 'knn':
-        return _solve_knn_dense
-    return _solve_scipy
-
-def is_sparse(solver):
-    """True for a solver that pairs from the images and noise without a dense cost matrix."""
-    check_solver(solver)
-    return solver not in DENSE_SOLVERS
+        return _solve_lap
+    return None if solver == 'knn' else _solve_scipy
 
 def _solve_scipy(cost):
     rows, cols = scipy.optimize.linear_sum_assignment(cost)
     assert (rows == np.arange(len(cost))).all() # scipy returns rows in order for square problems
     return cols
 
-def solve_costs(costs, solver):
-    """Columns assigned to the rows of each float32 cost matrix (a list: one call solves all the
-    groups of a pool)."""
-    solve = check_solver(solver)
-    return [solve(cost.astype(np.float64)) for cost in costs]
+def _solve_lap(cost):
+    # lap holds the GIL for a whole solve: harmless in the pool builder, whose DataLoader workers
+    # are processes of their own. The same pairings as scipy, faster (docs/benchmarks.md).
+    import lap
+    return lap.lapjv(cost, extend_cost=False)[1]
 
 #----------------------------------------------------------------------------
-# Moving a tensor to the device from the host through pinned memory, asynchronously:
-# the host does not wait for the work already queued on the device.
 
 def upload(t, device):
+    """t moved to the device from the host through pinned memory, asynchronously: the host does not
+    wait for the work already queued on the device."""
     device = torch.device(device)
     if t.device.type == 'cpu' and device.type == 'cuda':
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
 
-#----------------------------------------------------------------------------
-# Class index per image from one-hot [N, C] or integer [N] labels;
-# None when there are no labels (None or an empty label vector [N, 0]).
-
 def class_indices(labels, num_images):
+    """Class index per image from one-hot [N, C] or integer [N] labels; None when there are no
+    labels (None or an empty label vector [N, 0])."""
     if labels is None:
         return None
     labels = torch.as_tensor(labels)
@@ -92,27 +83,24 @@ def class_indices(labels, num_images):
         return labels.long()
     raise ValueError(f'AOT labels must be one-hot [N, C] or class indices [N], got shape {list(labels.shape)}')
 
-#----------------------------------------------------------------------------
-# Indices (ascending, numpy) of the images of each class present, in class
-# order; one group of all images when classes is None. On the host: labels
-# are known there before they are uploaded, so grouping waits for no device.
-
 def class_groups(classes, num_images):
+    """Indices (ascending, numpy) of the images of each class present, in class order; one group of
+    all images when classes is None. On the host: labels are known there before they are uploaded,
+    so grouping waits for no device."""
     if classes is None:
         return [np.arange(num_images)]
     classes = np.asarray(classes)
     order = np.argsort(classes, kind='stable')
     return np.split(order, np.flatnonzero(np.diff(classes[order])) + 1)
 
-#----------------------------------------------------------------------------
-# Distance matrices cdist(x[g], n[g]) (float32 numpy) between rows of images x
-# and noise n [N, D] for every group g of row indices. Each read back from a
-# device waits for everything queued on its stream, so all groups are computed
-# together and copied to the host at once, whatever their number: groups are
-# padded (with their last row) to the largest of their power-of-two size class,
-# one batched cdist per class (at most 2x the rows, 4x the entries).
-
 def group_costs(x, n, groups):
+    """Distance matrices cdist(x[g], n[g]) (float32 numpy) between rows of images x and noise n
+    [N, D] for every group g of row indices.
+
+    Each read back from a device waits for everything queued on its stream, so all groups are
+    computed together and copied to the host at once, whatever their number: groups are padded
+    (with their last row) to the largest of their power-of-two size class, one batched cdist per
+    class (at most 2x the rows, 4x the entries)."""
     sizes = [len(g) for g in groups]
     size_classes = {}
     for i, size in enumerate(sizes):
@@ -141,23 +129,23 @@ def group_costs(x, n, groups):
 #
 # The candidates are chosen by distance minus a column potential v_j. Plain nearest neighbours do
 # not work in high dimension: noises of small norm are near to every image, so most rows list the
-# same few "hub" columns and most noises are in no row's list (at 2,048 random 3x32x32 images and
-# k = 64, 681 noises; no perfect matching). Subtracting a per-column constant does not change
-# which permutation is optimal, and with v from a few passes of entropic OT (Sinkhorn) the
-# optimal partner of nearly every row is among its 32 cheapest (docs/aot-scale.md).
-#
-# Every function takes distances through dist(rows) -> [len(rows), c] tensor, so the same code
-# serves images and noise on a device (cdist per chunk) and a dense cost matrix (solve_costs).
+# same few "hub" columns and most noises are in no row's list (docs/aot-scale.md, "Why the
+# potentials"). Subtracting a per-column constant does not change which permutation is optimal,
+# and with v from a few passes of entropic OT (Sinkhorn) the optimal partner of nearly every row
+# is among its 32 cheapest.
 
 def _chunks(m, chunk):
     return (slice(start, min(start + chunk, m)) for start in range(0, m, chunk))
 
-def _potentials(dist, m, eps, chunk):
-    # Log-domain Sinkhorn with uniform marginals, one pass over the rows per temperature: each chunk
-    # gives its rows' u_i (rows are independent) and adds to the column log-sum-exp that makes v.
-    # Rows split across devices would all-reduce `lse` (and `scale`) and keep the rest local.
-    # The temperature's scale comes from the first chunk of rows: a sample is enough to set it.
-    first = dist(slice(0, min(m, chunk)))
+def column_potentials(x, n, eps=KNN_EPS, chunk=KNN_CHUNK):
+    """Entropic-OT dual potential v [c] (a tensor on n's device) of the noises n [c, D] against the
+    image rows x [m, D], from len(eps) passes of chunked log-domain Sinkhorn at temperatures eps
+    times the mean spread of a row's distances; pass it to knn_rows as offsets."""
+    # Uniform marginals, one pass over the rows per temperature: each chunk gives its rows' u_i
+    # (rows are independent) and adds to the column log-sum-exp that makes v. Rows split across
+    # devices would all-reduce `lse` (and `scale`) and keep the rest local. The temperature's
+    # scale comes from the first chunk of rows: a sample is enough to set it.
+    first = torch.cdist(x[:chunk], n)
     scale = first.std(dim=1).mean() if first.shape[1] > 1 else first.new_zeros([])
     v = first.new_zeros(first.shape[1])
     if not scale > 0: # all distances equal: any pairing is optimal
@@ -165,29 +153,12 @@ def _potentials(dist, m, eps, chunk):
     for e in eps:
         t = e * scale
         lse = torch.full_like(v, -float('inf'))
-        for rows in _chunks(m, chunk):
-            d = first if rows.start == 0 else dist(rows)
+        for rows in _chunks(len(x), chunk):
+            d = first if rows.start == 0 else torch.cdist(x[rows], n)
             u = -t * torch.logsumexp((v - d) / t, dim=1)
             lse = torch.logaddexp(lse, torch.logsumexp((u[:, None] - d) / t, dim=0))
         v = -t * lse
     return v
-
-def _knn(dist, m, k, chunk, offsets):
-    values, cols = [], []
-    for rows in _chunks(m, chunk):
-        d = dist(rows)
-        key = d if offsets is None else d - offsets
-        idx = torch.topk(key, min(k, d.shape[1]), dim=1, largest=False).indices
-        values.append(d.gather(1, idx))
-        cols.append(idx)
-    # One copy of each to the host, after all chunks are queued.
-    return torch.cat(values).to(torch.float32).cpu().numpy(), torch.cat(cols).cpu().numpy().astype(np.int64)
-
-def column_potentials(x, n, eps=KNN_EPS, chunk=KNN_CHUNK):
-    """Entropic-OT dual potential v [c] (a tensor on n's device) of the noises n [c, D] against the
-    image rows x [m, D], from len(eps) passes of chunked log-domain Sinkhorn at temperatures eps
-    times the mean spread of a row's distances; pass it to knn_rows as offsets."""
-    return _potentials(lambda rows: torch.cdist(x[rows], n), len(x), eps, chunk)
 
 def knn_rows(x, n, k, chunk=KNN_CHUNK, offsets=None):
     """For image rows x [m, D] and candidate noises n [c, D] (float32, same device): the k' =
@@ -195,7 +166,15 @@ def knn_rows(x, n, k, chunk=KNN_CHUNK, offsets=None):
     cols int64 [m, k']) numpy arrays. Distances are computed `chunk` rows at a time on the
     device. With offsets [c] (column_potentials) rows keep the k' columns of smallest distance
     minus offset instead, still returning the plain distances."""
-    return _knn(lambda rows: torch.cdist(x[rows], n), len(x), k, chunk, offsets)
+    values, cols = [], []
+    for rows in _chunks(len(x), chunk):
+        d = torch.cdist(x[rows], n)
+        key = d if offsets is None else d - offsets
+        idx = torch.topk(key, min(k, d.shape[1]), dim=1, largest=False).indices
+        values.append(d.gather(1, idx))
+        cols.append(idx)
+    # One copy of each to the host, after all chunks are queued.
+    return torch.cat(values).to(torch.float32).cpu().numpy(), torch.cat(cols).cpu().numpy().astype(np.int64)
 
 def solve_sparse(values, cols, num_cols, cost=None, stats=None, offsets=None):
     """Column in [0, num_cols) assigned to each row (numpy int64; distinct, a permutation when there
@@ -217,8 +196,9 @@ def solve_sparse(values, cols, num_cols, cost=None, stats=None, offsets=None):
     matched = scipy.sparse.csgraph.maximum_bipartite_matching(graph, perm_type='column')
     left = np.flatnonzero(matched < 0)
     # Reduced costs: with potentials close to the optimal duals, LAPJVsp's augmenting paths are short
-    # (2.5-4x faster at 4,096-65,536, bench/knn_matching.py). Only for a perfect matching, where
-    # every column is used once, does a constant per column not move the optimum.
+    # and the matching is several times faster (measured: docs/aot-scale.md, "Large-pool solver").
+    # Only for a perfect matching, where every column is used once, does a constant per column not
+    # move the optimum.
     shift = np.asarray(offsets, dtype=np.float64) if offsets is not None and m == num_cols else np.zeros(num_cols)
     values = values - shift[cols]
     lowest = values.min(axis=1) if values.shape[1] else np.zeros(m)
@@ -243,66 +223,80 @@ def solve_sparse(values, cols, num_cols, cost=None, stats=None, offsets=None):
         stats['unmatched'] = len(left)
     return assign
 
-def _solve_knn(dist, m, c, cost, k=None, chunk=KNN_CHUNK, stats=None):
-    k = KNN_K if k is None else k
-    offsets = None if k >= c else _potentials(dist, m, KNN_EPS, chunk) # a complete graph needs none
-    values, cols = _knn(dist, m, k, chunk, offsets)
-    return solve_sparse(values, cols, c, cost, stats, offsets=None if offsets is None else offsets.cpu().numpy())
-
 def solve_knn(x, n, k=None, chunk=KNN_CHUNK, stats=None):
     """Solver 'knn' for one group: the column of noise n [c, D] assigned to each image row of x
-    [m, D] (numpy int64), from column_potentials, knn_rows (k = KNN_K) and solve_sparse."""
-    return _solve_knn(lambda rows: torch.cdist(x[rows], n), len(x), len(n),
-        lambda r, c: torch.cdist(x[upload(torch.from_numpy(r), x.device)], n[upload(torch.from_numpy(c), n.device)]).cpu().numpy(), k, chunk, stats)
-
-def solve_groups_knn(x, n, groups):
-    """Solver 'knn' for every class group (index arrays) of images x and noise n [N, D] on a device:
-    each group's columns, with no cost matrix built."""
-    rows = [upload(torch.from_numpy(g), x.device) for g in groups]
-    return [solve_knn(x[r], n[r]) for r in rows]
-
-def _solve_knn_dense(cost):
-    t = torch.from_numpy(cost)
-    return _solve_knn(lambda rows: t[rows], len(cost), cost.shape[1], lambda r, c: cost[np.ix_(r, c)])
+    [m, D] (numpy int64), from column_potentials, knn_rows (k = KNN_K) and solve_sparse, with the
+    true distances for the fallback rows."""
+    k = KNN_K if k is None else k
+    offsets = None if k >= len(n) else column_potentials(x, n, KNN_EPS, chunk) # a complete graph needs none
+    values, cols = knn_rows(x, n, k, chunk, offsets)
+    cost = lambda r, c: torch.cdist(x[upload(torch.from_numpy(r), x.device)], n[upload(torch.from_numpy(c), n.device)]).cpu().numpy()
+    return solve_sparse(values, cols, len(n), cost, stats, offsets=None if offsets is None else offsets.cpu().numpy())
 
 #----------------------------------------------------------------------------
-# The permutation idx (numpy) that gives image i the noise idx[i], from the
-# columns that the solver assigned to the rows of each group's cost matrix.
 
 def pairing(groups, cols):
+    """The permutation idx (numpy) that gives image i the noise idx[i], from the columns that the
+    solver assigned to the rows of each group's cost matrix."""
     idx = np.empty(sum(len(g) for g in groups), dtype=np.int64)
     for members, c in zip(groups, cols):
         idx[members] = members[c]
     return idx
 
-#----------------------------------------------------------------------------
-# Pair images with noise: returns idx (LongTensor [N] on the input device)
-# such that image i gets noise[idx[i]] and sum_i |images[i] - noise[idx[i]]|
-# is minimal. With labels, noise slot j belongs to the class of image j and
-# the problem is solved per class, so labels[idx] == labels.
+def _mean_distance(x, n):
+    return (x - n).norm(dim=1).mean().item()
 
-def assign(images, noise, labels=None, solver='scipy'):
+def _stats(before, after, groups, num):
+    return dict(cost_before=before, cost_after=after, alone=sum(len(g) for g in groups if len(g) == 1) / num)
+
+def _flat(images, noise):
     if not (isinstance(images, torch.Tensor) and isinstance(noise, torch.Tensor)):
         raise TypeError('AOT assign expects images and noise as torch tensors')
     if images.ndim < 2 or images.shape != noise.shape:
         raise ValueError(f'AOT images {list(images.shape)} and noise {list(noise.shape)} must have the same shape [N, ...]')
-    check_solver(solver)
-    num = images.shape[0]
-    classes = class_indices(labels, num)
-    groups = class_groups(None if classes is None else classes.cpu(), num)
     # Distances on the tensors' device, float32 as the reference; the solvers run on the CPU.
-    x, n = images.detach().flatten(1).to(torch.float32), noise.detach().flatten(1).to(torch.float32)
-    if is_sparse(solver):
-        cols = solve_groups_knn(x, n, groups)
-    else:
-        cols = solve_costs(group_costs(x, n, groups), solver)
-    return torch.from_numpy(pairing(groups, cols)).to(images.device)
+    return images.detach().flatten(1).to(torch.float32), noise.detach().flatten(1).to(torch.float32)
 
-#----------------------------------------------------------------------------
-# Summed Euclidean distance between images[i] and noise[idx[i]] in float64
-# (identity pairing when idx is None).
+def _groups(labels, num):
+    classes = class_indices(labels, num)
+    return class_groups(None if classes is None else classes.cpu(), num)
+
+def assign(images, noise, labels=None, solver='scipy'):
+    """Pair images with noise [N, ...] (torch tensors of one shape, on any device): the AOT pairing,
+    the only place that composes class groups, costs, solve and permutation.
+
+    Returns (idx, stats): idx (LongTensor [N] on the images' device) such that image i gets noise
+    idx[i] and sum_i |images[i] - noise[idx[i]]| is minimal; with labels (one-hot [N, C] or class
+    indices [N]) noise slot j belongs to the class of image j and the problem is solved per class,
+    so labels[idx] == labels. stats (plain numbers): cost_before and cost_after, the mean
+    image-noise distance before (noise i for image i) and after pairing, and alone, the fraction of
+    images alone in their class, for which pairing can do nothing. Labels on the host save a wait
+    for the device."""
+    x, n = _flat(images, noise)
+    solve = check_solver(solver)
+    num = x.shape[0]
+    groups = _groups(labels, num)
+    if solve is None: # knn: no cost matrix; the distances before and after from the tensors
+        rows = [upload(torch.from_numpy(g), x.device) for g in groups]
+        cols = [solve_knn(x[r], n[r]) for r in rows]
+        idx = upload(torch.from_numpy(pairing(groups, cols)), images.device)
+        return idx, _stats(_mean_distance(x, n), _mean_distance(x, n[idx]), groups, num)
+    costs = group_costs(x, n, groups)
+    cols = [solve(cost.astype(np.float64)) for cost in costs]
+    # Before pairing each image has noise slot i: the diagonals of the costs (no more copies).
+    before = sum(float(np.trace(cost, dtype=np.float64)) for cost in costs) / num
+    after = sum(float(cost[np.arange(len(c)), c].astype(np.float64).sum()) for cost, c in zip(costs, cols)) / num
+    return upload(torch.from_numpy(pairing(groups, cols)), images.device), _stats(before, after, groups, num)
+
+def unpaired_stats(images, noise, labels=None):
+    """assign's stats for images left with their own noise (plain EDM): no pairing, no gain."""
+    x, n = _flat(images, noise)
+    before = _mean_distance(x, n)
+    return _stats(before, before, _groups(labels, x.shape[0]), x.shape[0])
 
 def pairing_cost(images, noise, idx=None):
+    """Summed Euclidean distance between images[i] and noise[idx[i]] in float64 (identity pairing
+    when idx is None)."""
     if images.shape != noise.shape:
         raise ValueError(f'AOT images {list(images.shape)} and noise {list(noise.shape)} must have the same shape [N, ...]')
     if idx is not None:

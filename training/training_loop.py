@@ -25,7 +25,7 @@ from training import network_io
 from training import sampling
 from training.images import save_image_grid, to_uint8
 from training.monitor import Monitor
-from training.pools import GlobalExchange, PoolPrefetcher, PoolStream, iterate_slices
+from training.pools import PoolStream, iterate_slices
 
 STATE_FORMAT = 'edm-aot-training-state/1'
 ROLLING_STATE = 'training-state-latest.pt' # replaced every --dump-minutes and on a stop signal
@@ -182,7 +182,6 @@ def training_loop(
     cudnn_benchmark     = True,     # Enable torch.backends.cudnn.benchmark?
     aot_pool            = 512,      # AOT pool per GPU: images paired with noise at once, 0 = plain EDM.
     aot_solver          = 'scipy',  # Assignment solver for training.aot.assign.
-    aot_scope           = 'gpu',    # 'gpu': each rank pairs its own pool; 'global': one assignment over all ranks' pools.
     grid_images         = 64,       # Images in the sample grid saved with each snapshot, 0 = none.
     grid_steps          = 18,       # Heun steps for the sample grid.
     metric_every        = 0,        # Ticks between FD metrics of EMA samples (training/monitor.py), 0 = none.
@@ -289,16 +288,14 @@ def training_loop(
     # Setup the pool stream: pools are a pure function of (seed, rank, index), so resuming
     # just starts at the right pool and slice.
     slices_done = (cur_nimg // batch_size) * num_accumulation_rounds
-    # Without worker processes the pools are built on the training device, in background threads.
+    # Without worker processes the pools are built in this process, on the training device, when the
+    # loop needs the next one.
     in_process = data_loader_kwargs.get('num_workers', 0) == 0
-    start_pool = slices_done // slices_per_pool
-    global_scope = aot_scope == 'global' and aot_pool > 0 and dist.get_world_size() > 1
-    assert in_process or not global_scope, 'global pools are built in the training process' # train.py says so
     pool_stream = PoolStream(dataset_obj, pool_size, seed=seed, rank=dist.get_rank(), num_replicas=dist.get_world_size(),
-        augment_pipe=augment_pipe, pair=aot_pool > 0, solver=aot_solver, start_pool=start_pool, device=device if in_process else 'cpu',
-        exchange=GlobalExchange(dist.get_rank(), dist.get_world_size(), start_pool) if global_scope else None)
+        augment_pipe=augment_pipe, pair=aot_pool > 0, solver=aot_solver, start_pool=slices_done // slices_per_pool,
+        device=device if in_process else 'cpu')
     if in_process:
-        pools = PoolPrefetcher(pool_stream)
+        pools = iter(pool_stream)
     else: # the DataLoader draws its workers' base seed from a generator of its own: the trainer's streams stay as with --workers 0
         ending = multiprocessing.Event() # set when this process exits, however it does: then workers obey SIGTERM
         atexit.register(ending.set)      # (runs before multiprocessing's own exit handler, which terminates them)
@@ -315,9 +312,6 @@ def training_loop(
         training_stats.report('AOT/cost_before', stats['cost_before'])
         training_stats.report('AOT/cost_after', stats['cost_after'])
         training_stats.report('AOT/alone_frac', stats['alone'])
-        if 'exchange_sec' in stats: # --aot-scope=global: the pool's collectives (waiting for other ranks included) and solve
-            training_stats.report('Timing/aot_exchange_sec', stats['exchange_sec'])
-            training_stats.report('Timing/aot_solve_sec', stats['solve_sec'])
         if aot_pool and stats['alone'] >= 0.25 and not warned_alone:
             warned_alone.append(True)
             dist.print0(f'Warning: {stats["alone"]:.0%} of the images of a pool are alone in their class among the {aot_pool} '
@@ -331,8 +325,7 @@ def training_loop(
     requests = StopRequests(state_dump_minutes * 60 if state_dump_minutes else None)
     stopped = False
     dist.print0(f'Training for {total_kimg} kimg: batch {batch_size} ({batch_gpu} per GPU x {num_accumulation_rounds} rounds x {dist.get_world_size()} GPUs), '
-                + (f'AOT pool {aot_pool} per GPU ({aot_solver}' + (f', one assignment over all {dist.get_world_size() * aot_pool})' if global_scope else ')')
-                   if aot_pool else 'AOT off (plain EDM noise)'))
+                + (f'AOT pool {aot_pool} per GPU ({aot_solver})' if aot_pool else 'AOT off (plain EDM noise)'))
     dist.print0()
     tick_start_nimg = cur_nimg if tick_start_nimg is None else tick_start_nimg
     tick_start_time = time.time()
@@ -364,7 +357,6 @@ def training_loop(
         if stop_signal:
             raise Interrupted(f'Stopped by {signal.Signals(stop_signal).name} at kimg {cur_nimg / 1e3:.3f}: training state saved to {path}')
 
-    together = False
     try:
         while True:
 
@@ -479,16 +471,13 @@ def training_loop(
             if done:
                 break
             save_if_asked(stop_signal, rolling_due and not state_dumped)
-        together = True # every rank ends here, at the same step
     except Interrupted:
-        stopped = together = True
+        stopped = True
         dist.barrier() # every rank leaves once the state is on disk
         raise
     finally:
         requests.close(stopped)
         monitor.close()
-        if in_process:
-            pools.close(finish=together)
 
     # All ranks must end with the same weights, each having trained on its own images.
     if dist.get_world_size() > 1:
