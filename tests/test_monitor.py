@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 
-import click
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 import dnnlib
+from metrics.fid import FIDError
 from tests.datagen import make_dataset
 from torch_utils import training_stats
 from training import networks
@@ -203,6 +203,6 @@ def test_train_py_logs_metric_and_tensorboard(digits_path, tmp_path):
     assert [e.step for e in acc.Images('Samples')] == [16, 64] # the snapshots' grids
 
 def test_unreadable_detector_is_a_one_line_error_before_any_file(digits, tmp_path):
-    with pytest.raises(click.ClickException, match=r'--metric-detector=nope.pkl\): File not found: nope.pkl'):
+    with pytest.raises(FIDError, match=r"the FD metric's detector \(nope.pkl\): File not found: nope.pkl"):
         Monitor(str(tmp_path), start_nimg=0, kimg_per_tick=1, dataset_obj=digits, metric_every=1, metric_detector='nope.pkl')
     assert os.listdir(tmp_path) == []
