@@ -89,6 +89,16 @@ def check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs)
     if dg_kwargs.get('dg_time_min', 0.01) > dg_kwargs.get('dg_time_max', 1.0):
         raise click.BadParameter(f'--dg-time-min {dg_kwargs["dg_time_min"]} must not exceed --dg-time-max {dg_kwargs.get("dg_time_max", 1.0)}', param_hint='--dg-time-min')
 
+def check_ot_map_options(sampler_kwargs, class_idx):
+    """ValueError for options that --ot-map replaces or that do not go with it."""
+    ablation = [key for key in ('solver', 'discretization', 'schedule', 'scaling') if key in sampler_kwargs]
+    if ablation:
+        raise ValueError(f'OT-start runs Heun (edm_sampler); drop --{", --".join(ablation)}'.replace('discretization', 'disc'))
+    if 'sigma_max' in sampler_kwargs:
+        raise ValueError('the OT map sets the starting noise level (sigma_T); drop --sigma_max')
+    if class_idx is not None:
+        raise ValueError('the class of each image is its target\'s; --class cannot be combined with --ot-map')
+
 #----------------------------------------------------------------------------
 # The output folder: PNGs appear complete or not at all (written under a temporary name and
 # renamed), and dataset.json is rewritten atomically once each batch's PNGs are written, so at
@@ -329,7 +339,8 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     ot_map = None
     if ot_map_path is not None and error is None: # sets sigma_max = sigma_T, so the dry run below is OT-start's
         try:
-            ot_map = semidiscrete_ot.map_for_generate(ot_map_path, net, device, sampler_kwargs, class_idx)
+            check_ot_map_options(sampler_kwargs, class_idx)
+            ot_map = semidiscrete_ot.map_for_generate(ot_map_path, net, device, sampler_kwargs)
         except (IOError, ValueError) as e:
             error = f'--ot-map {ot_map_path}: {" ".join(str(e).split())}'
     try:
