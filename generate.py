@@ -3,7 +3,6 @@
 One PNG per seed; a seed gives the same image whatever the batch size or number of processes,
 and the same image as EDM's generate.py for the same network and options."""
 
-import concurrent.futures
 import itertools
 import json
 import os
@@ -19,40 +18,13 @@ import tqdm
 from torch_utils import distributed as dist
 import dnnlib
 from training import guidance, sampling, semidiscrete_ot, solvers
-from training.images import to_uint8, save_png, save_image_grid
+from training.generation import FEW_STEP, choose_sampler, parse_seeds, png_name, sample_batch, sample_then_write, write_pngs
+from training.images import save_image_grid
 from training.network_io import load_network
 
 GRID_MAX_IMAGES = 256 # --grid shows the first images in seed order; a 50k-image grid helps nobody
 
 #----------------------------------------------------------------------------
-
-MAX_SEEDS = 10_000_000 # per run: 200 full FID sets of 50,000; more is better split into runs (the seed list lives in memory on every rank)
-SEED_LIMIT = 1 << 32   # seeds are torch.Generator seeds modulo 2^32 (as in EDM): a larger one would repeat a smaller one's image
-
-def parse_seeds(text):
-    """'0-49999,100,5-7' -> [0, ..., 49999, 100, 5, 6, 7]. Raises ValueError naming the bad part.
-    The count is checked before any list is built, so a huge range is an error, not a MemoryError."""
-    ranges = []
-    for part in text.split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if m is None:
-            raise ValueError(f'"{part}" is neither a seed nor a range like 5-7')
-        lo = int(m.group(1))
-        hi = lo if m.group(2) is None else int(m.group(2))
-        if hi < lo:
-            raise ValueError(f'range "{part}" is empty; write it low-high')
-        ranges.append(range(lo, hi + 1))
-    count = sum(len(r) for r in ranges)
-    if count > MAX_SEEDS:
-        raise ValueError(f'{count:,} seeds, more than the {MAX_SEEDS:,} one run takes; split them into several runs into the same --outdir')
-    top = max(r[-1] for r in ranges)
-    if top >= SEED_LIMIT:
-        raise ValueError(f'seed {top} is above {SEED_LIMIT - 1}: seeds are used modulo 2^32, so it would repeat the image of seed {top % SEED_LIMIT}')
-    seeds = [seed for r in ranges for seed in r]
-    repeated = len(seeds) - len(set(seeds))
-    if repeated:
-        raise ValueError(f'{repeated} seed(s) appear more than once; each seed names one image')
-    return seeds
 
 class SeedList(click.ParamType):
     name = 'list'
@@ -78,8 +50,7 @@ def fail_together(error):
 def one_line(e):
     return f'{type(e).__name__}: {" ".join(str(e).split())}'.rstrip(': ')
 
-# Few-step solvers (training/solvers.py, docs/few-step.md); euler and heun stay EDM's ablation solvers.
-FEW_STEP = [name for name in solvers.SOLVERS if name != 'euler']
+# The few-step solvers' options (training/solvers.py, docs/few-step.md); euler and heun stay EDM's ablation solvers.
 FEW_STEP_OPTIONS = {'order': '--order', 'variant': '--unipc-variant', 'afs': '--afs', 'sigmas': '--sigmas'}
 
 def check_few_step_options(sampler_kwargs):
@@ -100,26 +71,6 @@ def check_few_step_options(sampler_kwargs):
     if 'sigmas' in sampler_kwargs and replaced:
         raise click.BadParameter('gives the noise levels; drop ' + ', '.join(replaced), param_hint='--sigmas')
 
-def few_step_kwargs(sampler_kwargs, net):
-    """solvers.sample's keyword arguments from the options (ValueError with a one-line reason)."""
-    if 'sigmas' in sampler_kwargs:
-        sigmas = solvers.check_sigmas(solvers.read_sigmas(sampler_kwargs['sigmas']))
-    else:
-        sigma_min = max(sampler_kwargs.get('sigma_min', 0.002), float(net.sigma_min)) # the network's supported range
-        sigma_max = min(sampler_kwargs.get('sigma_max', 80), float(net.sigma_max))
-        sigmas = solvers.get_sigmas(sampler_kwargs.get('discretization', 'edm'), sampler_kwargs['num_steps'], sigma_min, sigma_max, sampler_kwargs['rho'])
-    # The defaults filled in (order, variant), so that the record of how the images were made names them.
-    return dict(solver=sampler_kwargs['solver'], sigmas=sigmas, **solvers.check_solver(sampler_kwargs['solver'], sigmas,
-                sampler_kwargs.get('order'), sampler_kwargs.get('afs', False), sampler_kwargs.get('variant')))
-
-def choose_sampler(net, sampler_kwargs):
-    """(sampler_fn, its keyword arguments) for the sampler options of the command line (None values
-    dropped): EDM's Heun sampler, the ablation sampler, or a few-step solver. ValueError with a one-line reason."""
-    if sampler_kwargs.get('solver') in FEW_STEP:
-        return solvers.sample, few_step_kwargs(sampler_kwargs, net)
-    have_ablation_kwargs = any(x in sampler_kwargs for x in ['solver', 'discretization', 'schedule', 'scaling'])
-    return (sampling.ablation_sampler if have_ablation_kwargs else sampling.edm_sampler), sampler_kwargs
-
 def check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs):
     """Raise click.BadParameter for Discriminator Guidance options that do not go together."""
     if dg_path and (dg_classifier or dg_head):
@@ -138,16 +89,22 @@ def check_dg_options(dg_path, dg_classifier, dg_head, dg_kwargs, sampler_kwargs)
     if dg_kwargs.get('dg_time_min', 0.01) > dg_kwargs.get('dg_time_max', 1.0):
         raise click.BadParameter(f'--dg-time-min {dg_kwargs["dg_time_min"]} must not exceed --dg-time-max {dg_kwargs.get("dg_time_max", 1.0)}', param_hint='--dg-time-min')
 
+def check_ot_map_options(sampler_kwargs, class_idx):
+    """ValueError for options that --ot-map replaces or that do not go with it."""
+    ablation = [key for key in ('solver', 'discretization', 'schedule', 'scaling') if key in sampler_kwargs]
+    if ablation:
+        raise ValueError(f'OT-start runs Heun (edm_sampler); drop --{", --".join(ablation)}'.replace('discretization', 'disc'))
+    if 'sigma_max' in sampler_kwargs:
+        raise ValueError('the OT map sets the starting noise level (sigma_T); drop --sigma_max')
+    if class_idx is not None:
+        raise ValueError('the class of each image is its target\'s; --class cannot be combined with --ot-map')
+
 #----------------------------------------------------------------------------
 # The output folder: PNGs appear complete or not at all (written under a temporary name and
 # renamed), and dataset.json is rewritten atomically once each batch's PNGs are written, so at
 # any moment a run can stop and a later run into the same folder continues where it stopped.
 
 TEMP_FILE = re.compile(r'.+\.(png|json)\.tmp-[0-9a-f]{32}') # dnnlib.util's temporary names (atomic_write, write_atomic)
-
-def png_name(seed, subdirs):
-    """Path of seed's PNG relative to --outdir (EDM's layout; dataset.json lists these paths)."""
-    return f'{seed - seed % 1000:06d}/{seed:06d}.png' if subdirs else f'{seed:06d}.png'
 
 def scan_outdir(outdir):
     """Relative paths of the files in outdir, after removing the temporary files of an interrupted write."""
@@ -273,37 +230,6 @@ def continue_command():
         return shlex.join(['torchrun', '--standalone', f'--nproc_per_node={dist.get_local_world_size()}'] + args)
     return f'your torchrun command on every node, running {shlex.join(args)}'
 
-def sample_batch(net, sampler_fn, sampler_kwargs, draw, batch_seeds):
-    """uint8 NHWC images of batch_seeds and their classes (None when unconditional)."""
-    latents, class_labels, rnd = draw(batch_seeds)
-    with torch.no_grad():
-        images = sampler_fn(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
-    classes = [None] * len(batch_seeds) if class_labels is None else class_labels.argmax(dim=1).tolist()
-    return to_uint8(images), classes
-
-def sample_then_write(batches, sample, write):
-    """Yield, for each batch in turn, the future of write(*sample(batch), batch), one batch late:
-    a thread writes batch k while batch k + 1 samples. PNG encoding and file writes cost ~0.5 ms of
-    CPU per image, which would otherwise leave a GPU idle (several percent of a batch at 10 NFE).
-    An iterable of batches that ends early (a stop request) still yields every sampled batch."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
-        queued = []
-        for batch in batches:
-            queued.append(writer.submit(write, *sample(batch), batch))
-            if len(queued) == 2:
-                yield queued.pop(0)
-        yield from queued
-
-def write_pngs(images, classes, batch_seeds, outdir, subdirs):
-    """Write one PNG per seed; {file name: class}."""
-    written = {}
-    for seed, image, label in zip(batch_seeds, images, classes):
-        name = png_name(seed, subdirs)
-        os.makedirs(os.path.dirname(os.path.join(outdir, name)), exist_ok=True)
-        save_png(image, os.path.join(outdir, name))
-        written[name] = label
-    return written
-
 #----------------------------------------------------------------------------
 
 @click.command()
@@ -413,7 +339,8 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     ot_map = None
     if ot_map_path is not None and error is None: # sets sigma_max = sigma_T, so the dry run below is OT-start's
         try:
-            ot_map = semidiscrete_ot.map_for_generate(ot_map_path, net, device, sampler_kwargs, class_idx)
+            check_ot_map_options(sampler_kwargs, class_idx)
+            ot_map = semidiscrete_ot.map_for_generate(ot_map_path, net, device, sampler_kwargs)
         except (IOError, ValueError) as e:
             error = f'--ot-map {ot_map_path}: {" ".join(str(e).split())}'
     try:

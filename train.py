@@ -11,6 +11,7 @@ import click
 import torch
 
 import dnnlib
+from metrics.fid import FIDError
 from torch_utils import distributed as dist
 from training import aot, network_io, pools, training_loop
 from training.dataset import DamagedImageError
@@ -507,6 +508,8 @@ def main(**kwargs):
         sys.exit(EXIT_INTERRUPTED)
     except DamagedImageError as err: # found only when a pool decodes the image
         fail(str(err))
+    except FIDError as err: # the FD metric's detector cannot be had, or does not fit the images
+        fail(f'--metric-detector={opts.metric_detector}: {err}')
 
 #----------------------------------------------------------------------------
 

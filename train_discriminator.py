@@ -176,8 +176,8 @@ def main(data, fakes, outdir, cond, aot, classifier, width, kimg, batch, lr, hol
     torch.manual_seed(seed) # initial weights
     try:
         disc = guidance.Discriminator(res, channels, label_dim=real_dim, extractor='adm' if classifier else 'small', width=width)
-    except ValueError as err:
-        fail(f'{err}')
+    except ValueError as err: # DG's classifier does not fit the data
+        fail(f'--classifier {classifier}: {err}; train without --classifier for other data')
     if classifier:
         path = dnnlib.util.open_url(classifier, return_filename=True, verbose=(rank == 0))
         disc.classifier.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=True)

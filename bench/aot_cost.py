@@ -36,13 +36,12 @@ import click
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import report
 from training import aot
 from training.augment import AugmentPipe
 from training.dataset import ImageFolderDataset
 from training.pools import PoolStream
-from tests.datagen import make_dataset
+from training.testdata import make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

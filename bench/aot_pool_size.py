@@ -18,14 +18,12 @@ a later run; the table and the plot are made from everything in it.
 
 import json
 import os
-import sys
 import time
 
 import click
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import aot
 from training.dataset import ImageFolderDataset
 

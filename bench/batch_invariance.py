@@ -9,18 +9,15 @@ The numbers quoted in docs/sampling.md come from this script.
     python bench/batch_invariance.py --threads=1
 """
 
-import os
-import sys
 
 import click
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import report
 from training import networks, sampling
 from training.images import to_uint8
-from tests.test_sampling import load_golden_network
+from training.testdata import load_golden_network
 
 def cifar_ddpmpp():
     """EDM's train.py --arch=ddpmpp network for unconditional 32x32 RGB, random weights."""

@@ -10,7 +10,6 @@ pixel space); every method samples the same seeds with EDM's Heun sampler.
 
 import json
 import os
-import sys
 import warnings
 
 import click
@@ -19,7 +18,6 @@ import scipy.linalg
 import torch
 import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.digits_fd import load_digits, train_classifier, frechet, quantize
 from training import guidance, sampling
 from training.images import to_uint8, save_image_grid

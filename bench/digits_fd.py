@@ -14,7 +14,6 @@ Generated images are rounded to uint8 as generate.py writes them before they are
 
 import json
 import os
-import sys
 import warnings
 
 import click
@@ -23,8 +22,7 @@ import scipy.linalg
 import torch
 import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fid import calculate_fid_from_inception_stats
+from metrics.fid import calculate_fid_from_inception_stats
 from training import sampling
 from training.dataset import ImageFolderDataset
 from training.images import to_uint8, save_image_grid

@@ -4,7 +4,7 @@ Measured side by side in one run on one network and batch; rounds interleave the
 changes hit them alike (medians kept). On CPU the times are the process's CPU time, which other
 programs on a shared machine do not inflate; on CUDA wall time between synchronisations.
 
-(a) generate.py's loop per batch (generate.sample_then_write over --loop-batches batches:
+(a) generate.py's loop per batch (training.generation.sample_then_write over --loop-batches batches:
     per-seed latents, the sampler generate.py builds for --solver=NAME --steps=N, uint8, and one PNG
     per seed written by a thread while the next batch samples) for each few-step solver and for
     EDM's Heun (no --solver, the reference), against its floor: NFE network forwards on the same
@@ -25,33 +25,27 @@ programs on a shared machine do not inflate; on CUDA wall time between synchroni
     python bench/fewstep_speed.py --network=runs/.../network-snapshot-000030.pkl
 """
 
-import inspect
-import os
 import statistics
-import sys
 import tempfile
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import generate
 from bench import report
 from bench.sampling_speed import golden_network
 from tools import schedule_search
-from training import sampling, solvers
+from training import generation, sampling, solvers
 from training.network_io import load_network
 
-SAMPLERS = ['heun', *generate.FEW_STEP] # heun: EDM's sampler, generate.py without --solver
+SAMPLERS = ['heun', *generation.FEW_STEP] # heun: EDM's sampler, generate.py without --solver
 
-def generate_sampler(net, device, *args):
-    """(sampler_fn, its keyword arguments, NFE) as generate.py builds them from these command-line arguments."""
-    params = generate.main.make_context('generate.py', ['--network=-', '--outdir=-', *args]).params
-    named = [name for name, p in inspect.signature(generate.main.callback).parameters.items() if p.kind != p.VAR_KEYWORD]
-    sampler_kwargs = {key: value for key, value in params.items() if key not in named and value is not None and not key.startswith('dg_')}
-    generate.check_few_step_options(sampler_kwargs)
-    sampler_fn, sampler_kwargs = generate.choose_sampler(net, sampler_kwargs)
+def generate_sampler(net, device, name, steps):
+    """(sampler_fn, its keyword arguments, NFE) as generate.py builds them for --steps=steps and
+    --solver=name (no --solver for heun), its other sampler options at their defaults."""
+    defaults = dict(rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1) # generate.py's, which are EDM's
+    sampler_kwargs = dict(num_steps=steps, **defaults, **({} if name == 'heun' else dict(solver=name)))
+    sampler_fn, sampler_kwargs = generation.choose_sampler(net, sampler_kwargs)
     nfe, _ = sampling.trace_sampler(net, sampler_fn, device=device, **sampler_kwargs)
     return sampler_fn, sampler_kwargs, nfe
 
@@ -79,9 +73,9 @@ class NoNetwork:
 
 def generate_loop(model, sampler_fn, sampler_kwargs, draw, batches, outdir):
     """generate.py's loop over batches (lists of seeds): each sampled in turn, its PNGs written by a thread meanwhile."""
-    sample = lambda seeds: generate.sample_batch(model, sampler_fn, sampler_kwargs, draw, seeds)
-    write = lambda images, classes, seeds: generate.write_pngs(images, classes, seeds, outdir, False)
-    for writing in generate.sample_then_write(batches, sample, write):
+    sample = lambda seeds: generation.sample_batch(model, sampler_fn, sampler_kwargs, draw, seeds)
+    write = lambda images, classes, seeds: generation.write_pngs(images, classes, seeds, outdir, False)
+    for writing in generation.sample_then_write(batches, sample, write):
         writing.result()
 
 def timed_rounds(rows, rounds, device, warm_up=True):
@@ -106,7 +100,7 @@ def verdict(ok):
 @click.option('--solvers', 'names', help='Samplers of part (a), comma-separated', metavar='LIST', type=str, default=','.join(SAMPLERS), show_default=True)
 @click.option('--rounds',        help='Timing rounds of part (a) (medians reported)', metavar='INT', type=click.IntRange(min=1), default=5, show_default=True)
 @click.option('--loop-batches',  help='Batches per timed loop of part (a)  [default: 4 on CUDA, 1 on CPU]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--search-seeds',  help='Warm-up latents of the search (its default is 0-255)', metavar='LIST', type=generate.SeedList(), default='0-255', show_default=True)
+@click.option('--search-seeds',  help='Warm-up latents of the search (its default is 0-255)', metavar='LIST', type=str, default='0-255', show_default=True)
 @click.option('--search-steps',  help='Levels the search picks (iPNDM, order 4: at least 5)', metavar='INT', type=click.IntRange(min=5), default=11, show_default=True)
 @click.option('--teacher-steps', help='Levels of the search\'s teacher (its default)', metavar='INT', type=click.IntRange(min=3), default=61, show_default=True)
 @click.option('--search-rounds', help='Timing rounds of part (b); 0 leaves it out', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
@@ -121,6 +115,7 @@ def main(network, batch, steps, names, rounds, loop_batches, search_seeds, searc
         raise click.BadParameter(f'{", ".join(unknown) or "none given"}: choose from {",".join(SAMPLERS)}', param_hint='--solvers')
     if search_rounds and search_steps > teacher_steps:
         raise click.BadParameter(f'{search_steps} levels cannot be picked from {teacher_steps} teacher levels', param_hint='--search-steps')
+    search_seeds = schedule_search.seed_list(search_seeds, '--search-seeds')
     torch.set_num_threads(threads or torch.get_num_threads())
     env = report.machine() # before measuring: its load average
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -131,7 +126,7 @@ def main(network, batch, steps, names, rounds, loop_batches, search_seeds, searc
 
     # (a) generate.py's loop per sampler against NFE x one forward on the same batch.
     seeds = list(range(batch))
-    samplers = {name: generate_sampler(net, device, f'--steps={steps}', *([] if name == 'heun' else [f'--solver={name}'])) for name in names}
+    samplers = {name: generate_sampler(net, device, name, steps) for name in names}
     latents, class_labels, _ = draw(seeds)
     x, sigma = latents.to(torch.float64), torch.as_tensor(1.0, dtype=torch.float64, device=device) # as the solvers call it
     with torch.no_grad():
@@ -176,7 +171,7 @@ def main(network, batch, steps, names, rounds, loop_batches, search_seeds, searc
 
     # (b) the search at its defaults against sampling its warm-up latents at the teacher's NFE.
     if search_rounds:
-        teacher_fn, teacher_kwargs, teacher_nfe = generate_sampler(net, device, f'--steps={teacher_steps}', '--solver=ipndm')
+        teacher_fn, teacher_kwargs, teacher_nfe = generate_sampler(net, device, 'ipndm', teacher_steps)
         chunks = schedule_search.batches(search_seeds, batch)
         sigma_min, sigma_max = max(0.002, float(net.sigma_min)), min(80, float(net.sigma_max)) # as schedule_search.py clips them
         teacher_sigmas = solvers.get_sigmas('edm', teacher_steps, sigma_min, sigma_max, 7, device=device)

@@ -20,7 +20,6 @@ searched noise levels, with and without AFS, at small NFE, on each --network, ag
 
 import json
 import os
-import sys
 import warnings
 
 import click
@@ -29,7 +28,6 @@ import scipy.linalg
 import torch
 import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.digits_fd import frechet, load_digits, quantize, train_classifier
 from tools import schedule_search
 from tools.trajectory import heun_steps, parse_int_list, pyplot

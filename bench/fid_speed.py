@@ -1,4 +1,4 @@
-"""FID feature extraction speed: fid.py's pipeline against the detector alone, at the same batch.
+"""FID feature extraction speed: fid.py's pipeline (metrics/fid.py) against the detector alone, at the same batch.
 
   detector   the detector's forward on uint8 batches already in memory (the floor)
   pipeline   fid.calculate_inception_stats on a folder of PNGs: reading, decoding, batching,
@@ -7,8 +7,8 @@ On CPU the times are the process's CPU time (PNG decoding in DataLoader workers 
 use --workers=0 to include it), which other programs on a shared machine do not inflate.
 
 The standard Inception-v3 cannot be downloaded on the development machines, so by default this uses
-the stand-in detector of tests/test_fid.py (a fixed random conv + pooling, far cheaper than
-Inception): the ratio then shows the pipeline's overhead at its most visible. Pass --detector to
+the built-in stand-in detector (fid.py --detector=standin: fixed random convolutions and pooling,
+far cheaper than Inception): the ratio then shows the pipeline's overhead at its most visible. Pass --detector to
 measure a real detector pickle.
 
     python bench/fid_speed.py --num=2000 --batch=64
@@ -18,7 +18,6 @@ measure a real detector pickle.
 import os
 import pickle
 import statistics
-import sys
 import tempfile
 import time
 
@@ -26,15 +25,13 @@ import click
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import report
-import fid
+from metrics import fid
 from torch_utils import distributed as dist
 from training.images import save_png
-from tests.test_fid import write_standin_detectors
 
 @click.command()
-@click.option('--detector', help='Detector pickle  [default: the stand-in of tests/test_fid.py]', metavar='PATH', type=str)
+@click.option('--detector', help='Detector pickle  [default: the built-in stand-in]', metavar='PATH', type=str)
 @click.option('--num',      help='Images', metavar='INT', type=click.IntRange(min=2), default=2000, show_default=True)
 @click.option('--res',      help='Image resolution', metavar='INT', type=click.IntRange(min=4), default=32, show_default=True)
 @click.option('--batch',    help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
@@ -52,10 +49,12 @@ def main(detector, num, res, batch, workers, rounds, threads, doc):
     clock, clock_name = (time.perf_counter, 'wall') if device.type == 'cuda' else (time.process_time, 'CPU')
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
-        path = detector or write_standin_detectors(tmp, seeds=[0])[0]
-        desc = detector or 'stand-in detector of tests/test_fid.py (NOT Inception)'
-        with open(path, 'rb') as f:
-            net = pickle.load(f).to(device)
+        desc = detector or 'built-in stand-in detector (NOT Inception)'
+        if detector is None:
+            net = fid.StandInDetector().to(device)
+        else:
+            with open(detector, 'rb') as f:
+                net = pickle.load(f).to(device)
         images = np.random.RandomState(0).randint(0, 256, size=[num, res, res, 3], dtype=np.uint8)
         folder = os.path.join(tmp, 'images')
         os.makedirs(folder)

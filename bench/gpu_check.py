@@ -44,11 +44,11 @@ import numpy as np
 import PIL.Image
 import torch
 
+from bench import report
+from dnnlib.util import atomic_write
+from training import networks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bench import report # noqa: E402
-from dnnlib.util import atomic_write # noqa: E402
-from training import networks # noqa: E402
 
 #----------------------------------------------------------------------------
 # What runs: the tests, the training configurations and the sizes, in one place.

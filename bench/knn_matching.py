@@ -9,16 +9,13 @@ find permutations of the same cost.
     python bench/knn_matching.py --pools=16384,65536
 """
 
-import os
 import statistics
-import sys
 import time
 
 import click
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import report
 from training import aot
 

@@ -16,7 +16,6 @@ each step count. Every row gets FD-digits (bench/digits_fd.py's classifier featu
 
 import json
 import os
-import sys
 import time
 import warnings
 
@@ -26,7 +25,6 @@ import scipy.linalg
 import torch
 import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.digits_fd import load_digits, train_classifier, frechet, quantize
 from training import sampling, semidiscrete_ot
 from training.images import to_uint8, save_image_grid

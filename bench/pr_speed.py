@@ -3,16 +3,13 @@
     python bench/pr_speed.py --num=5000 --dim=2048 --threads=1
 """
 
-import os
-import sys
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import report
-import fid
+from metrics import fid
 
 @click.command()
 @click.option('--num',     help='Features per set', metavar='INT', type=click.IntRange(min=4), default=5000, show_default=True)

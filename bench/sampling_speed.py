@@ -4,7 +4,7 @@ Three timings, interleaved round by round so that load changes hit all of them a
 on CPU they are the process's CPU time, which other programs on a shared machine do not inflate:
   floor      NFE network forwards on a batch (what sampling cannot go below)
   sampler    edm_sampler on the batch's latents
-  generate   generate.py's per-batch work (its sample_batch and write_pngs): per-seed latents,
+  generate   generate.py's per-batch work (training.generation's sample_batch and write_pngs): per-seed latents,
              edm_sampler, uint8, one PNG per seed
 Ratios floor/sampler and floor/generate; the goal is >= 0.95.
 
@@ -15,17 +15,14 @@ Ratios floor/sampler and floor/generate; the goal is >= 0.95.
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import generate as generate_py
 from bench import report
-from training import networks, sampling
+from training import generation, networks, sampling
 from training.network_io import load_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,8 +71,8 @@ def main(network, batch, steps, rounds, threads, device, doc):
         sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps)
     def generate(outdir):
         draw = lambda seeds: sampling.latents_for_seeds(net, seeds, device=device)
-        images, classes = generate_py.sample_batch(net, sampling.edm_sampler, dict(num_steps=steps), draw, seeds)
-        generate_py.write_pngs(images, classes, seeds, outdir, False)
+        images, classes = generation.sample_batch(net, sampling.edm_sampler, dict(num_steps=steps), draw, seeds)
+        generation.write_pngs(images, classes, seeds, outdir, False)
 
     times = dict(floor=[], sampler=[], generate=[])
     print(env)

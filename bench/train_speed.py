@@ -11,16 +11,14 @@ slowest rank's share of the tick spent waiting for a pool) and the speed relativ
 """
 
 import os
-import sys
 import tempfile
 import time
 
 import click
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import report
 from bench.aot_cost import run_train
-from tests.datagen import make_dataset
+from training.testdata import make_dataset
 
 
 # name: extra train.py options. 'default' is the baseline of the ratios.

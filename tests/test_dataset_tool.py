@@ -19,7 +19,6 @@ from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / 'tests' / 'golden' / 'dataset'
-sys.path.insert(0, str(ROOT))
 import dataset_tool
 from training.dataset import ImageFolderDataset
 

@@ -14,11 +14,10 @@ import PIL.Image
 import pytest
 import scipy.linalg
 import torch
+from metrics import fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, 'tests', 'golden', 'fid')
-sys.path.insert(0, ROOT)
-import fid # pylint: disable=wrong-import-position
 
 #----------------------------------------------------------------------------
 # Math against the reference.
@@ -301,7 +300,6 @@ def test_standin_detector_without_download(env):
 
 ERROR_RUNNER = '''
 import sys, io, json, contextlib, traceback
-sys.path.insert(0, sys.argv[1])
 import fid
 results = {}
 for name, args in json.loads(sys.stdin.read()).items():

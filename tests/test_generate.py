@@ -3,7 +3,6 @@
 import copy
 import json
 import os
-import pickle
 import shlex
 import signal
 import subprocess
@@ -15,54 +14,18 @@ import pytest
 import torch
 from training import sampling, solvers
 from training.images import to_uint8
-from training.network_io import save_safe
-from tests.test_sampling import load_golden_network
+from training.testdata import load_golden_network
+from tests.helpers import CPU, finish_generate as finish, pngs, start_generate as start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ['--steps=4'] # 7 NFE: fast, and enough to go through every part of the sampler
-# Runs whose PNGs are compared with images made here, on the CPU, pin the CPU: on a CUDA machine
-# generate.py would draw the latents with CUDA generators (as EDM does), which give other numbers.
-CPU = ['--device=cpu']
 
 # One thread per process (as torchrun sets it): several runs go in parallel on a small machine,
 # and idle OpenMP threads spinning against each other cost more than the sampling itself.
 
-def start(args):
-    return subprocess.Popen([sys.executable, 'generate.py', *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
 def start_torchrun(args, nproc=2):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'generate.py', *args]
     return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-def finish(proc):
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
-
-def pngs(outdir):
-    """{relative path: pixels} of every PNG under outdir; also fails on leftover temporary files."""
-    found = {}
-    for dirpath, _, files in os.walk(outdir):
-        for name in files:
-            if name in ('dataset.json', 'sampling.json'): # class labels (checked in test_guidance.py), how the images were made
-                continue
-            assert name.endswith('.png'), f'unexpected file {name} in {dirpath}'
-            path = os.path.join(dirpath, name)
-            found[os.path.relpath(path, outdir)] = np.array(PIL.Image.open(path))
-    return found
-
-@pytest.fixture(scope='module')
-def nets(tmp_path_factory):
-    """The conditional golden network as an EDM-style snapshot pickle and in the safe format,
-    and the unconditional one as a pickle."""
-    d = tmp_path_factory.mktemp('nets')
-    cond = load_golden_network('networks/ddpmpp_edm_cond.npz', 'networks/ddpmpp_edm_cond.json')
-    uncond = load_golden_network('networks/ddpmpp_edm_uncond.npz', 'networks/ddpmpp_edm_uncond.json')
-    for name, net in [('cond', cond), ('uncond', uncond)]:
-        with open(d / f'{name}.pkl', 'wb') as f:
-            pickle.dump(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}), f)
-    save_safe(cond, d / 'cond.safetensors')
-    return dict(net=cond, pkl=str(d / 'cond.pkl'), safe=str(d / 'cond.safetensors'), uncond=str(d / 'uncond.pkl'))
 
 def expected_images(net, seeds, **kwargs):
     """What generate.py must write: the sampler run in this process on the same seeds."""

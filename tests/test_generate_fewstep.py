@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import generate
 from training import sampling, solvers
 from training.images import to_uint8
-from tests.test_generate import CPU, finish, nets, pngs, start # noqa: F401 (nets is a fixture)
+from tests.helpers import CPU, finish_generate as finish, pngs, start_generate as start
 
 def expected(net, seeds, **kwargs):
     latents, class_labels, _ = sampling.latents_for_seeds(net, seeds)

@@ -11,6 +11,7 @@ import torch
 from training import guidance, sampling
 from training.guidance import (DiscriminatorGuidance, Discriminator, adm_classifier, discriminator_head,
                                vp_time, vp_mean_std)
+from tests.helpers import with_output_pool
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'dg')
 
@@ -183,14 +184,6 @@ def small_discriminator(res=16, channels=3, label_dim=10, seed=4):
     fill_params(disc, seed)
     return disc.eval().requires_grad_(False)
 
-def with_output_pool(disc):
-    """A small-extractor discriminator as built before the fix of the DDP crash: with the encoder's
-    unused output pool, registered after all its other layers."""
-    ch = disc.classifier.feature_channels
-    disc.classifier.out = torch.nn.Sequential(guidance.GroupNorm32(ch), torch.nn.SiLU(),
-                                              guidance.AttentionPool2d(disc.img_resolution, ch, 32, 1))
-    return disc
-
 @pytest.mark.parametrize('extractor,res,channels', [('small', 8, 1), ('adm', 32, 3)])
 def test_every_trained_parameter_gets_a_gradient(extractor, res, channels):
     # As DDP requires (train_discriminator.py under torchrun): the small encoder has no output pool,
@@ -214,7 +207,7 @@ def test_small_extractor_has_no_output_pool_and_older_files_load(tmp_path):
 @pytest.fixture(scope='module')
 def gen_files(tmp_path_factory):
     from training.network_io import save_safe
-    from tests.test_sampling import load_golden_network
+    from training.testdata import load_golden_network
     d = tmp_path_factory.mktemp('dg')
     files = dict(net=str(d / 'cond.safetensors'), uncond=str(d / 'uncond.safetensors'))
     save_safe(load_golden_network('networks/ddpmpp_edm_cond.npz', 'networks/ddpmpp_edm_cond.json'), files['net'])

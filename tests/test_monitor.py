@@ -7,19 +7,19 @@ import os
 import subprocess
 import sys
 
-import click
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 import dnnlib
-from tests.datagen import make_dataset
+from metrics.fid import FIDError
+from tests.helpers import tiny_net
 from torch_utils import training_stats
-from training import networks
 from training.dataset import ImageFolderDataset
 from training.images import save_image_grid
 from training.monitor import Monitor, SampleFD
+from training.testdata import make_dataset
 
 def event_accumulator(run_dir):
     pytest.importorskip('tensorboard', reason='TensorBoard logs need the optional tensorboard package (pip install tensorboard)')
@@ -41,16 +41,6 @@ def digits_path(tmp_path_factory):
 @pytest.fixture(scope='module')
 def digits(digits_path):
     return ImageFolderDataset(digits_path, use_labels=True)
-
-def tiny_net(seed=0):
-    # Random weights everywhere (EDM starts its output layers at zero, which makes every sample alike).
-    torch.manual_seed(seed)
-    net = networks.EDMPrecond(img_resolution=8, img_channels=1, label_dim=4, model_type='SongUNet',
-        model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[]).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn_like(p) / max(p[0].numel(), 1) ** 0.5)
-    return net
 
 #----------------------------------------------------------------------------
 
@@ -160,7 +150,7 @@ import json, sys
 from torch_utils import distributed as dist
 from training.dataset import ImageFolderDataset
 from training.monitor import SampleFD
-from tests.test_monitor import tiny_net
+from tests.helpers import tiny_net
 dist.init()
 fd = SampleFD(ImageFolderDataset(sys.argv[1], use_labels=True), 16, batch=4)(tiny_net())
 if dist.get_rank() == 0:
@@ -188,7 +178,7 @@ def test_without_tensorboard_says_how_to_get_it(tmp_path, monkeypatch, capsys):
 # Wired into the training loop (train.py --metric-every/--metric-images).
 
 def test_train_py_logs_metric_and_tensorboard(digits_path, tmp_path):
-    from tests.test_train import TINY, only_run_dir, run
+    from tests.helpers import TINY, only_run_dir, run_train as run
     proc = run(['--outdir', str(tmp_path), '--data', digits_path, '--cond=1', '--aot=16', '--duration=0.000064', '--snap=2',
                 '--metric-every=2', '--metric-images=8'] + TINY)
     run_dir = only_run_dir(tmp_path)
@@ -203,6 +193,6 @@ def test_train_py_logs_metric_and_tensorboard(digits_path, tmp_path):
     assert [e.step for e in acc.Images('Samples')] == [16, 64] # the snapshots' grids
 
 def test_unreadable_detector_is_a_one_line_error_before_any_file(digits, tmp_path):
-    with pytest.raises(click.ClickException, match=r'--metric-detector=nope.pkl\): File not found: nope.pkl'):
+    with pytest.raises(FIDError, match=r"the FD metric's detector \(nope.pkl\): File not found: nope.pkl"):
         Monitor(str(tmp_path), start_nimg=0, kimg_per_tick=1, dataset_obj=digits, metric_every=1, metric_detector='nope.pkl')
     assert os.listdir(tmp_path) == []

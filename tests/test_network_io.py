@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from training import network_io
+from tests.helpers import python_with_only
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, 'tests', 'golden', 'networks')
@@ -34,20 +35,18 @@ SMALL_SRC = textwrap.dedent('''
 ''')
 
 @pytest.fixture
-def small_module(tmp_path):
+def small_module(tmp_path, monkeypatch):
     pkg = tmp_path / 'smallpkg'
     pkg.mkdir()
     (pkg / '__init__.py').write_text('')
     (pkg / 'small.py').write_text(SMALL_SRC)
-    sys.path.insert(0, str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
     import smallpkg.small
     yield smallpkg.small
-    sys.path.remove(str(tmp_path))
 
 def _run(args, cwd, pythonpath=REPO, **kw):
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    env['PYTHONPATH'] = str(pythonpath)
-    return subprocess.run(args, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=180, **kw)
+    python, env = python_with_only(pythonpath)
+    return subprocess.run([*python, *args[1:]], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=180, **kw)
 
 #----------------------------------------------------------------------------
 # With a small persistent class of the test's own.
@@ -189,7 +188,7 @@ def test_convert_network_cli(tmp_path):
     with open(tmp_path / 'snap.pkl', 'wb') as f:
         pickle.dump(dict(ema=net), f)
     tool = os.path.join(REPO, 'tools', 'convert_network.py')
-    # Run from elsewhere with no PYTHONPATH: the tool finds the repository itself. In that fresh
+    # Run from elsewhere with no PYTHONPATH: the tool finds the library where pip install -e . put it. In that fresh
     # process the pickle's classes come from generated modules and map back to training.networks.
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     proc = subprocess.run([sys.executable, tool, '--src', 'snap.pkl', '--dest', 'out.safetensors'], cwd=str(tmp_path), env=env,

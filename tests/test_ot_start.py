@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from bench import ot_start_study
-from tests.datagen import make_dataset
-from tests.test_sampling import GaussianDenoiser, load_golden_network
+from training.testdata import load_golden_network, make_dataset
+from tests.helpers import GaussianDenoiser
 from training import sampling, semidiscrete_ot as so
 from training.network_io import save_safe
 from tools import ot_map as ot_map_tool

@@ -1,5 +1,6 @@
 """torch_utils.persistence: pickles carry their module's source and load without it (EDM's format)."""
 
+import importlib.util
 import io
 import os
 import pickle
@@ -14,6 +15,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
+from tests.helpers import python_with_only
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,12 +54,11 @@ MODULE_SRC = textwrap.dedent('''
 def _import_tiny(tmp_path, name='tiny_module', src=MODULE_SRC):
     path = tmp_path / f'{name}.py'
     path.write_text(src)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        __import__(name)
-        return sys.modules[name]
-    finally:
-        sys.path.remove(str(tmp_path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 def _isolated_site(tmp_path):
     """A directory with only dnnlib and torch_utils: in it, `training` cannot be imported."""
@@ -67,9 +68,8 @@ def _isolated_site(tmp_path):
     return site
 
 def _run_fresh(site, code, cwd):
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    env['PYTHONPATH'] = str(site)
-    proc = subprocess.run([sys.executable, '-c', code], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=120)
+    python, env = python_with_only(site)
+    proc = subprocess.run([*python, '-c', code], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -151,9 +151,8 @@ def test_pickled_source_wins_over_changed_source(tmp_path):
     site = _isolated_site(tmp_path)
     (tmp_path / 'data.pkl').write_bytes(data)
     torch.save(dict(x=x, y=y), tmp_path / 'ref.pt')
-    out = _run_fresh(site, textwrap.dedent(f'''
+    out = _run_fresh(site, textwrap.dedent('''
         import pickle, sys, torch
-        sys.path.insert(0, {str(tmp_path)!r})
         import tiny_changed
         net = pickle.load(open('data.pkl', 'rb'))
         ref = torch.load('ref.pt')

@@ -1,15 +1,12 @@
 """tools/plot_training.py: curves from stats.jsonl (what is plotted, and that the image shows it), clear errors."""
 
 import json
-import os
-import sys
 
 import numpy as np
 import PIL.Image
 from click.testing import CliRunner
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
-import plot_training
+from tools import plot_training
 
 def write_run(path, losses, first_tick=0, kimg_per_tick=5.0):
     """stats.jsonl as the training loop writes it: one row per tick, from first_tick on."""

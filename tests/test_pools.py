@@ -8,7 +8,7 @@ from training import aot
 from training.dataset import ImageFolderDataset
 from training.augment import AugmentPipe
 from training.pools import KNN_POOL, PoolStream, auto_workers, iterate_slices
-from tests.datagen import make_dataset
+from training.testdata import make_dataset
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):

@@ -10,6 +10,8 @@ from training import sampling
 from tests.helpers import assert_golden
 from training.sampling import (edm_sampler, ablation_sampler, latents_for_seeds, NFECounter,
                                StackedRandomGenerator, trace_sampler, edm_time_steps)
+from training.testdata import load_golden_network
+from tests.helpers import GaussianDenoiser
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
 SAMPLER_README = json.load(open(os.path.join(GOLDEN, 'sampler', 'README.json')))
@@ -19,25 +21,8 @@ CONFIGS = SAMPLER_README['configs']
 # bit for bit under the golden kernels only (helpers.PINNED_KERNELS) and within this elsewhere.
 LATENTS_ATOL = 1e-5
 
-def load_golden_network(npz_path, json_path):
-    from training import networks
-    meta = json.load(open(os.path.join(GOLDEN, json_path)))
-    data = np.load(os.path.join(GOLDEN, npz_path), allow_pickle=False)
-    net = getattr(networks, meta['precond_class'])(**meta['constructor_kwargs'])
-    net.load_state_dict({k[len('state/'):]: torch.from_numpy(data[k]) for k in data.files if k.startswith('state/')}, strict=True)
-    return net.eval().requires_grad_(False)
-
 def stub_net(label_dim=10):
     return types.SimpleNamespace(img_channels=3, img_resolution=16, label_dim=label_dim)
-
-class GaussianDenoiser:
-    """Ideal denoiser of data ~ N(0, sigma_data^2 I): the probability flow ODE has the closed form
-    x(sigma) = x(sigma_max) * sqrt(sigma_data^2 + sigma^2) / sqrt(sigma_data^2 + sigma_max^2)."""
-    sigma_min, sigma_max, sigma_data = 0, float('inf'), 0.5
-    round_sigma = staticmethod(torch.as_tensor)
-    def __call__(self, x, sigma, class_labels=None):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        return x * self.sigma_data ** 2 / (self.sigma_data ** 2 + sigma ** 2)
 
 #----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from tools import schedule_search
 from training import solvers
 from training.network_io import save_safe
-from tests.test_solvers import DATA, README, golden_network
+from tests.helpers import SOLVERS_DATA as DATA, SOLVERS_README as README, golden_network
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 UNCOND = 'networks/ddpmpp_edm_uncond.npz'

@@ -1,7 +1,6 @@
 """Few-step solvers (training/solvers.py): diff-sampler's golden outputs, NFE, noise levels, AFS,
 validation, --sigmas values, DG on every evaluation."""
 
-import functools
 import json
 import os
 import types
@@ -12,20 +11,14 @@ import torch
 
 from training import solvers
 from training.sampling import NFECounter, latents_for_seeds, trace_sampler
-from tests.test_sampling import GaussianDenoiser, load_golden_network
+from tests.helpers import SOLVERS_DATA as DATA, SOLVERS_README as README, GaussianDenoiser, golden_network
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'solvers')
-README = json.load(open(os.path.join(GOLDEN, 'README.json')))
-DATA = np.load(os.path.join(GOLDEN, 'solvers.npz'), allow_pickle=False)
 
 # diff-sampler's names of solvers and schedules -> ours.
 SOLVER_NAMES = {'euler_sampler': 'euler', 'ipndm_sampler': 'ipndm', 'ipndm_v_sampler': 'ipndm-v', 'dpm_pp_sampler': 'dpmpp',
                 'unipc_sampler': 'unipc', 'deis_sampler': 'deis', 'dpm_2_sampler': 'dpm2'}
 DISC_NAMES = {'polynomial': 'edm', 'logsnr': 'logsnr', 'time_uniform': 'time-uniform'}
-
-@functools.lru_cache(maxsize=None)
-def golden_network(path): # 'networks/ddpmpp_edm_cond.npz'
-    return load_golden_network(path, path[:-len('.npz')] + '.json')
 
 def golden_sigmas(kwargs):
     return solvers.get_sigmas(DISC_NAMES[kwargs['schedule_type']], kwargs['num_steps'], kwargs['sigma_min'],

@@ -1,7 +1,6 @@
 """train.py end to end on CPU: every precond, AOT on/off, augmentation on/off, gradient
 accumulation, a 2-process torchrun, exact resume, and the refusal of bad input."""
 
-import glob
 import json
 import math
 import os
@@ -18,28 +17,10 @@ import scipy.optimize
 import torch
 
 import dnnlib
-from tests.datagen import make_dataset
+from tests.helpers import ROOT, TINY, all_tensors, assert_same_weights, final_losses, only_run_dir, run_train as run
 from train import latest_state
 from training import network_io, training_loop
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--cbase=8', '--cres=1,1', '--batch=16', '--tick=0.032', '--seed=0', '--grid=4', '--workers=0']
-
-def run(args, torchrun=0, check=True):
-    cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else [])
-    proc = subprocess.run(cmd + ['train.py'] + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
-
-def only_run_dir(outdir):
-    dirs = [d for d in glob.glob(os.path.join(outdir, '*')) if os.path.isdir(d)]
-    assert len(dirs) == 1
-    return dirs[0]
-
-def final_losses(run_dir):
-    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
-        return [json.loads(line)['Loss/loss']['mean'] for line in f]
+from training.testdata import make_dataset
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
@@ -167,13 +148,6 @@ def test_latest_state_by_content(tmp_path):
     assert latest_state(tmp_path) == str(tmp_path / 'training-state-latest.pt')
     (tmp_path / 'training-state-000000.pt').unlink()
     assert latest_state(tmp_path) == str(tmp_path / 'training-state-latest.pt')
-
-def all_tensors(state):
-    """Every tensor of a training state (network, EMA, optimizer) by name."""
-    out = {f'net.{k}': v for k, v in state['net'].items()} | {f'ema.{k}': v for k, v in state['ema'].items()}
-    for index, moments in state['optimizer_state']['state'].items():
-        out |= {f'optimizer.{index}.{k}': v for k, v in moments.items()}
-    return out
 
 def test_sigint_then_resume_by_folder_equals_uninterrupted(resume_runs, data, tmp_path):
     # Ctrl-C once training runs: the state is saved, exit status 75; --resume=RUN_DIR alone then
@@ -521,11 +495,6 @@ def perturbed_snapshot(c, state, path, scale=0.05):
     with open(path, 'wb') as f:
         pickle.dump(dict(ema=net.eval(), loss_fn=None, augment_pipe=None, dataset_kwargs=dict(c.dataset_kwargs)), f)
     return net.state_dict()
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 def assert_near(weights, target, other):
     # closer to target than to other by far, tensor by tensor where they differ

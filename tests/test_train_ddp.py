@@ -12,10 +12,10 @@ import psutil
 import pytest
 import torch
 
-from tests.datagen import make_dataset
-from tests.test_train import ROOT, TINY, all_tensors, assert_same_weights, final_losses, only_run_dir, run
+from tests.helpers import ROOT, TINY, all_tensors, assert_same_weights, final_losses, only_run_dir, run_train as run
 from training.dataset import ImageFolderDataset
 from training.pools import PoolStream
+from training.testdata import make_dataset
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):

@@ -11,8 +11,8 @@ import torch
 
 import train_discriminator as td
 from training import aot, guidance
-from tests.datagen import make_dataset
-from tests.test_guidance import with_output_pool
+from training.testdata import make_dataset
+from tests.helpers import with_output_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

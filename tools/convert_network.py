@@ -8,13 +8,11 @@ pickles you trust.
 """
 
 import os
-import sys
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) # run from anywhere
-from training import network_io # pylint: disable=wrong-import-position
+from training import network_io
 
 #----------------------------------------------------------------------------
 

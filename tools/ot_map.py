@@ -11,15 +11,12 @@ Targets at noise level sigma_T come from one of two sources, recorded in the fil
     python generate.py --network=net.pkl --ot-map=ode-2.safetensors --steps=4 --outdir=out
 """
 
-import os
-import sys
 import time
 
 import click
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import semidiscrete_ot
 from training.dataset import ImageFolderDataset
 from training.network_io import load_network

@@ -5,11 +5,8 @@
 
 import json
 import os
-import sys
 
 import click
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_KEYS = ['Loss/loss', 'Timing/sec_per_kimg', 'Timing/aot_wait_frac']
 

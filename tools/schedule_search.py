@@ -28,7 +28,6 @@ tools/schedule_search.py ...). See docs/few-step.md.
 
 import json
 import os
-import sys
 import time
 
 import click
@@ -36,10 +35,9 @@ import numpy as np
 import torch
 import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate import SeedList
 from torch_utils import distributed as dist
 from training import solvers
+from training.generation import parse_seeds
 from training.network_io import load_network
 from training.sampling import latents_for_seeds
 
@@ -117,6 +115,13 @@ def best_path(cost, num_steps, coeff):
 
 #----------------------------------------------------------------------------
 # The whole search.
+
+def seed_list(text, option):
+    """The seeds of a list like 0-255,300 (None for None), its error as the option's."""
+    try:
+        return None if text is None else parse_seeds(text)
+    except ValueError as e:
+        raise click.BadParameter(f'{e} (example: {option}=0-255 or {option}=1,2,5-10)', param_hint=option) from None
 
 def seed_text(seeds):
     """'a-b' for a range, else the list (None stays None)."""
@@ -238,8 +243,8 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
 @click.option('--network', 'network_path', help='Network snapshot (.pkl, URL or .safetensors)', metavar='PATH', required=True)
 @click.option('--solver',                  help='Solver the levels are for (--metric=solver optimises its result)', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', show_default=True)
 @click.option('--steps', 'num_steps',      help='Noise levels to pick, sigma_max and sigma_min included (GITS with --afs adds one)', metavar='INT', type=click.IntRange(min=2), required=True)
-@click.option('--seeds',                   help='Seeds of the warm-up latents (drawn as generate.py)', metavar='LIST', type=SeedList(), default='0-255', show_default=True)
-@click.option('--check-seeds',             help='Held-out seeds on which the errors are also reported', metavar='LIST', type=SeedList())
+@click.option('--seeds',                   help='Seeds of the warm-up latents (drawn as generate.py)', metavar='LIST', type=str, default='0-255', show_default=True)
+@click.option('--check-seeds',             help='Held-out seeds on which the errors are also reported', metavar='LIST', type=str)
 @click.option('--teacher-steps',           help='Levels of the teacher (iPNDM, EDM levels, rho 7)', metavar='INT', type=click.IntRange(min=3), default=61, show_default=True)
 @click.option('--metric',                  help='Cost: GITS dev or l2 of one Euler jump, or the solver\'s final error', type=click.Choice(['dev', 'l2', 'solver']), default='dev', show_default=True)
 @click.option('--coeff',                   help='GITS: weight growth per later jump', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1.15, show_default=True)
@@ -253,6 +258,7 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
 @click.option('--out',                     help='JSON file to write', metavar='FILE', type=str, required=True)
 def main(network_path, solver, num_steps, seeds, check_seeds, teacher_steps, metric, coeff, order, afs, sweeps, sigma_min, sigma_max, batch, device, out):
     """Search noise levels for --solver at --steps levels (GITS, or --metric=solver)."""
+    seeds, check_seeds = seed_list(seeds, '--seeds'), seed_list(check_seeds, '--check-seeds')
     if num_steps > teacher_steps:
         raise click.BadParameter(f'{num_steps} levels cannot be picked from {teacher_steps} teacher levels; raise --teacher-steps', param_hint='--steps')
     if sigma_min >= sigma_max:

@@ -24,14 +24,12 @@ Several --network options (each with a --name) are analysed from the same latent
 import csv
 import json
 import os
-import sys
 
 import click
 import numpy as np
 import torch
 import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import sampling
 from training.network_io import load_network
 

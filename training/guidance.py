@@ -251,8 +251,7 @@ class Discriminator(torch.nn.Module):
         self.img_resolution, self.img_channels, self.label_dim, self.extractor = img_resolution, img_channels, label_dim, extractor
         if extractor == 'adm':
             if (img_resolution, img_channels) != (32, 3):
-                raise ValueError(f'DG\'s ADM classifier takes 32x32 RGB images, not {img_resolution}x{img_resolution}x{img_channels}; '
-                                 'train without --classifier for other data')
+                raise ValueError(f'DG\'s ADM classifier takes 32x32 RGB images, not {img_resolution}x{img_resolution}x{img_channels}')
             self.classifier = adm_classifier(img_resolution, img_channels).requires_grad_(False) # frozen, as in DG
             head = dict(model_channels=head_width or 128, depth=head_depth or 2)
         elif extractor == 'small':

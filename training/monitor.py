@@ -11,7 +11,7 @@ Progress bar: rank 0 shows the kimg done within the current tick, on the termina
 when stdout is not a terminal, and nothing in log.txt. It counts images from Python ints: no GPU sync.
 
 Metric (SampleFD): the Frechet distance between N EMA samples (seeds 0..N-1, edm_sampler, as the
-sample grid) and N training images (features computed once per run), in the features of fid.py's
+sample grid) and N training images (features computed once per run), in the features of metrics.fid's
 detector: the built-in stand-in by default (reported as Metrics/fd_standin: NOT comparable to
 published FID), or Inception (Metrics/fd_inception: from N samples, biased upwards, so not FID-50k
 either). Every rank samples and embeds its share of the seeds and of the training images; the
@@ -21,14 +21,13 @@ It uses its own random generators: the training's random streams, and so exact r
 
 import sys
 
-import click
 import numpy as np
 import PIL.Image
 import torch
 import tqdm
 
 import dnnlib
-import fid
+from metrics import fid
 from torch_utils import distributed as dist
 from torch_utils import training_stats
 from training import sampling
@@ -62,14 +61,14 @@ class SampleFD:
 
     def __init__(self, dataset_obj, num_images, detector=fid.STANDIN, num_steps=18, batch=64, device=torch.device('cpu')):
         try:
-            standard = None if detector == 'inception' else detector # None: fid.py's standard Inception detector
-            det = fid._rank0_first(lambda: fid.open_detector(standard, verbose=(dist.get_rank() == 0)))
-        except click.ClickException as err:
-            raise click.ClickException(f'the FD metric\'s detector (--metric-detector={detector}): {err.message}')
+            standard = None if detector == 'inception' else detector # None: the standard Inception detector
+            det = fid.rank0_first(lambda: fid.open_detector(standard, verbose=(dist.get_rank() == 0)))
+        except fid.FIDError as err:
+            raise fid.FIDError(f'the FD metric\'s detector ({detector}): {err}') from None
         self.detector = fid.build_detector(det, device)
         self.name = 'Metrics/fd_' + ('standin' if det.data is None else 'inception' if det.standard else 'detector')
         self.num_images, self.num_steps, self.batch, self.device = num_images, num_steps, batch, device
-        self.feature_dim = fid._features(self.detector, torch.as_tensor(dataset_obj[0][0][np.newaxis]), device).shape[1]
+        self.feature_dim = fid.detector_features(self.detector, torch.as_tensor(dataset_obj[0][0][np.newaxis]), device).shape[1]
         # A fixed draw of training images, the same on every rank; each rank embeds every world_size-th.
         idx = np.random.RandomState(0).permutation(len(dataset_obj))[:num_images][dist.get_rank()::dist.get_world_size()]
         batches = (torch.as_tensor(np.stack([dataset_obj[i][0] for i in idx[k : k + batch]])) for k in range(0, len(idx), batch))
@@ -84,7 +83,7 @@ class SampleFD:
         total = torch.zeros([self.feature_dim], dtype=torch.float64, device=self.device)
         outer = torch.zeros([self.feature_dim, self.feature_dim], dtype=torch.float64, device=self.device)
         for images in batches:
-            features = fid._features(self.detector, images, self.device).to(torch.float64)
+            features = fid.detector_features(self.detector, images, self.device).to(torch.float64)
             num += features.shape[0]
             total += features.sum(0)
             outer += features.T @ features

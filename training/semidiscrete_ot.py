@@ -252,16 +252,9 @@ def ot_start_sampler(net, latents, ot_map, num_steps=6, return_index=False, **sa
     images = sampling.edm_sampler(net, x / net.round_sigma(sigma_T), labels, num_steps=num_steps, sigma_max=ot_map.sigma_T, **sampler_kwargs)
     return (images, index) if return_index else images
 
-def map_for_generate(path, net, device, sampler_kwargs, class_idx=None):
-    """The OT map for generate.py --ot-map, checked against the network and the other options
-    (ValueError/IOError with a one-line reason). Sets sampler_kwargs['sigma_max'] to sigma_T."""
-    ablation = [key for key in ('solver', 'discretization', 'schedule', 'scaling') if key in sampler_kwargs]
-    if ablation:
-        raise ValueError(f'OT-start runs Heun (edm_sampler); drop --{", --".join(ablation)}'.replace('discretization', 'disc'))
-    if 'sigma_max' in sampler_kwargs:
-        raise ValueError('the OT map sets the starting noise level (sigma_T); drop --sigma_max')
-    if class_idx is not None:
-        raise ValueError('the class of each image is its target\'s; --class cannot be combined with --ot-map')
+def map_for_generate(path, net, device, sampler_kwargs):
+    """The OT map for generate.py, checked against the network (ValueError/IOError with a one-line
+    reason; generate.py checks that its other options go with it). Sets sampler_kwargs['sigma_max'] to sigma_T."""
     ot_map = OTMap.load(path, device=device)
     ot_map.check_network(net)
     sampler_kwargs['sigma_max'] = ot_map.sigma_T

@@ -1,10 +1,15 @@
-"""Small synthetic datasets in EDM's archive format for tests."""
+"""Small stand-ins for data that cannot be had offline, for the tests and the benchmarks: synthetic
+datasets in EDM's archive format, and the golden test networks of tests/golden/networks (weights
+made with the reference implementation, loaded strictly)."""
 
 import json
 import os
 
 import numpy as np
 import PIL.Image
+import torch
+
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'golden')
 
 def make_dataset(path, n=40, res=8, channels=3, num_classes=4, labels=True, structured=False):
     """A folder of n random res x res PNGs, with dataset.json labels i % num_classes if labels.
@@ -25,3 +30,12 @@ def make_dataset(path, n=40, res=8, channels=3, num_classes=4, labels=True, stru
         with open(os.path.join(path, 'dataset.json'), 'w') as f:
             json.dump({'labels': entries}, f)
     return str(path)
+
+def load_golden_network(npz_path, json_path):
+    """A golden network (paths relative to tests/golden), in eval mode without gradients."""
+    from training import networks
+    meta = json.load(open(os.path.join(GOLDEN, json_path)))
+    data = np.load(os.path.join(GOLDEN, npz_path), allow_pickle=False)
+    net = getattr(networks, meta['precond_class'])(**meta['constructor_kwargs'])
+    net.load_state_dict({k[len('state/'):]: torch.from_numpy(data[k]) for k in data.files if k.startswith('state/')}, strict=True)
+    return net.eval().requires_grad_(False)
