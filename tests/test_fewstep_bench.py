@@ -12,6 +12,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = ['--batch=4', '--steps=5', '--rounds=1', '--search-seeds=0-4', '--search-steps=5', '--teacher-steps=7',
         '--search-rounds=1', '--device=cpu', '--no-doc']
 
+@pytest.mark.slow # harness: bench/fewstep_speed.py end to end
 def test_bench_runs_and_reports_every_ratio():
     result = CliRunner().invoke(fewstep_speed.main, TINY)
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -53,6 +54,7 @@ def tiny_digits_network(path):
                               channel_mult=[1], num_blocks=1, attn_resolutions=[]).eval()
     save_safe(net, str(path))
 
+@pytest.mark.slow # harness: bench/fewstep_study.py end to end
 def test_study_runs_every_configuration_and_reports(tmp_path):
     import json, os
     tiny_digits_network(tmp_path / 'tiny.safetensors')

@@ -18,6 +18,7 @@ def expected(net, seeds, **kwargs):
     with torch.no_grad():
         return to_uint8(solvers.sample(net, latents, class_labels, **kwargs))
 
+@pytest.mark.slow
 def test_few_step_images_nfe_and_sigmas(nets, tmp_path):
     net, seeds = nets['net'], [0, 1, 2, 3]
     levels = solvers.get_sigmas('logsnr', 6, 0.002, 80)

@@ -24,6 +24,7 @@ def digest(path):
 #----------------------------------------------------------------------------
 # The whole command at tiny sizes.
 
+@pytest.mark.slow
 def test_smoke_runs_every_check_and_leaves_the_docs_alone(tmp_path):
     docs = os.path.join(ROOT, 'docs', 'benchmarks.md')
     before = digest(docs)

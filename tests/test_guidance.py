@@ -100,7 +100,9 @@ def golden_edm_net():
     net.load_state_dict(torch.load(os.path.join(GOLDEN, 'edm_net_32.pt'), weights_only=True), strict=True)
     return net.eval().requires_grad_(False), meta
 
-@pytest.mark.parametrize('case', ['w0_plain', 'w2_first_only', 'w1_cond', 'w2_boosting'])
+# The fast tier keeps the plain and the boosted case; the other two run in the full suite.
+@pytest.mark.parametrize('case', ['w0_plain', pytest.param('w2_first_only', marks=pytest.mark.slow),
+                                  pytest.param('w1_cond', marks=pytest.mark.slow), 'w2_boosting'])
 def test_sampler_matches_dg(case, dg_modules):
     net, meta = golden_edm_net()
     cfg = meta['cases'][case]
@@ -229,6 +231,7 @@ def read_pngs(outdir):
     import PIL.Image
     return {name: np.array(PIL.Image.open(os.path.join(outdir, name))) for name in sorted(os.listdir(outdir)) if name.endswith('.png')}
 
+@pytest.mark.slow
 def test_generate_with_dg_is_seed_exact_and_writes_labels(gen_files, tmp_path):
     from training.images import to_uint8
     from training.network_io import load_network
@@ -260,6 +263,7 @@ def test_generate_with_dg_is_seed_exact_and_writes_labels(gen_files, tmp_path):
     run_generate(['--network', gen_files['uncond'], '--outdir', str(tmp_path / 'u'), '--seeds=0', '--steps=2'])
     assert not os.path.exists(tmp_path / 'u' / 'dataset.json') # unconditional: nothing to record
 
+@pytest.mark.slow
 def test_generate_with_dg_published_checkpoints(tmp_path):
     # DG's .pt pair (state dicts, as DG publishes them) on a 32x32 RGB network with 10 classes.
     from training.network_io import save_safe

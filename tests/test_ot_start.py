@@ -154,6 +154,7 @@ def run_generate(*args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run([sys.executable, 'generate.py', *args], cwd=root, text=True, capture_output=True, timeout=300)
 
+@pytest.mark.slow
 def test_generate_with_ot_map(files, uncond):
     import numpy as np, PIL.Image
     from training.images import to_uint8
@@ -171,6 +172,7 @@ def test_generate_with_ot_map(files, uncond):
     for seed in range(6):
         assert np.array_equal(np.array(PIL.Image.open(outdir / f'{seed:06d}.png')), expected[seed]), seed
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra, message', [
     (['--network={cond}', '--ot-map={cond_map}', '--class=1'], '--class cannot be combined'),
     (['--network={cond}'], 'conditional.*no labels'),

@@ -161,6 +161,7 @@ def test_cli_writes_levels_for_generate(tmp_path, network_file):
     assert doc['check_seeds'] == [7, 9] and set(doc['held_out_errors']) == set(doc['errors'])
     assert doc['held_out_errors'] != doc['errors'] # other latents, other errors
 
+@pytest.mark.slow
 def test_torchrun_two_processes_pick_the_levels_of_one(tmp_path, network_file):
     """Two processes (gloo on the CPU) each take every other warm-up latent and sum the costs over both:
     the levels written are those of one process, exactly."""
