@@ -281,6 +281,9 @@ def test_standin_detector_without_download(env):
     with torch.no_grad():
         a, b = standin(decode_folder(env['a']), return_features=True), standin(decode_folder(env['b']), return_features=True)
     np.testing.assert_allclose(ref['mu'], a.double().mean(0).numpy(), rtol=1e-5, atol=1e-7)
+    # Without --detector, the reference names its detector at once (no download tried).
+    r = run('calc', f'--images={env["b"]}', f'--ref={ref_path}', '--num=80', tmp=env['tmp'])
+    assert r.returncode != 0 and 'pass --detector=standin' in r.stderr and 'Downloading' not in r.stdout + r.stderr, r.stderr
     r = calc(env, env['b'], f'--ref={ref_path}', '--num=80', '--detector=standin', '--save-stats=' + os.path.join(env['tmp'], 'b-standin.npz'))
     value, line = fid_line(r)
     assert 'NOT comparable to published FID: stand-in detector' in line
@@ -435,3 +438,15 @@ def test_program_turns_library_errors_into_flag_messages():
     assert fails(fid.FIDError('the detector is damaged')) == 'the detector is damaged'
     with pytest.raises(ValueError): # anything else is not the user's to fix: no message of its own
         fails(ValueError('bug'))
+
+def test_calc_names_the_detector_of_a_standin_reference_before_any_download():
+    import click
+    import fid as program
+    standin = dict(detector='standin-0123456789abcdef', detector_url='standin')
+    with pytest.raises(click.ClickException, match=r'ref\.npz was computed with detector standin-0123456789abcdef, .*pass --detector=standin'):
+        program.refuse_other_detector(standin, 'ref.npz', None)
+    other = dict(detector='mine-42', detector_url='nets/mine.pkl')
+    with pytest.raises(click.ClickException, match='pass --detector=nets/mine.pkl'):
+        program.refuse_other_detector(other, 'ref.npz', None)
+    program.refuse_other_detector(standin, 'ref.npz', 'standin') # named: checked against the detector once open
+    program.refuse_other_detector(dict(detector=fid.DETECTOR_NAME), 'ref.npz', None)
