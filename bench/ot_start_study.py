@@ -26,7 +26,9 @@ import torch
 import tqdm
 
 from bench.digits_fd import load_digits, train_classifier, frechet, quantize
-from training import sampling, semidiscrete_ot
+from sampling import ot_start as semidiscrete_ot
+from sampling.edm import edm_sampler
+from sampling.seeds import latents_for_seeds
 from training.images import to_uint8, save_image_grid
 from training.network_io import load_network
 from tools.trajectory import heun_steps, parse_int_list, pyplot
@@ -122,9 +124,9 @@ def main(data, network, seeds, nfe, sigmas, ot_steps, heun_sigma_max, sources, o
     grid = []
 
     def latents(chunk):
-        return sampling.latents_for_seeds(net, chunk)[:2]
+        return latents_for_seeds(net, chunk)[:2]
     for sigma_max, (n, s) in [(80.0, ns) for ns in zip(nfes, steps)] + [(float(v), ns) for v in heun_sigma_max.split(',') if v for ns in zip(nfes, steps)]:
-        x, _ = run_sampler(lambda c: sampling.edm_sampler(net, *latents(c), num_steps=s, sigma_max=sigma_max), seeds, batch)
+        x, _ = run_sampler(lambda c: edm_sampler(net, *latents(c), num_steps=s, sigma_max=sigma_max), seeds, batch)
         result['heun'].append(dict(nfe=n, steps=s, sigma_max=sigma_max, **measure(x, classifier, real_feat, images)))
         grid.append(to_uint8(x[:16]))
         print(f'Heun NFE {n}: {result["heun"][-1]}', flush=True)

@@ -18,10 +18,10 @@ import torch
 #----------------------------------------------------------------------------
 # EDM's levels (paper eq. 5).
 
-def edm_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=None, dtype=torch.float64):
+def edm_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=None, dtype=torch.float32):
     """EDM's noise levels sigma_max > ... > sigma_min, uniform in sigma^(1/rho), computed in dtype
-    and returned as float64: dtype=torch.float64 is EDM's arithmetic (edm_sampler), torch.float32
-    diff-sampler's (the few-step solvers)."""
+    and returned as float64: torch.float32 (the default) is diff-sampler's arithmetic (the few-step
+    solvers, as training.solvers.edm_sigmas was), torch.float64 EDM's (edm_sampler, ablation_sampler)."""
     if num_steps < 2:
         raise ValueError(f'num_steps must be at least 2, got {num_steps}')
     fraction = torch.arange(num_steps, dtype=dtype, device=device) / (num_steps - 1)
@@ -29,7 +29,7 @@ def edm_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=None, dty
 
 def edm_time_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, round_sigma=None, device=None):
     """edm_sampler's time steps: edm_sigmas in float64, each passed through round_sigma, then t_N = 0."""
-    t_steps = edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device)
+    t_steps = edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device, dtype=torch.float64)
     if round_sigma is not None:
         t_steps = round_sigma(t_steps)
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
@@ -73,7 +73,7 @@ def ablation_sigma_steps(num_steps, sigma_min, sigma_max, rho=7, discretization=
             raise ValueError(f'no iDDPM noise level lies in [sigma_min, sigma_max] = [{sigma_min}, {sigma_max}]')
         return u[((len(u) - 1) / (num_steps - 1) * step_indices).round().to(torch.int64)]
     if discretization == 'edm':
-        return edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device)
+        return edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device, dtype=torch.float64)
     raise ValueError(f'unknown discretization {discretization!r}: choose vp, ve, iddpm or edm')
 
 def noise_schedule(schedule, beta_d=None, beta_min=None):
@@ -130,7 +130,7 @@ def get_sigmas(disc, num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=Non
     if num_steps < 2:
         raise ValueError(f'need at least 2 noise levels, got {num_steps}')
     if disc == 'edm':
-        return edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device, dtype=torch.float32)
+        return edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device)
     if disc == 'logsnr':
         return logsnr_sigmas(num_steps, sigma_min, sigma_max, device=device)
     if disc == 'time-uniform':

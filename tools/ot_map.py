@@ -17,7 +17,7 @@ import click
 import numpy as np
 import torch
 
-from training import semidiscrete_ot
+from sampling import ot_start as semidiscrete_ot
 from training.dataset import ImageFolderDataset
 from training.network_io import load_network
 from tools.trajectory import one_line
