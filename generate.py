@@ -22,7 +22,7 @@ from sampling.guidance import DiscriminatorGuidance
 from sampling.image_folder import RECORD, ImageFolder, file_setting, jsonable
 from sampling.seeds import parse_seeds
 from training import guidance
-from training.images import save_image_grid
+from sampling.images import save_image_grid
 from training.network_io import load_network
 
 GRID_MAX_IMAGES = 256 # --grid shows the first images in seed order; a 50k-image grid helps nobody

@@ -19,7 +19,7 @@ from training import networks
 from sampling.denoisers import MinBatchNet
 from sampling.edm import edm_sampler
 from sampling.seeds import latents_for_seeds
-from training.images import to_uint8
+from sampling.images import to_uint8
 from training.testdata import load_golden_network
 
 def cifar_ddpmpp():

@@ -24,7 +24,7 @@ from sampling.denoisers import MinBatchNet
 from sampling.edm import edm_sampler
 from sampling.guidance import DiscriminatorGuidance, guided_edm_sampler
 from sampling.seeds import latents_for_seeds
-from training.images import to_uint8, save_image_grid
+from sampling.images import to_uint8, save_image_grid
 from training.network_io import load_network
 from tools.trajectory import heun_steps, parse_int_list, pyplot
 

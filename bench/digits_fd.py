@@ -26,7 +26,7 @@ from metrics.fid import calculate_fid_from_inception_stats
 from sampling.edm import edm_sampler
 from sampling.seeds import latents_for_seeds
 from training.dataset import ImageFolderDataset
-from training.images import to_uint8, save_image_grid
+from sampling.images import to_uint8, save_image_grid
 from training.network_io import load_network
 from tools.trajectory import heun_steps, parse_int_list, one_line, pyplot
 

@@ -17,10 +17,10 @@ import torch
 
 from sampling import edm, solvers
 from sampling.denoisers import MinBatchNet, trace_sampler
-from sampling.guidance import GuidedDenoiser, guided_edm_sampler # noqa: F401 (GuidedDenoiser: solvers.sample applies it)
+from sampling.guidance import guided_edm_sampler
 from sampling.schedules import check_sigmas, get_sigmas, read_sigmas
 from sampling.seeds import latents_for_seeds
-from training.images import save_png, to_uint8
+from sampling.images import save_png, to_uint8
 
 #----------------------------------------------------------------------------
 # The sampler of a set of options.

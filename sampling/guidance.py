@@ -15,6 +15,10 @@ from sampling.denoisers import Step
 from sampling.schedules import edm_time_steps
 from training.guidance import LOG_RATIO_OUTSIDE_WINDOW, vp_mean_std, vp_time
 
+DG_BOOST_PERIOD = 5         # DG's boosting: raise the churn of "fake" samples every 5th step
+DG_BOOST_WEIGHT_PERIOD = 2  # ... and double their correction every 2nd step
+DG_BOOST_CHURN = 4.0        # S_churn (with S_noise = 1) of boosted samples
+
 #----------------------------------------------------------------------------
 # The correction DG adds to the sampler's slope.
 
@@ -84,10 +88,6 @@ class GuidedDenoiser:
 
 #----------------------------------------------------------------------------
 # Discriminator Guidance (DG) inside a sampler step.
-
-DG_BOOST_PERIOD = 5         # DG's boosting: raise the churn of "fake" samples every 5th step
-DG_BOOST_WEIGHT_PERIOD = 2  # ... and double their correction every 2nd step
-DG_BOOST_CHURN = 4.0        # S_churn (with S_noise = 1) of boosted samples
 
 def per_sample(v):
     """A per-sample [N] tensor as [N, 1, 1, 1] to scale images; scalars unchanged."""

@@ -15,7 +15,7 @@ import torch
 from sampling import schedules, solvers
 from sampling.edm import ablation_sampler, edm_sampler
 from sampling.seeds import latents_for_seeds
-from training.images import to_uint8
+from sampling.images import to_uint8
 from training.testdata import load_golden_network
 from tests.helpers import CPU, finish_generate as finish, pngs, start_generate as start
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import generate
 from sampling import schedules, solvers
 from sampling.seeds import latents_for_seeds
-from training.images import to_uint8
+from sampling.images import to_uint8
 from tests.helpers import CPU, finish_generate as finish, pngs, start_generate as start
 
 def expected(net, seeds, **kwargs):

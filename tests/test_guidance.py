@@ -235,7 +235,7 @@ def read_pngs(outdir):
     return {name: np.array(PIL.Image.open(os.path.join(outdir, name))) for name in sorted(os.listdir(outdir)) if name.endswith('.png')}
 
 def test_generate_with_dg_is_seed_exact_and_writes_labels(gen_files, tmp_path):
-    from training.images import to_uint8
+    from sampling.images import to_uint8
     from training.network_io import load_network
     args = ['--network', gen_files['net'], '--dg', gen_files['disc'], '--dg-weight=3', '--dg-boosting', '--seeds=0-4', '--steps=4']
     out = run_generate(args + ['--outdir', str(tmp_path / 'b1'), '--batch=1'])

@@ -159,7 +159,7 @@ def run_generate(*args):
 
 def test_generate_with_ot_map(files, uncond):
     import numpy as np, PIL.Image
-    from training.images import to_uint8
+    from sampling.images import to_uint8
     ot_map = random_map(m=6, sigma_T=3.0)
     ot_map.meta.update(targets_from='test targets', nfe_total=120)
     path = str(files['dir'] / 'gen-map.safetensors')
