@@ -20,9 +20,9 @@ from sampling import generate as library, ot_start, schedules
 from sampling.generate import FEW_STEP, png_name
 from sampling.guidance import DiscriminatorGuidance
 from sampling.image_folder import RECORD, ImageFolder, file_setting, jsonable
+from sampling.images import save_image_grid
 from sampling.seeds import parse_seeds
 from training import guidance
-from sampling.images import save_image_grid
 from training.network_io import load_network
 
 GRID_MAX_IMAGES = 256 # --grid shows the first images in seed order; a 50k-image grid helps nobody
