@@ -373,15 +373,15 @@ def peak_gb(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
 
 def measure_ot_fit(out, targets, res, steps):
-    from training import semidiscrete_ot
+    from sampling import ot_start
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     images = torch.rand([targets, 3, res, res], generator=torch.Generator().manual_seed(0)) * 2 - 1
-    y = semidiscrete_ot.data_targets(images, sigma_T=10).to(device)
-    semidiscrete_ot.fit_potentials(y, steps=1, samples_per_step=1000, eval_samples=1000) # kernels and allocator warm
+    y = ot_start.data_targets(images, sigma_T=10).to(device)
+    ot_start.fit_potentials(y, steps=1, samples_per_step=1000, eval_samples=1000) # kernels and allocator warm
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    _, fit = semidiscrete_ot.fit_potentials(y, steps=steps, eval_samples=20 * targets) # eval: one more step's worth of latents
+    _, fit = ot_start.fit_potentials(y, steps=steps, eval_samples=20 * targets) # eval: one more step's worth of latents
     sync(device)
     sec = (time.perf_counter() - start) / (steps + 1)
     with open(out, 'w') as f:

@@ -12,8 +12,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from training import sampling, solvers
-from training.images import to_uint8
+from sampling import schedules, solvers
+from sampling.edm import ablation_sampler, edm_sampler
+from sampling.seeds import latents_for_seeds
+from sampling.images import to_uint8
 from training.testdata import load_golden_network
 from tests.helpers import CPU, finish_generate as finish, pngs, start_generate as start
 
@@ -29,9 +31,9 @@ def start_torchrun(args, nproc=2):
 
 def expected_images(net, seeds, **kwargs):
     """What generate.py must write: the sampler run in this process on the same seeds."""
-    latents, class_labels, rnd = sampling.latents_for_seeds(net, seeds, **kwargs)
+    latents, class_labels, rnd = latents_for_seeds(net, seeds, **kwargs)
     with torch.no_grad():
-        return to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
+        return to_uint8(edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
 
 #----------------------------------------------------------------------------
 
@@ -85,10 +87,10 @@ def test_forced_class_with_ablation_sampler(nets, tmp_path):
     assert code == 0, f'{out}\n{err}'
     assert 'Sampler: ablation_sampler, 4 steps, 4 NFE per image' in out
     net = nets['net']
-    latents, class_labels, rnd = sampling.latents_for_seeds(net, [3, 4, 5], class_idx=2)
+    latents, class_labels, rnd = latents_for_seeds(net, [3, 4, 5], class_idx=2)
     assert class_labels.argmax(1).tolist() == [2, 2, 2]
     with torch.no_grad():
-        expected = to_uint8(sampling.ablation_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4,
+        expected = to_uint8(ablation_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4,
                                                       solver='euler', discretization='vp', schedule='vp', scaling='vp'))
     images = pngs(tmp_path)
     for s, image in zip([3, 4, 5], expected):
@@ -112,7 +114,7 @@ def record(outdir):
     return json.loads((outdir / 'sampling.json').read_text())['samplers']
 
 def expected_labels(net, seeds, subdirs=False):
-    labels = sampling.latents_for_seeds(net, seeds)[1].argmax(1).tolist()
+    labels = latents_for_seeds(net, seeds)[1].argmax(1).tolist()
     return sorted([f'{s - s % 1000:06d}/{s:06d}.png' if subdirs else f'{s:06d}.png', label] for s, label in zip(seeds, labels))
 
 @pytest.mark.slow
@@ -200,8 +202,9 @@ def test_pngs_are_written_while_the_next_batch_samples(nets, tmp_path, monkeypat
     import threading
     from click.testing import CliRunner
     import generate
+    import sampling.generate as library # generate.py's loop: library.generate_images and write_pngs
     sampled, writes, change = [], [], threading.Condition()
-    real_sample, real_write = generate.sample_batch, generate.write_pngs
+    real_sample, real_write = library.sample_batch, library.write_pngs
     def sample_batch(net, sampler_fn, sampler_kwargs, draw, batch_seeds):
         with change:
             sampled.append(batch_seeds[0])
@@ -212,8 +215,8 @@ def test_pngs_are_written_while_the_next_batch_samples(nets, tmp_path, monkeypat
             overlapped = batch_seeds[0] == 4 or change.wait_for(lambda: sampled[-1] > batch_seeds[0], timeout=10)
         writes.append((batch_seeds[0], overlapped, threading.current_thread() is not threading.main_thread()))
         return real_write(images, classes, batch_seeds, outdir, subdirs)
-    monkeypatch.setattr(generate, 'sample_batch', sample_batch)
-    monkeypatch.setattr(generate, 'write_pngs', write_pngs)
+    monkeypatch.setattr(library, 'sample_batch', sample_batch)
+    monkeypatch.setattr(library, 'write_pngs', write_pngs)
     result = CliRunner().invoke(generate.main, ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-5', '--batch=2', *STEPS, *CPU])
     assert result.exit_code == 0, result.output
     assert writes == [(0, True, True), (2, True, True), (4, True, True)]
@@ -304,10 +307,10 @@ def test_sampler_settings_recorded_per_image(nets, tmp_path):
     assert code == 130 and 0 < len(entries['solvers.sample']) < 14 and not warning_lines(err), f'{code} {entries}\n{err}'
     assert sorted(entries['solvers.sample'] + entries['sampling.edm_sampler']) == [f'{s:06d}.png' for s in range(14)]
     net = load_golden_network('networks/ddpmpp_edm_uncond.npz', 'networks/ddpmpp_edm_uncond.json')
-    latents = sampling.latents_for_seeds(net, list(range(14)))[0]
+    latents = latents_for_seeds(net, list(range(14)))[0]
     with torch.no_grad():
         made = {'sampling.edm_sampler': expected_images(net, list(range(14))),
-                'solvers.sample': to_uint8(solvers.sample(net, latents, solver='ipndm', sigmas=solvers.edm_sigmas(20)))}
+                'solvers.sample': to_uint8(solvers.sample(net, latents, solver='ipndm', sigmas=schedules.edm_sigmas(20)))}
     images = pngs(tmp_path)
     assert all(np.array_equal(images[name], made[sampler][int(name[:6])]) for sampler, names in entries.items() for name in names)
 
@@ -402,10 +405,10 @@ def test_rho_and_steps_reach_the_sampler(nets, tmp_path):
         code, out, err = finish(proc)
         assert code == 0, f'{out}\n{err}'
         assert f'{steps} steps, {2 * steps - 1} NFE per image' in out
-        latents, class_labels, rnd = sampling.latents_for_seeds(net, [0, 1, 2, 3])
+        latents, class_labels, rnd = latents_for_seeds(net, [0, 1, 2, 3])
         with torch.no_grad():
-            expected = to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, rho=rho))
-            rho7 = to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps))
+            expected = to_uint8(edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, rho=rho))
+            rho7 = to_uint8(edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps))
         images = pngs(tmp_path / f'rho{rho}')
         assert sorted(images) == [f'{s:06d}.png' for s in range(4)]
         for s in range(4):
@@ -421,9 +424,9 @@ def test_cuda_images_match_the_sampler_on_cuda(nets, tmp_path):
     code, out, err = finish(start(['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-3', '--device=cuda', *STEPS]))
     assert code == 0, f'{out}\n{err}'
     net = copy.deepcopy(nets['net']).cuda()
-    latents, class_labels, rnd = sampling.latents_for_seeds(net, [0, 1, 2, 3], device='cuda')
+    latents, class_labels, rnd = latents_for_seeds(net, [0, 1, 2, 3], device='cuda')
     with torch.no_grad():
-        expected = to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
+        expected = to_uint8(edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
     images = pngs(tmp_path)
     got = np.stack([images[f'{s:06d}.png'] for s in range(4)]).astype(int)
     assert np.abs(got - expected).max() <= 1 # same kernels; allow a rounding boundary

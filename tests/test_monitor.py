@@ -17,7 +17,7 @@ from metrics.fid import FIDError
 from tests.helpers import tiny_net
 from torch_utils import training_stats
 from training.dataset import ImageFolderDataset
-from training.images import save_image_grid
+from sampling.images import save_image_grid
 from training.monitor import Monitor, SampleFD
 from training.testdata import make_dataset
 

@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 import torch
 
-from training import semidiscrete_ot as so
+from sampling import ot_start as so
 
 def test_assign_is_argmax_in_any_batch_and_chunk():
     g = torch.Generator().manual_seed(0)
