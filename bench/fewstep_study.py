@@ -1,4 +1,4 @@
-"""Few-step sampling study: every solver of training/solvers.py on EDM's (rho 7), log-SNR and GITS's
+"""Few-step sampling study: every solver of sampling/solvers.py on EDM's (rho 7), log-SNR and GITS's
 searched noise levels, with and without AFS, at small NFE, on each --network, against EDM's Heun.
 
 `run`, for each network:

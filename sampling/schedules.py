@@ -20,8 +20,8 @@ import torch
 
 def edm_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=None, dtype=torch.float32):
     """EDM's noise levels sigma_max > ... > sigma_min, uniform in sigma^(1/rho), computed in dtype
-    and returned as float64: torch.float32 (the default) is diff-sampler's arithmetic (the few-step
-    solvers, as training.solvers.edm_sigmas was), torch.float64 EDM's (edm_sampler, ablation_sampler)."""
+    and returned as float64: torch.float32 (the default) is diff-sampler's arithmetic, which the
+    few-step solvers use, torch.float64 EDM's (edm_sampler, ablation_sampler)."""
     if num_steps < 2:
         raise ValueError(f'num_steps must be at least 2, got {num_steps}')
     fraction = torch.arange(num_steps, dtype=dtype, device=device) / (num_steps - 1)

@@ -1,4 +1,4 @@
-"""generate.py with the few-step solvers of training/solvers.py: the same images as the solver run
+"""generate.py with the few-step solvers of sampling/solvers.py: the same images as the solver run
 here, at any batch size; NFE printed; --sigmas from a list or a JSON file; --afs; bad input in one line."""
 
 import json

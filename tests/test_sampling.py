@@ -230,16 +230,12 @@ def test_noise_draws(sampler_fn):
     assert calls == []
 
 def test_old_module_paths_keep_their_names():
-    # training.sampling, training.solvers, training.semidiscrete_ot and training.generation were the
-    # documented homes of these names before sampling/; user code that imports them keeps working.
-    import training.generation, training.guidance, training.sampling, training.semidiscrete_ot, training.solvers
-    from sampling import denoisers, generate, guidance, ot_start, schedules, seeds, solvers
+    # training.sampling was the documented home of EDM's samplers before sampling/ (and DG's classes
+    # stay in training.guidance, the module that DG files name); user code that imports them keeps working.
+    import training.guidance, training.sampling
+    from sampling import denoisers, guidance, schedules, seeds
     assert training.sampling.ablation_sampler is edm.ablation_sampler and training.sampling.SamplerStep is denoisers.Step
     assert training.sampling.latents_for_seeds is seeds.latents_for_seeds and training.sampling.edm_time_steps is schedules.edm_time_steps
-    assert training.solvers.sample is solvers.sample and training.solvers.SolverStep is denoisers.Step
-    assert training.solvers.edm_sigmas is schedules.edm_sigmas and training.solvers.GuidedDenoiser is guidance.GuidedDenoiser
-    assert training.semidiscrete_ot.OTMap is ot_start.OTMap and training.generation.parse_seeds is seeds.parse_seeds
-    assert training.generation.choose_sampler is generate.choose_sampler
     assert training.guidance.DiscriminatorGuidance is guidance.DiscriminatorGuidance
     # The old edm_sampler is EDM's without guidance, and DG's EDM-G++ with its arguments.
     net, latents = GaussianDenoiser(), torch.randn([2, 1, 4, 4], generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""training/semidiscrete_ot.py: assignment, potentials with known answers, convergence, safe save/load."""
+"""sampling/ot_start.py: assignment, potentials with known answers, convergence, safe save/load."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Few-step solvers (training/solvers.py): diff-sampler's golden outputs, NFE, noise levels, AFS,
+"""Few-step solvers (sampling/solvers.py): diff-sampler's golden outputs, NFE, noise levels, AFS,
 validation, --sigmas values, DG on every evaluation."""
 
 import json
