@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import torch
 import tqdm
+from dnnlib.util import one_line
 from torch_utils import distributed as dist
 from sampling import generate as library, ot_start, schedules
 from sampling.generate import FEW_STEP, png_name
@@ -49,9 +50,6 @@ def fail_together(error):
         if dist.get_rank() == 0:
             raise click.ClickException(first)
         raise SystemExit(1)
-
-def one_line(e):
-    return f'{type(e).__name__}: {" ".join(str(e).split())}'.rstrip(': ')
 
 # The few-step solvers' options (sampling/solvers.py, docs/few-step.md); euler and heun stay EDM's ablation solvers.
 FEW_STEP_OPTIONS = {'order': '--order', 'variant': '--unipc-variant', 'afs': '--afs', 'sigmas': '--sigmas'}

@@ -28,7 +28,8 @@ from sampling.seeds import latents_for_seeds
 from training.dataset import ImageFolderDataset
 from sampling.images import to_uint8, save_image_grid
 from training.network_io import load_network
-from tools.trajectory import heun_steps, parse_int_list, one_line, pyplot
+from dnnlib.util import one_line
+from tools.trajectory import heun_steps, parse_int_list, pyplot
 
 #----------------------------------------------------------------------------
 

@@ -14,10 +14,8 @@ import numpy as np
 import torch
 
 import dnnlib
+from dnnlib.util import one_line
 from sampling.generate import png_name
-
-def one_line(e):
-    return f'{type(e).__name__}: {" ".join(str(e).split())}'.rstrip(': ')
 
 TEMP_FILE = re.compile(r'.+\.(png|json)\.tmp-[0-9a-f]{32}') # dnnlib.util's temporary names (atomic_write, write_atomic)
 

@@ -20,7 +20,7 @@ import torch
 from sampling import ot_start
 from training.dataset import ImageFolderDataset
 from training.network_io import load_network
-from tools.trajectory import one_line
+from dnnlib.util import one_line
 
 def load_images(path, net, max_images):
     """Images [M, C, H, W] in [-1, 1] and one-hot labels (None for an unconditional network)."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import tqdm
 
+from dnnlib.util import one_line
 from sampling.edm import edm_sampler
 from sampling.seeds import latents_for_seeds
 from training.network_io import load_network
@@ -221,10 +222,6 @@ def parse_int_list(text, what):
             raise click.BadParameter(f'"{part}" is not a number or a range like 5-7 in the {what} list')
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
-
-def one_line(e):
-    text = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {text[0] if text else ""}'
 
 @click.command()
 @click.option('--network', 'networks', help='Network snapshot (.pkl, URL or .safetensors); repeat to compare', metavar='PATH', multiple=True, required=True)
