@@ -65,6 +65,73 @@ def test_signal_to_one_rank_then_resume_equals_uninterrupted(tmp_path, data):
     assert a['cur_nimg'] == b['cur_nimg'] == 192
     assert_same_weights(all_tensors(a), all_tensors(b))
 
+def test_stop_requests_open_no_group_and_see_the_launcher_go(monkeypatch):
+    # The agreement runs over the default group (NCCL runs need no gloo group beside it), one step late.
+    from torch_utils import distributed as dist
+    from training import training_loop
+    dist.init()
+    def no_new_group(*args, **kwargs):
+        raise AssertionError('StopRequests opened a process group of its own')
+    monkeypatch.setattr(torch.distributed, 'new_group', no_new_group)
+    requests = training_loop.StopRequests(None, torch.device('cpu'))
+    try:
+        assert requests.poll() == (0, False)
+        requests.received = signal.SIGTERM
+        assert requests.poll() == (0, False) # read after the next step
+        assert requests.poll() == (signal.SIGTERM, False)
+        requests.received = 0
+        monkeypatch.setattr(dist, '_launcher', os.getppid() + 1) # the agent recorded at start is no longer our parent
+        requests.poll()
+        assert requests.poll() == (training_loop.LAUNCHER_GONE, False)
+        assert training_loop.stop_reason(training_loop.LAUNCHER_GONE) == 'the loss of the launcher (torchrun)'
+    finally:
+        requests.close(stopped=False)
+
+#----------------------------------------------------------------------------
+# A torchrun agent that dies (SIGKILL, or SIGUSR1, which it does not handle by default) leaves its
+# workers orphaned, in sessions of their own: they notice their parent is gone, stop after the same
+# step, write the state and exit (75); --resume then ends bit for bit where the uninterrupted run
+# does. With SIGUSR1 in --signals-to-handle (docs/training.md) the agent forwards it instead.
+
+LAUNCHER_ARGS = ['--cond=1', '--aot=16', '--dump=1', '--duration=0.000320'] + TINY + ['--grid=0']
+
+@pytest.fixture(scope='module')
+def launcher_full(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp('launcher_full')
+    run(['--outdir', str(out), '--data', data] + LAUNCHER_ARGS, torchrun=2)
+    return torch.load(os.path.join(only_run_dir(out), 'training-state-000000.pt'), weights_only=True)
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig,handled', [(signal.SIGKILL, False), (signal.SIGUSR1, False), (signal.SIGUSR1, True)])
+def test_launcher_gone_then_resume_equals_uninterrupted(tmp_path, data, launcher_full, sig, handled):
+    launcher = ['--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1'] if handled else []
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *launcher,
+           'train.py', '--outdir', str(tmp_path), '--data', data] + LAUNCHER_ARGS
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    output, workers = [], []
+    for line in proc.stdout: # read to the end: the orphaned workers hold the pipe until they exit
+        output.append(line)
+        if line.startswith('tick 0'): # every rank is training
+            workers = [p for p in psutil.Process(proc.pid).children() if 'RANK' in p.environ()]
+            proc.send_signal(sig)
+    status = proc.wait(timeout=600)
+    assert len(workers) == 2
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive, ''.join(output[-30:])
+    text = ''.join(output)
+    run_dir = only_run_dir(tmp_path)
+    log = open(os.path.join(run_dir, 'log.txt')).read()
+    if handled:
+        assert status == 1 and 'Stopped by SIGUSR1' in log, text[-3000:] # a signalled agent lists no exit codes
+    else:
+        assert status == -sig, text[-3000:]
+        assert 'Stopped by the loss of the launcher (torchrun)' in log and 'Exit status 75' in log, log[-3000:]
+    assert torch.load(os.path.join(run_dir, 'training-state-latest.pt'), weights_only=True)['cur_nimg'] < 320 # stopped early
+    run(['--resume', run_dir], torchrun=2)
+    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    assert state['cur_nimg'] == launcher_full['cur_nimg'] == 320
+    assert_same_weights(all_tensors(state), all_tensors(launcher_full))
+
 #----------------------------------------------------------------------------
 # Rank 0 decides resume-or-fresh and the seed, even when the other ranks see other files.
 

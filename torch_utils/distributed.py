@@ -79,8 +79,11 @@ def use_cuda():
     return device().type == 'cuda'
 
 def init():
+    global _launcher
     if torch.distributed.is_initialized():
         return
+    if 'TORCHELASTIC_RUN_ID' in os.environ: # started by torchrun: its agent is our parent (launcher_gone)
+        _launcher = os.getppid()
     dev = device()
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
@@ -121,6 +124,13 @@ def get_local_rank():
 def device():
     """This process's device: a visible GPU when there is one (choose_device), else the CPU."""
     return choose_device(get_local_rank(), _num_gpus())
+
+_launcher = None # the pid of torchrun's agent, recorded by init()
+
+def launcher_gone():
+    """True once the torchrun agent that started this process has exited (killed, say, by a signal
+    it does not handle): its workers, in sessions of their own, would otherwise train on as orphans."""
+    return _launcher is not None and os.getppid() != _launcher
 
 def barrier():
     if torch.distributed.is_initialized() and get_world_size() > 1:
