@@ -4,6 +4,7 @@ modes, non-finite gradients logged. Device and backend choice: tests/test_utils.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,52 @@ def test_fast_modes_train(tmp_path, data):
     assert run_dir.endswith('-bf16')
     losses = final_losses(run_dir)
     assert losses and all(0 < x < 10 for x in losses)
+
+def compile_unavailable():
+    """Why torch.compile's default backend (inductor) cannot run here, None if it can: on the CPU it
+    builds C++ kernels and needs a compiler."""
+    if not any(shutil.which(c) for c in [os.environ.get('CXX', ''), 'g++', 'c++', 'clang++'] if c):
+        return "torch.compile's inductor backend builds C++ kernels on the CPU, and no C++ compiler is on PATH"
+    return None
+
+@pytest.mark.slow
+def test_compile_trains(tmp_path, data):
+    # --compile (inductor) on the CPU: a few steps of a tiny network, losses finite, a snapshot written.
+    if compile_unavailable():
+        pytest.skip(compile_unavailable())
+    proc = run(['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=16', '--duration=0.000048', '--compile'] + TINY)
+    assert 'Fast numerics:           compile' in proc.stdout
+    losses = final_losses(only_run_dir(tmp_path))
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    assert os.path.isfile(os.path.join(only_run_dir(tmp_path), 'network-snapshot-000000.pkl'))
+
+@pytest.mark.slow
+def test_bf16_compile_under_ddp_compiles_once(data):
+    # The pass that settles DDP's buckets runs under the steps' bf16 autocast: torch.compile guards on
+    # the autocast state, and a pass outside it made the first step compile the network again
+    # (~110 s on the H100). A backend that counts what dynamo hands it stands in for inductor.
+    from torch_utils import distributed as dist
+    from training import loss, networks, training_loop
+    dist.init() # a one-process group, as train.py's
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=8,
+                              channel_mult=[1, 1], num_blocks=1, attn_resolutions=[4])
+    net.model.register_forward_hook(training_loop._float32_output)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+    graphs = []
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    forward = torch.compile(ddp, backend=counting_backend)
+    loss_fn, shape = loss.EDMLoss(), [4, 3, 8, 8]
+    training_loop.settle_ddp_buckets(forward, loss_fn, device=torch.device('cpu'), bf16=True,
+                                     shapes=dict(images=shape, labels=[4, 4], noise=shape, augment_labels=None))
+    compiled = len(graphs)
+    assert compiled > 0
+    with torch.autocast('cpu', dtype=torch.bfloat16): # a training step, as training_loop runs it
+        out = loss_fn(net=forward, images=torch.randn(shape), labels=torch.eye(4), noise=torch.randn(shape))
+    out.sum().backward()
+    assert len(graphs) == compiled, f'the first step compiled {len(graphs) - compiled} more graph(s)'
 
 def test_bf16_with_fp16_refused(tmp_path, data):
     proc = run(['--outdir', str(tmp_path), '--data', data, '--bf16', '--fp16=1'] + TINY, check=False)

@@ -159,15 +159,19 @@ class StopRequests:
         for sig, handler in self.previous.items():
             signal.signal(sig, signal.SIG_IGN if stopped else handler)
 
-def settle_ddp_buckets(ddp, loss_fn, shapes, device):
+def settle_ddp_buckets(ddp, loss_fn, shapes, device, bf16=False):
     """DDP regroups the gradients into new buckets after its first backward pass (in the order they
     became ready). With three or more ranks the sums round differently in the other layout, so a
     resumed run, whose first step would use the initial layout, would drift from the uninterrupted
     one. One throwaway pass on zeros, before training, gives every run its final layout from the
-    first step on. The random streams are left as they were; the gradients are dropped."""
+    first step on. The random streams are left as they were; the gradients are dropped. The pass
+    runs under the training steps' autocast: a compiled network (--compile) guards on it and would
+    otherwise compile again at the first step."""
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         inputs = {name: torch.zeros(shape, device=device) if shape else None for name, shape in shapes.items()}
-        loss_fn(net=ddp, **inputs).sum().backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(net=ddp, **inputs)
+        loss.sum().backward()
     ddp.zero_grad(set_to_none=True)
 
 def load_training_state(path):
@@ -275,7 +279,7 @@ def training_loop(
     if compile:
         forward = torch.compile(ddp)
     if ddp is not net:
-        settle_ddp_buckets(forward, loss_fn, device=device, shapes=dict(images=[batch_gpu, net.img_channels, net.img_resolution, net.img_resolution],
+        settle_ddp_buckets(forward, loss_fn, device=device, bf16=bf16, shapes=dict(images=[batch_gpu, net.img_channels, net.img_resolution, net.img_resolution],
             labels=[batch_gpu, net.label_dim], noise=[batch_gpu, net.img_channels, net.img_resolution, net.img_resolution],
             augment_labels=[batch_gpu, network_kwargs['augment_dim']] if augment_pipe is not None else None))
 
