@@ -133,6 +133,25 @@ def test_launcher_gone_then_resume_equals_uninterrupted(tmp_path, data, launcher
     assert state['cur_nimg'] == launcher_full['cur_nimg'] == 320
     assert_same_weights(all_tensors(state), all_tensors(launcher_full))
 
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.distributed.is_nccl_available()), reason='needs a GPU and NCCL')
+def test_stop_agreed_over_nccl(tmp_path, data):
+    # One rank under torchrun on a GPU has an NCCL group: the flags go through a device all_reduce
+    # read back by a side stream. SIGUSR1 to the worker stops it after a step, with the state saved.
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+           'train.py', '--outdir', str(tmp_path), '--data', data] + LAUNCHER_ARGS
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith('tick 0'):
+            [worker] = [p for p in psutil.Process(proc.pid).children() if 'RANK' in p.environ()]
+            worker.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=600) == 1, ''.join(output[-30:])
+    run_dir = only_run_dir(tmp_path)
+    assert 'Stopped by SIGUSR1' in open(os.path.join(run_dir, 'log.txt')).read(), ''.join(output[-30:])
+    assert torch.load(os.path.join(run_dir, 'training-state-latest.pt'), weights_only=True)['cur_nimg'] < 320
+
 #----------------------------------------------------------------------------
 # Rank 0 decides resume-or-fresh and the seed, even when the other ranks see other files.
 
