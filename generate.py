@@ -340,11 +340,14 @@ def open_folder(outdir, subdirs, force, seeds, record, net, draw, max_batch_size
 def record_batch(writing, folder, stop, num_seeds, outdir):
     """Wait for a batch's PNGs; once every rank's are on disk, list them in dataset.json and
     sampling.json. Returns the signal that asks every rank to stop, if any rank got one; a failed
-    write (disk full, quota) stops every rank, not just the one that met it."""
+    write (disk full, quota, or any other error of the writer thread) stops every rank, not just the
+    one that met it."""
     try:
         written, failure = writing.result(), None
     except OSError as e:
         written, failure = {}, ' '.join(str(e).split())
+    except Exception as e: # not the file system's: named by its type
+        written, failure = {}, one_line(e)
     gathered = [None] * dist.get_world_size()
     torch.distributed.all_gather_object(gathered, (written, stop.signal, failure))
     rank = dist.get_rank()

@@ -37,11 +37,12 @@ def edm_sampler(
     churn_noise = lambda x: randn_like(x) if S_churn > 0 else 0 # unused without churn: skip the per-seed draws
 
     x_next = latents.to(torch.float64) * t_steps[0]
+    churned = [S_min <= t <= S_max for t in t_steps.tolist()] # read once: comparing a CUDA t_cur syncs twice a step
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
 
         # Churn: raise the noise level from t_cur to t_hat by adding fresh noise.
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if churned[i] else 0
         t_hat = net.round_sigma(t_cur + gamma * t_cur)
         x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * churn_noise(x_cur)
 

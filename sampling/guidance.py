@@ -134,13 +134,14 @@ def guided_edm_sampler(
     log_ratio = None # DG's log(d / (1 - d)) per sample at the last guided evaluation
 
     x_next = latents.to(torch.float64) * t_steps[0]
+    churned = [S_min <= t <= S_max for t in t_steps.tolist()] # read once: comparing a CUDA t_cur syncs twice a step
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
 
         # Churn: raise the noise level from t_cur to t_hat by adding fresh noise.
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if churned[i] else 0
         noise_scale = S_noise
-        if boosting and log_ratio is not None and i % DG_BOOST_PERIOD == 0 and S_min <= t_cur <= S_max:
+        if boosting and log_ratio is not None and i % DG_BOOST_PERIOD == 0 and churned[i]:
             gamma, noise_scale = dg_boost_churn(gamma, S_noise, log_ratio, num_steps)
         t_hat = net.round_sigma(t_cur + gamma * t_cur)
         x_hat = x_cur + per_sample((t_hat ** 2 - t_cur ** 2).sqrt() * noise_scale) * churn_noise(x_cur)

@@ -245,6 +245,41 @@ def test_failed_write_stops_every_rank_and_keeps_what_is_written(nets, tmp_path)
     assert sorted(images) == [f'{s:06d}.png' for s in range(8)] and all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(8))
     assert listed(tmp_path) == expected_labels(nets['net'], list(range(8)))
 
+# Any other error of the writer thread (here one that rank 1 meets on seed 6) stops every rank too,
+# with one line: it used to skip the gather, so rank 1 died with a traceback and rank 0 waited in
+# the gather until torchrun ended it (with NCCL, until its timeout).
+FAILING_WRITER = """
+import sys
+from sampling import generate as library
+real_write = library.write_pngs
+def write_pngs(images, classes, batch_seeds, outdir, subdirs):
+    if 6 in batch_seeds:
+        raise RuntimeError('the PNG encoder crashed')
+    return real_write(images, classes, batch_seeds, outdir, subdirs)
+library.write_pngs = write_pngs
+import generate
+generate.main()
+"""
+
+@pytest.mark.slow
+def test_writer_thread_error_stops_every_rank(nets, tmp_path):
+    script = tmp_path / 'failing_writer.py'
+    script.write_text(FAILING_WRITER)
+    outdir = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
+           '--network', nets['pkl'], '--outdir', str(outdir), '--seeds=0-7', '--batch=2', *STEPS, *CPU]
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f'generate.py still running: a rank waits for the one whose writer failed\n{proc.communicate()[1][-3000:]}')
+    code = proc.returncode
+    [line] = [line for line in err.splitlines() if line.startswith('Error:')]
+    assert code != 0 and line.startswith('Error: Cannot write the images: RuntimeError: the PNG encoder crashed. 6 of 8'), err
+    assert sorted(pngs(outdir)) == [f'{s:06d}.png' for s in range(6)]
+
 @pytest.mark.slow
 def test_existing_images_are_kept_unless_forced(nets, tmp_path):
     args = ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-3', *STEPS, *CPU]

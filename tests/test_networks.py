@@ -138,6 +138,24 @@ def test_attention_fp16():
     w16.sum().backward()
     assert torch.isfinite(w16).all() and torch.isfinite(q16.grad).all() and torch.isfinite(k16.grad).all()
 
+def test_attention_float32_under_autocast():
+    # bf16 autocast (--bf16) must not undo the float32 cast: the logits, softmax and backward run in
+    # float32 there as without autocast, from the same inputs, so the gradient is that of the forward.
+    g = torch.Generator().manual_seed(0)
+    q, k, dw = (torch.randn(shape, generator=g).bfloat16() for shape in ([2, 8, 16], [2, 8, 16], [2, 16, 16]))
+    for dtype in (torch.bfloat16, torch.float32): # the U-Net's bf16 activations; float32 ones that bf16 holds exactly
+        ref_q, ref_k = (x.to(dtype, copy=True).requires_grad_() for x in (q, k))
+        ref = networks.AttentionOp.apply(ref_q, ref_k)
+        ref.backward(dw.to(dtype))
+        auto_q, auto_k = (x.to(dtype, copy=True).requires_grad_() for x in (q, k))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            w = networks.AttentionOp.apply(auto_q, auto_k)
+            w.backward(dw.to(dtype)) # a backward inside the autocast region too
+        assert w.dtype == dtype
+        torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-7) # bf16 logits: ~0.5% off
+        torch.testing.assert_close(auto_q.grad, ref_q.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(auto_k.grad, ref_k.grad, rtol=1e-6, atol=1e-7)
+
 def reference_resample(conv, x):
     """Conv2d's function from first principles, in float64: upsampling inserts zeros between pixels
     and filters with 4*f; downsampling filters and keeps every other pixel. Unfused, the resampling

@@ -4,6 +4,7 @@ modes, non-finite gradients logged. Device and backend choice: tests/test_utils.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +67,92 @@ def test_signal_to_one_rank_then_resume_equals_uninterrupted(tmp_path, data):
     a, b = (torch.load(os.path.join(only_run_dir(tmp_path / d), 'training-state-000000.pt'), weights_only=True) for d in ['part', 'full'])
     assert a['cur_nimg'] == b['cur_nimg'] == 192
     assert_same_weights(all_tensors(a), all_tensors(b))
+
+def test_stop_requests_open_no_group_and_see_the_launcher_go(monkeypatch):
+    # The agreement runs over the default group (NCCL runs need no gloo group beside it), one step late.
+    from torch_utils import distributed as dist
+    from training import training_loop
+    dist.init()
+    def no_new_group(*args, **kwargs):
+        raise AssertionError('StopRequests opened a process group of its own')
+    monkeypatch.setattr(torch.distributed, 'new_group', no_new_group)
+    requests = training_loop.StopRequests(None, torch.device('cpu'))
+    try:
+        assert requests.poll() == (0, False)
+        requests.received = signal.SIGTERM
+        assert requests.poll() == (0, False) # read after the next step
+        assert requests.poll() == (signal.SIGTERM, False)
+        requests.received = 0
+        monkeypatch.setattr(dist, '_launcher', os.getppid() + 1) # the agent recorded at start is no longer our parent
+        requests.poll()
+        assert requests.poll() == (training_loop.LAUNCHER_GONE, False)
+        assert training_loop.stop_reason(training_loop.LAUNCHER_GONE) == 'the loss of the launcher (torchrun)'
+    finally:
+        requests.close(stopped=False)
+
+#----------------------------------------------------------------------------
+# A torchrun agent that dies (SIGKILL, or SIGUSR1, which it does not handle by default) leaves its
+# workers orphaned, in sessions of their own: they notice their parent is gone, stop after the same
+# step, write the state and exit (75); --resume then ends bit for bit where the uninterrupted run
+# does. With SIGUSR1 in --signals-to-handle (docs/training.md) the agent forwards it instead.
+
+LAUNCHER_ARGS = ['--cond=1', '--aot=16', '--dump=1', '--duration=0.000320'] + TINY + ['--grid=0']
+
+@pytest.fixture(scope='module')
+def launcher_full(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp('launcher_full')
+    run(['--outdir', str(out), '--data', data] + LAUNCHER_ARGS, torchrun=2)
+    return torch.load(os.path.join(only_run_dir(out), 'training-state-000000.pt'), weights_only=True)
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig,handled', [(signal.SIGKILL, False), (signal.SIGUSR1, False), (signal.SIGUSR1, True)])
+def test_launcher_gone_then_resume_equals_uninterrupted(tmp_path, data, launcher_full, sig, handled):
+    launcher = ['--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1'] if handled else []
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *launcher,
+           'train.py', '--outdir', str(tmp_path), '--data', data] + LAUNCHER_ARGS
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    output, workers = [], []
+    for line in proc.stdout: # read to the end: the orphaned workers hold the pipe until they exit
+        output.append(line)
+        if line.startswith('tick 0'): # every rank is training
+            workers = [p for p in psutil.Process(proc.pid).children() if 'RANK' in p.environ()]
+            proc.send_signal(sig)
+    status = proc.wait(timeout=600)
+    assert len(workers) == 2
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive, ''.join(output[-30:])
+    text = ''.join(output)
+    run_dir = only_run_dir(tmp_path)
+    log = open(os.path.join(run_dir, 'log.txt')).read()
+    if handled:
+        assert status == 1 and 'Stopped by SIGUSR1' in log, text[-3000:] # a signalled agent lists no exit codes
+    else:
+        assert status == -sig, text[-3000:]
+        assert 'Stopped by the loss of the launcher (torchrun)' in log and 'Exit status 75' in log, log[-3000:]
+    assert torch.load(os.path.join(run_dir, 'training-state-latest.pt'), weights_only=True)['cur_nimg'] < 320 # stopped early
+    run(['--resume', run_dir], torchrun=2)
+    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    assert state['cur_nimg'] == launcher_full['cur_nimg'] == 320
+    assert_same_weights(all_tensors(state), all_tensors(launcher_full))
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.distributed.is_nccl_available()), reason='needs a GPU and NCCL')
+def test_stop_agreed_over_nccl(tmp_path, data):
+    # One rank under torchrun on a GPU has an NCCL group: the flags go through a device all_reduce
+    # read back by a side stream. SIGUSR1 to the worker stops it after a step, with the state saved.
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+           'train.py', '--outdir', str(tmp_path), '--data', data] + LAUNCHER_ARGS
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith('tick 0'):
+            [worker] = [p for p in psutil.Process(proc.pid).children() if 'RANK' in p.environ()]
+            worker.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=600) == 1, ''.join(output[-30:])
+    run_dir = only_run_dir(tmp_path)
+    assert 'Stopped by SIGUSR1' in open(os.path.join(run_dir, 'log.txt')).read(), ''.join(output[-30:])
+    assert torch.load(os.path.join(run_dir, 'training-state-latest.pt'), weights_only=True)['cur_nimg'] < 320
 
 #----------------------------------------------------------------------------
 # Rank 0 decides resume-or-fresh and the seed, even when the other ranks see other files.
@@ -172,6 +259,52 @@ def test_fast_modes_train(tmp_path, data):
     assert run_dir.endswith('-bf16')
     losses = final_losses(run_dir)
     assert losses and all(0 < x < 10 for x in losses)
+
+def compile_unavailable():
+    """Why torch.compile's default backend (inductor) cannot run here, None if it can: on the CPU it
+    builds C++ kernels and needs a compiler."""
+    if not any(shutil.which(c) for c in [os.environ.get('CXX', ''), 'g++', 'c++', 'clang++'] if c):
+        return "torch.compile's inductor backend builds C++ kernels on the CPU, and no C++ compiler is on PATH"
+    return None
+
+@pytest.mark.slow
+def test_compile_trains(tmp_path, data):
+    # --compile (inductor) on the CPU: a few steps of a tiny network, losses finite, a snapshot written.
+    if compile_unavailable():
+        pytest.skip(compile_unavailable())
+    proc = run(['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=16', '--duration=0.000048', '--compile'] + TINY)
+    assert 'Fast numerics:           compile' in proc.stdout
+    losses = final_losses(only_run_dir(tmp_path))
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    assert os.path.isfile(os.path.join(only_run_dir(tmp_path), 'network-snapshot-000000.pkl'))
+
+@pytest.mark.slow
+def test_bf16_compile_under_ddp_compiles_once(data):
+    # The pass that settles DDP's buckets runs under the steps' bf16 autocast: torch.compile guards on
+    # the autocast state, and a pass outside it made the first step compile the network again
+    # (~110 s on the H100). A backend that counts what dynamo hands it stands in for inductor.
+    from torch_utils import distributed as dist
+    from training import loss, networks, training_loop
+    dist.init() # a one-process group, as train.py's
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=8,
+                              channel_mult=[1, 1], num_blocks=1, attn_resolutions=[4])
+    net.model.register_forward_hook(training_loop._float32_output)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+    graphs = []
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    forward = torch.compile(ddp, backend=counting_backend)
+    loss_fn, shape = loss.EDMLoss(), [4, 3, 8, 8]
+    training_loop.settle_ddp_buckets(forward, loss_fn, device=torch.device('cpu'), bf16=True,
+                                     shapes=dict(images=shape, labels=[4, 4], noise=shape, augment_labels=None))
+    compiled = len(graphs)
+    assert compiled > 0
+    with torch.autocast('cpu', dtype=torch.bfloat16): # a training step, as training_loop runs it
+        out = loss_fn(net=forward, images=torch.randn(shape), labels=torch.eye(4), noise=torch.randn(shape))
+    out.sum().backward()
+    assert len(graphs) == compiled, f'the first step compiled {len(graphs) - compiled} more graph(s)'
 
 @pytest.mark.slow
 def test_bf16_with_fp16_refused(tmp_path, data):

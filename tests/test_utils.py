@@ -298,22 +298,32 @@ def test_distributed_single_process_without_torchrun(tmp_path):
 #----------------------------------------------------------------------------
 # Which device and backend a process takes (pure function), and init() acting on it.
 
-from torch_utils.distributed import choose_device
+from torch_utils.distributed import choose_backend, choose_device
 
-@pytest.mark.parametrize('local_rank,local_world,gpus,nccl,device,backend,warns', [
-    (0, 1, 0, True,  'cpu',    'gloo', False), # CPU-only machine: nothing to warn about
-    (0, 1, 1, True,  'cuda:0', 'nccl', False),
-    (3, 4, 8, True,  'cuda:3', 'nccl', False), # a GPU per rank
-    (1, 2, 1, True,  'cuda:0', 'gloo', True),  # two ranks share the one GPU: NCCL would refuse
-    (5, 8, 1, True,  'cuda:0', 'gloo', True),  # launcher shows each process one GPU, LOCAL_WORLD_SIZE=8
-    (3, 4, 2, True,  'cuda:1', 'gloo', True),  # ranks go round the visible GPUs
-    (1, 2, 2, False, 'cuda:1', 'gloo', True),  # torch without NCCL
+@pytest.mark.parametrize('local_rank,gpus,device', [
+    (0, 0, 'cpu'), (0, 1, 'cuda:0'), (3, 8, 'cuda:3'),
+    (5, 1, 'cuda:0'), # a launcher that shows each process one GPU, or 8 ranks sharing one
+    (3, 2, 'cuda:1'), # ranks go round the visible GPUs
 ])
-def test_choose_device(local_rank, local_world, gpus, nccl, device, backend, warns):
-    dev, back, warning = choose_device(local_rank, local_world, gpus, nccl)
-    assert (dev, back, warning is not None) == (torch.device(device), backend, warns)
-    if warns:
-        assert f'local rank {local_rank} runs on {device} with gloo' in warning
+def test_choose_device(local_rank, gpus, device):
+    assert choose_device(local_rank, gpus) == torch.device(device)
+
+@pytest.mark.parametrize('gpus,nccl,backend,why', [
+    ([None, None], True, 'gloo', None),                      # CPU-only machines: nothing to say
+    (['a'], True, 'nccl', None),
+    (['a', 'b', 'c', 'd'], True, 'nccl', None),              # a GPU per rank, each rank seeing all of them
+    ([f'uuid {i}' for i in range(8)], True, 'nccl', None),   # per-task binding: each rank sees its own GPU as cuda:0
+    (['a', 'a'], True, 'gloo', 'rank(s) 0,1 share GPUs (2 ranks on 1 GPUs)'), # NCCL would refuse
+    (['a', 'b', 'a', 'b'], True, 'gloo', 'rank(s) 0,1,2,3 share GPUs (4 ranks on 2 GPUs)'),
+    (['a', 'b', 'c', 'c'], True, 'gloo', 'rank(s) 2,3 share GPUs'),
+    (['a', None], True, 'gloo', 'rank(s) 1 have no GPU'),
+    (['a', 'b'], False, 'gloo', 'this torch has no NCCL'),
+])
+def test_choose_backend(gpus, nccl, backend, why):
+    chosen, reason = choose_backend(gpus, nccl)
+    assert chosen == backend and (reason is None) == (why is None)
+    if why:
+        assert reason.startswith(why)
 
 def test_device_never_the_cpu_beside_a_gpu(monkeypatch):
     # The module's helpers follow choose_device: 8 processes per node, each shown one GPU.
@@ -326,28 +336,46 @@ def test_device_never_the_cpu_beside_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert not dist.use_cuda() and dist.device() == torch.device('cpu')
 
+PRETEND_GPU = textwrap.dedent('''
+    import os, sys, types, torch
+    # One (pretended) GPU visible to this process, whose UUID the test gives; NCCL is taken to be
+    # there, and init_process_group only says which backend it was asked for.
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda device: None
+    torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(uuid=os.environ['GPU_UUID'])
+    torch.distributed.is_nccl_available = lambda: True
+    def init_process_group(backend, **kwargs):
+        print('backend', backend, flush=True)
+        sys.exit(0)
+    torch.distributed.init_process_group = init_process_group
+    from torch_utils import distributed as dist
+    dist.init()
+''')
+
 @pytest.mark.slow
-def test_init_falls_back_to_gloo_and_says_so(tmp_path):
-    # torchrun's environment for rank 0 of 2 on a node with one (pretended) GPU.
-    code = textwrap.dedent('''
-        import torch
-        torch.cuda.is_available = lambda: True
-        torch.cuda.device_count = lambda: 1
-        torch.cuda.set_device = lambda device: None
-        from torch_utils import distributed as dist
-        dist.init()
-        print('backend', torch.distributed.get_backend(), dist.device())
-    ''')
+@pytest.mark.parametrize('uuids,backend', [(['GPU-a', 'GPU-b'], 'nccl'), (['GPU-a', 'GPU-a'], 'gloo')])
+def test_init_uses_nccl_on_distinct_gpus_seen_one_each(tmp_path, uuids, backend):
+    # torchrun's environment for 2 ranks of a node, each shown one GPU (per-task binding): NCCL when
+    # the GPUs are distinct, gloo with a warning from every rank when they are one GPU.
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=REPO, RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', LOCAL_WORLD_SIZE='2',
-               MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    assert lines[0].startswith('Warning (rank 0): 2 processes per node') and 'runs on cuda:0 with gloo' in lines[0]
-    assert lines[-1] == 'backend gloo cuda:0'
+    procs = [subprocess.Popen([sys.executable, '-c', PRETEND_GPU], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=REPO, RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank),
+                                       LOCAL_WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), GPU_UUID=uuid))
+             for rank, uuid in enumerate(uuids)]
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        lines = out.strip().splitlines()
+        assert lines[-1] == f'backend {backend}'
+        if backend == 'gloo':
+            assert lines[0] == (f'Warning (rank {rank}): local rank {rank} runs on cuda:0 with gloo instead of NCCL (slower gradient '
+                                'exchange): rank(s) 0,1 share GPUs (2 ranks on 1 GPUs), and NCCL needs a GPU per process. '
+                                'Use --nproc_per_node at most the number of GPUs.')
+        else:
+            assert len(lines) == 1
 
 #----------------------------------------------------------------------------
 

@@ -112,21 +112,25 @@ class GroupNorm(torch.nn.Module):
 
 class AttentionOp(torch.autograd.Function):
     """Attention weights softmax(q^T k / sqrt(c)) over the last axis, computed in float32 even for
-    fp16 inputs (the softmax overflows in fp16) while storing and returning the input dtype."""
+    fp16 inputs (the softmax overflows in fp16) while storing and returning the input dtype.
+    Autocast (--bf16) is switched off inside, forward and backward: it would run the einsums in
+    bf16 again, and the backward would differentiate another function than the forward computed."""
 
     @staticmethod
     def forward(ctx, q, k):
-        w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
         ctx.save_for_backward(q, k, w)
         return w
 
     @staticmethod
     def backward(ctx, dw):
         q, k, w = ctx.saved_tensors
-        # PyTorch's own softmax backward, as EDM calls it: EDM's bits, and one attention-sized buffer, not three.
-        db = torch._softmax_backward_data(grad_output=dw.to(torch.float32), output=w.to(torch.float32), dim=2, input_dtype=torch.float32)
-        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), db).to(q.dtype) / np.sqrt(k.shape[1])
-        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), db).to(k.dtype) / np.sqrt(k.shape[1])
+        with torch.autocast(dw.device.type, enabled=False):
+            # PyTorch's own softmax backward, as EDM calls it: EDM's bits, and one attention-sized buffer, not three.
+            db = torch._softmax_backward_data(grad_output=dw.to(torch.float32), output=w.to(torch.float32), dim=2, input_dtype=torch.float32)
+            dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), db).to(q.dtype) / np.sqrt(k.shape[1])
+            dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), db).to(k.dtype) / np.sqrt(k.shape[1])
         return dq, dk
 
 def attention(q, k, v):

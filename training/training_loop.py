@@ -91,21 +91,32 @@ def save_sample_grid(net, path, num_images=64, num_steps=18, device=torch.device
 class Interrupted(Exception):
     """Training stopped on a signal, after all ranks finished the same step and the state was saved."""
 
+LAUNCHER_GONE = 1 << 8 # a stop request beside the signal numbers: torchrun's agent (our parent) has exited
+
+def stop_reason(code):
+    return 'the loss of the launcher (torchrun)' if code == LAUNCHER_GONE else signal.Signals(code).name
+
 class StopRequests:
-    """Stop signals (SIGINT, SIGTERM, SIGUSR1) and the rolling-dump clock, agreed by all ranks.
+    """Stop signals (SIGINT, SIGTERM, SIGUSR1), the death of torchrun's agent and the rolling-dump
+    clock, agreed by all ranks.
 
     A signal may reach only some ranks (SLURM can signal one process; torchrun forwards SIGTERM to
-    all), and clocks differ between ranks, so each rank notes its own requests and the ranks take
-    their maximum. The all_reduce runs over a gloo group on CPU tensors and in the background: it is
-    started after one step and read after the next, so it never waits for the GPU (on NCCL a device
-    all_reduce every step would be a host sync) and rarely for another rank. All ranks act on the
-    same result, one step after the request."""
+    all), an agent that dies (SIGKILL, or a SIGUSR1 it does not handle) leaves the workers of its
+    node alone, and clocks differ between ranks, so each rank notes its own requests and the ranks
+    take their maximum. The all_reduce runs over the default process group, no other (no gloo group
+    beside NCCL), in the background: it is started after one step and read after the next, so it
+    rarely waits for another rank. On gloo it reduces CPU tensors; on NCCL a device tensor, read
+    back through a stream of its own and a pinned buffer, so that the host waits for the previous
+    step's all_reduce only, never for the step just queued (no host sync of the training stream).
+    The agent's death is seen by its parent pid changing: no store or process of its is needed, as
+    the store it hosts dies with it. All ranks act on the same result, one step after the request."""
 
-    def __init__(self, dump_seconds):
+    def __init__(self, dump_seconds, device):
         self.dump_seconds = dump_seconds
         self.last_dump = time.time()
         self.received = 0
-        self.group = torch.distributed.new_group(backend='gloo')
+        self.device = device if torch.distributed.get_backend() == 'nccl' else None # NCCL reduces device tensors only
+        self.stream = torch.cuda.Stream(device) if self.device is not None else None
         self.pending = None
         self.previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
 
@@ -115,34 +126,52 @@ class StopRequests:
         self.received = self.received or signum # no print here: it could interrupt a print of the loop
 
     def poll(self):
-        """(signal number or 0, whether a rolling dump is due), as agreed after the previous step."""
+        """(stop request or 0, whether a rolling dump is due), as agreed after the previous step."""
+        if dist.launcher_gone():
+            self.received = self.received or LAUNCHER_GONE
         due = self.dump_seconds is not None and time.time() - self.last_dump >= self.dump_seconds
-        flags = torch.tensor([self.received, int(due)], dtype=torch.int64)
-        work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
-        agreed, self.pending = self.pending, (work, flags)
+        flags = torch.tensor([self.received, int(due)], dtype=torch.int64, pin_memory=self.device is not None)
+        if self.device is None:
+            work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, async_op=True)
+            started = (work, flags)
+        else:
+            flags = flags.to(self.device, non_blocking=True)
+            work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, async_op=True)
+            with torch.cuda.stream(self.stream):
+                work.wait() # this stream, not the training stream, waits for the all_reduce
+                host = torch.empty(2, dtype=torch.int64, pin_memory=True).copy_(flags, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            started = (done, host, flags) # flags stays referenced until the copy is done
+        agreed, self.pending = self.pending, started
         if agreed is None:
             return 0, False
-        agreed[0].wait()
-        return int(agreed[1][0]), bool(agreed[1][1])
+        agreed[0].wait() if self.device is None else agreed[0].synchronize()
+        values = agreed[1].tolist()
+        return int(values[0]), bool(values[1])
 
     def close(self, stopped):
         if self.pending is not None:
-            self.pending[0].wait()
+            self.pending[0].wait() if self.device is None else self.pending[0].synchronize()
         # A stopped process ignores further signals on its way out, also while the interpreter shuts
         # down (it resets Python handlers, not SIG_IGN): once one rank has exited, torchrun sends
         # SIGTERM to the others, which would turn their status 75 into a kill.
         for sig, handler in self.previous.items():
             signal.signal(sig, signal.SIG_IGN if stopped else handler)
 
-def settle_ddp_buckets(ddp, loss_fn, shapes, device):
+def settle_ddp_buckets(ddp, loss_fn, shapes, device, bf16=False):
     """DDP regroups the gradients into new buckets after its first backward pass (in the order they
     became ready). With three or more ranks the sums round differently in the other layout, so a
     resumed run, whose first step would use the initial layout, would drift from the uninterrupted
     one. One throwaway pass on zeros, before training, gives every run its final layout from the
-    first step on. The random streams are left as they were; the gradients are dropped."""
+    first step on. The random streams are left as they were; the gradients are dropped. The pass
+    runs under the training steps' autocast: a compiled network (--compile) guards on it and would
+    otherwise compile again at the first step."""
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         inputs = {name: torch.zeros(shape, device=device) if shape else None for name, shape in shapes.items()}
-        loss_fn(net=ddp, **inputs).sum().backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(net=ddp, **inputs)
+        loss.sum().backward()
     ddp.zero_grad(set_to_none=True)
 
 def load_training_state(path):
@@ -250,7 +279,7 @@ def training_loop(
     if compile:
         forward = torch.compile(ddp)
     if ddp is not net:
-        settle_ddp_buckets(forward, loss_fn, device=device, shapes=dict(images=[batch_gpu, net.img_channels, net.img_resolution, net.img_resolution],
+        settle_ddp_buckets(forward, loss_fn, device=device, bf16=bf16, shapes=dict(images=[batch_gpu, net.img_channels, net.img_resolution, net.img_resolution],
             labels=[batch_gpu, net.label_dim], noise=[batch_gpu, net.img_channels, net.img_resolution, net.img_resolution],
             augment_labels=[batch_gpu, network_kwargs['augment_dim']] if augment_pipe is not None else None))
 
@@ -322,7 +351,7 @@ def training_loop(
         _set_rng_state(rng_states, device)
 
     # Train. From here on a stop signal saves the state.
-    requests = StopRequests(state_dump_minutes * 60 if state_dump_minutes else None)
+    requests = StopRequests(state_dump_minutes * 60 if state_dump_minutes else None, device)
     stopped = False
     dist.print0(f'Training for {total_kimg} kimg: batch {batch_size} ({batch_gpu} per GPU x {num_accumulation_rounds} rounds x {dist.get_world_size()} GPUs), '
                 + (f'AOT pool {aot_pool} per GPU ({aot_solver})' if aot_pool else 'AOT off (plain EDM noise)'))
@@ -355,7 +384,7 @@ def training_loop(
         if stop_signal or rolling_due:
             path = save_state(ROLLING_STATE, cur_tick, tick_start_nimg)
         if stop_signal:
-            raise Interrupted(f'Stopped by {signal.Signals(stop_signal).name} at kimg {cur_nimg / 1e3:.3f}: training state saved to {path}')
+            raise Interrupted(f'Stopped by {stop_reason(stop_signal)} at kimg {cur_nimg / 1e3:.3f}: training state saved to {path}')
 
     try:
         while True:
