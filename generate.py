@@ -136,7 +136,7 @@ def continue_command():
 #----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--network', 'network_pkl',  help='Snapshot pickle, .safetensors file, or URL of either', metavar='PATH|URL', type=str, required=True)
+@click.option('--network', 'network_pkl',  help='Snapshot pickle, .safetensors file, train.py run folder (its newest snapshot), or URL', metavar='PATH|DIR|URL', type=str, required=True)
 @click.option('--outdir',                  help='Output folder for the PNGs; a run into a folder that has some of them continues', metavar='DIR', type=str, required=True)
 @click.option('--seeds',                   help='Seeds and ranges, e.g. 0-49999 or 1,2,5-10 (each below 2^32)', metavar='LIST', type=SeedList(), default='0-63', show_default=True)
 @click.option('--subdirs',                 help='One folder per 1000 seeds',                                        is_flag=True)
@@ -205,11 +205,7 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     net, dg = load_models(network_pkl, dg_path, dg_classifier, dg_head, dg_kwargs, device, rank)
     ot_map, sampler = choose_sampler(net, sampler_kwargs, class_idx, ot_map_path, device)
 
-    levels = [f'{s:.4g}' for s in dict.fromkeys(sampler.sigmas)] # distinct noise levels in order
-    steps = f'{sampler.kwargs["solver"]}, {len(sampler.kwargs["sigmas"])} levels' if sampler.few_step else f'{sampler.kwargs["num_steps"]} steps'
-    dist.print0(f'Sampler: {sampler.fn.__name__}, {steps}, {sampler.nfe} NFE per image; '
-                f'sigma {", ".join(levels if len(levels) <= 8 else levels[:4] + ["..."] + levels[-2:])}'
-                + ('' if sampler.few_step else ', 0')) # the few-step solvers end at sigma_min
+    dist.print0(library.describe(sampler))
     # How the images are made, for sampling.json: levels are the solver's (few-step) or those the network is evaluated at.
     record = dict(sampler=sampler.name, nfe=sampler.nfe, options={key: value for key, value in sampler.kwargs.items() if key != 'sigmas'},
                   levels=sampler.levels, ot_map=file_setting(ot_map_path), guidance=None)

@@ -53,6 +53,14 @@ class Sampler(NamedTuple):
         """The distinct noise levels, in order: the solver's for few-step solvers, else those evaluated."""
         return self.kwargs['sigmas'] if self.few_step else list(dict.fromkeys(self.sigmas))
 
+def describe(sampler):
+    """One line for the log: the sampler, its steps, NFE and noise levels (the few-step solvers end at
+    their last level; EDM's samplers step from the last evaluated level to 0)."""
+    levels = [f'{float(s):.4g}' for s in sampler.levels]
+    shown = levels if len(levels) <= 8 else levels[:4] + ['...'] + levels[-2:]
+    steps = f'{sampler.kwargs["solver"]}, {len(levels)} levels' if sampler.few_step else f'{sampler.kwargs["num_steps"]} steps'
+    return f'Sampler: {sampler.fn.__name__}, {steps}, {sampler.nfe} NFE per image; sigma {", ".join(shown + ([] if sampler.few_step else ["0"]))}'
+
 class LevelsError(ValueError):
     """The options give noise levels that are not finite (finite=False) or do not decrease from top to bottom."""
     def __init__(self, message, top=None, bottom=None, finite=True):

@@ -75,3 +75,14 @@ def test_few_step_bad_input_is_one_line(case, nets, tmp_path):
     assert 'Traceback' not in err, err # click's usage lines may precede the one-line error
     assert err.splitlines()[-1].startswith('Error') and expected_text in err.splitlines()[-1], err
     assert not outdir.exists()
+
+def test_sampler_line_shows_every_level_of_a_few_step_solver():
+    from sampling import generate as library
+    from tests.helpers import golden_network
+    net = golden_network('networks/ddpmpp_edm_uncond.npz')
+    few = library.make_sampler(net, dict(solver='ipndm', num_steps=5, rho=7))
+    line = library.describe(few)
+    assert line.startswith('Sampler: sample, ipndm, 5 levels, 4 NFE per image; sigma 80, ')
+    assert line.endswith(', 0.002') # the last level, where the solver ends
+    heun = library.describe(library.make_sampler(net, dict(num_steps=4, rho=7)))
+    assert heun.startswith('Sampler: edm_sampler, 4 steps, 7 NFE per image; sigma 80, ') and heun.endswith(', 0.002, 0')

@@ -85,6 +85,22 @@ def test_load_network_pickles(small_module, tmp_path, capsys):
     network_io.load_network(str(tmp_path / 'snap.pkl'), verbose=False)
     assert capsys.readouterr().out == ''
 
+def test_run_folder_gives_its_newest_snapshot(small_module, tmp_path, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    with pytest.raises(IOError, match='is a folder with no network-snapshot-'):
+        network_io.load_network(str(run), verbose=False)
+    nets = {kimg: (torch.manual_seed(kimg), small_module.SmallNet(2))[1] for kimg in (200, 1000)}
+    for kimg, net in nets.items():
+        with open(run / f'network-snapshot-{kimg:06d}.pkl', 'wb') as f:
+            pickle.dump(dict(ema=net), f)
+    (run / 'network-snapshot-000100.txt').write_text('not a snapshot') # other names are left alone
+    x = torch.randn(2, 2)
+    loaded = network_io.load_network(str(run))
+    assert 'Newest snapshot in' in capsys.readouterr().out and torch.equal(loaded(x, 1.0), nets[1000](x, 1.0))
+    network_io.save_safe(nets[1000], run / 'network-snapshot-001000.safetensors')
+    assert network_io.newest_snapshot(str(run)) == str(run / 'network-snapshot-001000.safetensors') # the safe file of the two
+
 def test_bad_files_give_clear_errors(small_module, tmp_path):
     good = tmp_path / 'good.pkl'
     with open(good, 'wb') as f:

@@ -8,7 +8,9 @@ this repository's own code and copies the weights; nothing from the file is exec
 """
 
 import json
+import os
 import pickle
+import re
 
 import torch
 
@@ -48,9 +50,32 @@ def _unpickle(path, name, verbose):
         raise IOError(f'Cannot unpickle {name}: {type(err).__name__}: {err}. '
             'The file is corrupt, truncated, or not a network pickle') from err
 
+SNAPSHOT_NAME = re.compile(r'network-snapshot-(\d+)\.(pkl|safetensors)')
+
+def newest_snapshot(run_dir):
+    """The newest network snapshot of a train.py run folder (its safe .safetensors file where both
+    were written), or None when the folder has none."""
+    found = [(int(m.group(1)), m.group(2) == 'safetensors', name) for name in os.listdir(run_dir)
+             if (m := SNAPSHOT_NAME.fullmatch(name))]
+    return os.path.join(run_dir, max(found)[2]) if found else None
+
+def network_file(path_or_url, verbose=True):
+    """path_or_url, or for a run folder its newest snapshot (saying which); IOError for a folder
+    without snapshots."""
+    if '://' in path_or_url or not os.path.isdir(path_or_url):
+        return path_or_url
+    snapshot = newest_snapshot(path_or_url)
+    if snapshot is None:
+        raise IOError(f'{path_or_url} is a folder with no network-snapshot-*.pkl or .safetensors in it; give a snapshot file')
+    if verbose:
+        print(f'Newest snapshot in {path_or_url}: {os.path.basename(snapshot)}')
+    return snapshot
+
 def load_network(path_or_url, device='cpu', verbose=True):
     """Network (torch.nn.Module, eval mode, on `device`) from an EDM/EDM-AOT snapshot pickle,
-    a pickled module, or a safe-format .safetensors file. Local paths and URLs work."""
+    a pickled module, or a safe-format .safetensors file; for a train.py run folder, its newest
+    snapshot. Local paths and URLs work."""
+    path_or_url = network_file(path_or_url, verbose)
     path = _local_file(path_or_url, verbose)
     if _is_safetensors(path):
         if verbose:
