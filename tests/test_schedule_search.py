@@ -155,11 +155,33 @@ def test_cli_writes_levels_for_generate(tmp_path, network_file):
     doc = json.loads(out.read_text())
     assert len(doc['sigmas']) == 4 and doc['metric'] == 'l2' and doc['seeds'] == '0-2' and doc['teacher']['steps'] == 9
     teacher_sigmas = schedules.edm_sigmas(9)
-    assert doc['sigmas'] == teacher_sigmas[doc['indices']].tolist()
+    assert doc['searched_sigmas'] == teacher_sigmas[doc['indices']].tolist()
+    assert doc['chosen'] == schedule_search.best_levels(doc['errors'], doc['held_out_errors'])
+    assert doc['sigmas'] == (doc['searched_sigmas'] if doc['chosen'] == 'searched' else doc['compared_levels'][doc['chosen']])
     assert schedules.read_sigmas(str(out)) == doc['sigmas']
     assert set(doc['errors']) == {'edm', 'logsnr', 'searched'} and all(e > 0 for e in doc['errors'].values())
     assert doc['check_seeds'] == [7, 9] and set(doc['held_out_errors']) == set(doc['errors'])
     assert doc['held_out_errors'] != doc['errors'] # other latents, other errors
+
+def test_best_levels_judged_on_held_out_latents_when_there_are_some():
+    errors = dict(edm=1.0, logsnr=1.2, searched=0.9)
+    assert schedule_search.best_levels(errors) == 'searched'
+    assert schedule_search.best_levels(errors, dict(edm=1.0, logsnr=1.2, searched=2.7)) == 'edm'
+    assert schedule_search.best_levels(dict(edm=1.0, logsnr=1.0, searched=1.0)) == 'searched' # ties: the searched ones
+
+def test_cli_recommends_the_fixed_levels_that_beat_the_search(tmp_path, network_file, monkeypatch):
+    # As a short-trained network once gave: edm 1.025, logsnr 1.192, searched 2.757. The file must hold
+    # EDM's levels and say so, not the searched ones.
+    edm, logsnr, searched = [80.0, 5.0, 0.3, 0.002], [80.0, 3.0, 0.1, 0.002], [80.0, 40.0, 20.0, 0.002]
+    errors = dict(edm=1.025, logsnr=1.192, searched=2.757)
+    made = dict(indices=[0, 1, 2, 8], errors=errors, teacher_nfe=8, compared_levels=dict(edm=edm, logsnr=logsnr))
+    monkeypatch.setattr(schedule_search, 'search', lambda *args, **kwargs: (torch.tensor(searched, dtype=torch.float64), made))
+    out = tmp_path / 'levels.json'
+    r = run_cli(f'--network={network_file}', '--steps=4', '--seeds=0-1', '--device=cpu', f'--out={out}')
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc['sigmas'] == edm and doc['chosen'] == 'edm' and doc['searched_sigmas'] == searched
+    assert "The searched levels are not better than edm's on the warm-up latents (2.757 against 1.025)" in r.output
 
 @pytest.mark.slow
 def test_torchrun_two_processes_pick_the_levels_of_one(tmp_path, network_file):

@@ -202,8 +202,8 @@ def afs_level(error, teacher_sigmas, indices, progress=True):
 def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, sigma_min=0.002, sigma_max=80,
            solver='ipndm', sweeps=20, check_draws=(), progress=True, **solver_kwargs):
     """The noise levels (float64 tensor) and a dict of how they were made, with the solver's error
-    (solver_error) on them and on EDM's (rho 7) and log-SNR levels, over the warm-up latents and,
-    if given, over the held-out check_draws."""
+    (solver_error) on them and on EDM's (rho 7) and log-SNR levels (compared_levels), over the
+    warm-up latents and, if given, over the held-out check_draws."""
     if metric not in ('dev', 'l2', 'solver'):
         raise ValueError(f'unknown metric {metric!r}: choose dev, l2 or solver')
     teacher_sigmas = schedules.get_sigmas(TEACHER['disc'], teacher_steps, sigma_min, sigma_max, TEACHER['rho'], device=draws[0][0].device)
@@ -234,7 +234,15 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
         _, check_targets = teacher_costs(net, check_draws, teacher_sigmas, 'solver', progress)
         made['held_out_errors'] = {name: solver_error(net, check_draws, check_targets, levels, solver=solver, **solver_kwargs)
                                    for name, levels in dict(fixed, searched=sigmas).items()}
-    return sigmas, dict(made, errors=errors, teacher_nfe=teacher_steps - 1)
+    compared = {name: levels.tolist() for name, levels in fixed.items()}
+    return sigmas, dict(made, errors=errors, teacher_nfe=teacher_steps - 1, compared_levels=compared)
+
+def best_levels(errors, held_out=None):
+    """Which levels to recommend ('edm', 'logsnr' or 'searched'): those of the lowest error, on the
+    held-out latents when there are some (the search has seen the warm-up ones), else on the warm-up
+    latents; the searched levels win ties."""
+    judged = held_out or errors
+    return min(judged, key=lambda name: (judged[name], name != 'searched'))
 
 #----------------------------------------------------------------------------
 
@@ -284,7 +292,10 @@ def main(network_path, solver, num_steps, seeds, check_seeds, teacher_steps, met
                                   check_draws, progress=(rank == 0), **solver_kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))
-    record = dict(sigmas=sigmas.tolist(), network=network_path, solver=solver, steps=num_steps, metric=metric,
+    # The levels to use: the searched ones only if they beat the fixed ones they were compared with.
+    chosen = best_levels(made['errors'], made.get('held_out_errors'))
+    searched, sigmas = sigmas.tolist(), sigmas.tolist() if chosen == 'searched' else made['compared_levels'][chosen]
+    record = dict(sigmas=sigmas, chosen=chosen, searched_sigmas=searched, network=network_path, solver=solver, steps=num_steps, metric=metric,
                   coeff=coeff if metric != 'solver' else None, seeds=seed_text(seeds), check_seeds=seed_text(check_seeds),
                   teacher=dict(TEACHER, steps=teacher_steps, sigma_min=sigma_min, sigma_max=sigma_max), **solver_kwargs, **made,
                   processes=world_size, seconds=round(time.time() - start, 1))
@@ -293,11 +304,16 @@ def main(network_path, solver, num_steps, seeds, check_seeds, teacher_steps, met
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, 'w') as f:
         json.dump(record, f, indent=1)
-    print(f'{metric} levels for {solver}, {num_steps} levels: {", ".join(f"{s:.4g}" for s in sigmas.tolist())}')
+    print(f'{metric} levels for {solver}, {num_steps} levels: {", ".join(f"{s:.4g}" for s in searched)}')
     for key, count in [('errors', len(seeds)), ('held_out_errors', len(check_seeds or []))]:
         if key in made:
             print(f'{solver}\'s error against the teacher (mean L2 over {count} {key.replace("errors", "").replace("_", " ")}latents): ' +
                   ', '.join(f'{name} {value:.4g}' for name, value in made[key].items()))
+    if chosen != 'searched':
+        judged, on = (made['held_out_errors'], 'held-out') if 'held_out_errors' in made else (made['errors'], 'warm-up')
+        print(f'The searched levels are not better than {chosen}\'s on the {on} latents ({judged["searched"]:.4g} against '
+              f'{judged[chosen]:.4g}): "{out}" holds {chosen}\'s levels ({", ".join(f"{s:.4g}" for s in sigmas)}), '
+              f'the searched ones are under "searched_sigmas"')
     print(f'Wrote "{out}"; use: generate.py --solver={solver} --sigmas={out}')
 
 if __name__ == '__main__':
