@@ -109,7 +109,7 @@ OPTIONAL = {'lap': 'lap'} # config: the package it needs
 SIZES = {
     'gpu': dict(
         budgets={0: 20, 2: 310, 10: 180, 1: 180, 4: 180, 3: 180, 6: 180, 7: 180, 5: 180, 8: 180, 9: 330},
-        res=32, jobs=None,
+        res=32, jobs=None, extra=None,
         speed='--arch=ddpmpp --batch=64 --augment=0.12 --aot=512 --cond=0', first=0.064, tick=0.512, ticks=4,
         ddp='--arch=ncsnpp --batch=32 --aot=32 --cond=0 --workers=1', ddp_kimg=0.128, ddp_procs=(1, 2),
         net='--arch=ddpmpp --cbase=32 --cres=1,2 --batch=64 --aot=64 --cond=0 --workers=1', net_kimg=0.256,
@@ -121,7 +121,7 @@ SIZES = {
                      search='--steps=11', speed='--batch=64 --steps=11 --rounds=2 --search-rounds=1 --search-seeds=0-127')),
     'smoke': dict(
         budgets={0: 120, 2: 300, 10: 400, 1: 400, 4: 400, 3: 400, 6: 400, 7: 400, 5: 400, 8: 400, 9: 300},
-        res=8, jobs=2,
+        res=8, jobs=2, extra=['lap'], # check 9: the optional-package path
         # Start-up is most of a tiny run's cost: few processes, no DataLoader workers.
         speed='--arch=ddpmpp --cbase=16 --cres=1 --batch=16 --augment=0.12 --aot=16 --cond=0 --workers=0', first=0.016, tick=0.016, ticks=3,
         ddp='--arch=ncsnpp --cbase=16 --cres=1 --batch=16 --aot=16 --cond=0 --workers=0', ddp_kimg=0.032, ddp_procs=(2,),
@@ -225,6 +225,7 @@ class Shared:
     """What every check's Context shares across threads: the log counter, the program slots, the watchdog."""
     def __init__(self, jobs, watchdog):
         self.lock, self.logs, self.slots, self.watchdog, self.procs = threading.Lock(), 0, threading.BoundedSemaphore(jobs), watchdog, set()
+        self.digits, self.digits_lock = None, threading.Lock()
 
 class Context:
     """What the checks share: the mode, the work folder, the data; and this check's number and deadline."""
@@ -236,7 +237,6 @@ class Context:
         self.deadline, self.num = math.inf, 0
         self.shared = Shared(jobs, watchdog)
         self.broken = [t.strip() for t in os.environ.get('GPU_CHECK_BREAK', '').split(',') if t.strip()]
-        self._digits, self._digits_lock = None, threading.Lock()
 
     def for_check(self, num, deadline):
         ctx = copy.copy(self)
@@ -298,14 +298,14 @@ class Context:
             kill_tree(pid)
 
     def digits(self):
-        """The bundled digits as res x res RGB PNGs with their labels, made once."""
-        with self._digits_lock:
-            if self._digits is None:
-                self._digits = make_digits(self.path('digits'), self.size['res'])
-        return self._digits
+        """The bundled digits as res x res RGB PNGs with their labels, made once for every check."""
+        with self.shared.digits_lock:
+            if self.shared.digits is None:
+                self.shared.digits = make_digits(self.path('digits'), self.size['res'])
+        return self.shared.digits
 
 def make_digits(dest, res):
-    os.makedirs(dest, exist_ok=True)
+    os.makedirs(dest)
     with zipfile.ZipFile(DIGITS) as z:
         labels = json.loads(z.read('dataset.json'))['labels']
         for name, _ in labels:
@@ -558,9 +558,10 @@ def check_curve(ctx):
     return len(runs) == 3 and (ctx.smoke or met), line.split(': ', 1)[1], lines
 
 def check_extra_modes(ctx):
-    runs, flags, notes = run_configs(ctx, {'default': [], **EXTRA_CONFIGS})
+    names = ctx.size['extra'] or list(EXTRA_CONFIGS)
+    runs, flags, notes = run_configs(ctx, {'default': [], **{name: EXTRA_CONFIGS[name] for name in names}})
     summary = ', '.join(f'{name} {run["sec_per_kimg"]:.2f}' for name, run in runs.items()) + ' sec/kimg'
-    expected = 1 + sum(not (name in OPTIONAL and not installed(OPTIONAL[name])) for name in EXTRA_CONFIGS)
+    expected = 1 + sum(not (name in OPTIONAL and not installed(OPTIONAL[name])) for name in names)
     return len(runs) == expected, summary, speed_table(ctx, runs, flags) + [''] + notes
 
 #----------------------------------------------------------------------------

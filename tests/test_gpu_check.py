@@ -77,9 +77,10 @@ def test_smoke_without_lap_and_with_a_broken_step(tmp_path):
 @pytest.mark.slow
 def test_smoke_with_lap(tmp_path):
     pytest.importorskip('lap')
-    proc, text = smoke(tmp_path, ['--only=7'])
+    proc, text = smoke(tmp_path, ['--only=9,7'])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert '**Verdict: PASS**' in text and '| 0 | preflight' in text and 'lap yes' in text and 'exact by scipy/lap' in text, text
+    assert '| lap | --aot-solver=lap |' in text and '| default | - |' in text # check 9's table
 
 def test_aot_cost_defaults_to_the_installed_solvers(tmp_path):
     code = 'from bench import aot_cost; print(aot_cost.installed_solvers())'
@@ -195,6 +196,14 @@ def test_sh_stops_at_the_budget_and_reports_failures(tmp_path):
     ctx.deadline = time.time()
     with pytest.raises(CheckFailed, match='no time left'):
         ctx.sh([sys.executable, '-c', 'pass'], 'late')
+
+def test_checks_share_one_copy_of_the_digits(tmp_path, monkeypatch):
+    # Made once for every check (side by side, programs read them while others start).
+    made = []
+    monkeypatch.setattr(gpu_check, 'make_digits', lambda dest, res: made.append(dest) or dest)
+    ctx = context(tmp_path)
+    a, b = ctx.for_check(4, time.time() + 60), ctx.for_check(1, time.time() + 60)
+    assert a.digits() == b.digits() == ctx.digits() and len(made) == 1
 
 def test_sh_breaks_the_steps_named(tmp_path, monkeypatch):
     monkeypatch.setenv('GPU_CHECK_BREAK', 'second, third')
