@@ -729,6 +729,8 @@ def measure_pools(out, data, res, pool, batch, rounds, net_kwargs):
     from training.dataset import ImageFolderDataset
     from training.pools import PoolStream
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    # The training loop's default numerics (EDM's exact fp32: no TF32), so the load is the default's step.
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False, False
     # EDM's CIFAR-10 DDPM++ (train.py --arch=ddpmpp) and its Adam, stepping on random batches.
     net = networks.EDMPrecond(img_resolution=res, img_channels=3, label_dim=0, model_type='SongUNet', embedding_type='positional',
         encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], **net_kwargs).to(device).train()
