@@ -14,7 +14,7 @@ import os
 import click
 import numpy as np
 import torch
-from metrics.fid import (STANDIN, NOT_COMPARABLE, FIDError, TooFewImages, calculate_fid_from_inception_stats,
+from metrics.fid import (DETECTOR_NAME, STANDIN, NOT_COMPARABLE, FIDError, TooFewImages, calculate_fid_from_inception_stats,
     calculate_inception_stats, comparison_fields, compute_precision_recall, default_stats_path, detector_fields,
     detector_note, images_fingerprint, load_stats, not_standard, open_detector, open_images, rank0_first, save_stats,
     build_detector)
@@ -72,6 +72,15 @@ def main():
     python fid.py calc --images=fid-tmp --ref=fid-refs/my-dataset-standin.npz --detector=standin
     """
 
+def refuse_other_detector(ref, ref_path, detector):
+    """Before any download: a reference made with another detector than --detector names (the
+    standard Inception when None) cannot be compared; say which one made it."""
+    made_by = ref['detector']
+    if detector is None and made_by != DETECTOR_NAME:
+        hint = STANDIN if made_by.startswith(STANDIN) else str(ref.get('detector_url', 'the same detector'))
+        raise click.ClickException(f'{ref_path} was computed with detector {made_by}, not the standard {DETECTOR_NAME}; '
+                                   f'pass --detector={hint} (as for "fid.py ref")')
+
 #----------------------------------------------------------------------------
 
 detector_option = click.option('--detector', help=f'Feature detector other than the standard Inception-v3, or "{STANDIN}" for the built-in stand-in (no download); results are NOT comparable to published FID', metavar='PATH|URL|standin', type=str, default=None)
@@ -106,6 +115,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
         ref = load_stats(ref_path)
         if pr and 'features' not in ref:
             raise click.ClickException(f'{ref_path}: no features for --pr; make the reference with "fid.py ref --save-features"')
+        refuse_other_detector(ref, ref_path, detector)
     dataset_obj = open_images(image_path, num_expected, seed) # before any download
     det = open_detector_of(detector, rank)
     if rank == 0 and ref['detector'] != det.id:

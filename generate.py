@@ -1,12 +1,12 @@
-"""generate.py: images from a trained network with EDM's samplers (training/sampling.py).
+"""generate.py: images from a trained network with EDM's samplers, the few-step solvers,
+Discriminator Guidance and OT-start (the sampling/ package), a thin shell over it: flags become
+library calls here, and library errors become messages that name the flags.
 
 One PNG per seed; a seed gives the same image whatever the batch size or number of processes,
 and the same image as EDM's generate.py for the same network and options."""
 
 import itertools
-import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -15,11 +15,15 @@ import numpy as np
 import PIL.Image
 import torch
 import tqdm
+from dnnlib.util import one_line
 from torch_utils import distributed as dist
-import dnnlib
-from training import guidance, sampling, semidiscrete_ot, solvers
-from training.generation import FEW_STEP, choose_sampler, parse_seeds, png_name, sample_batch, sample_then_write, write_pngs
-from training.images import save_image_grid
+from sampling import generate as library, ot_start, schedules
+from sampling.generate import FEW_STEP, png_name
+from sampling.guidance import DiscriminatorGuidance
+from sampling.image_folder import RECORD, ImageFolder, file_setting, jsonable
+from sampling.images import save_image_grid
+from sampling.seeds import parse_seeds
+from training import guidance
 from training.network_io import load_network
 
 GRID_MAX_IMAGES = 256 # --grid shows the first images in seed order; a 50k-image grid helps nobody
@@ -47,10 +51,7 @@ def fail_together(error):
             raise click.ClickException(first)
         raise SystemExit(1)
 
-def one_line(e):
-    return f'{type(e).__name__}: {" ".join(str(e).split())}'.rstrip(': ')
-
-# The few-step solvers' options (training/solvers.py, docs/few-step.md); euler and heun stay EDM's ablation solvers.
+# The few-step solvers' options (sampling/solvers.py, docs/few-step.md); euler and heun stay EDM's ablation solvers.
 FEW_STEP_OPTIONS = {'order': '--order', 'variant': '--unipc-variant', 'afs': '--afs', 'sigmas': '--sigmas'}
 
 def check_few_step_options(sampler_kwargs):
@@ -64,9 +65,9 @@ def check_few_step_options(sampler_kwargs):
     edm_only = [option for key, option in [('schedule', '--schedule'), ('scaling', '--scaling')] if key in sampler_kwargs]
     edm_only += ['--S_churn'] if sampler_kwargs['S_churn'] > 0 else []
     if edm_only:
-        raise click.BadParameter(f'is an option of EDM\'s samplers; --solver={sampler_kwargs["solver"]} is deterministic and takes --disc={"|".join(solvers.DISCRETIZATIONS)}', param_hint=edm_only[0])
-    if sampler_kwargs.get('discretization', 'edm') not in solvers.DISCRETIZATIONS:
-        raise click.BadParameter(f'{sampler_kwargs["discretization"]} is an ablation discretization; --solver={sampler_kwargs["solver"]} takes {"|".join(solvers.DISCRETIZATIONS)}', param_hint='--disc')
+        raise click.BadParameter(f'is an option of EDM\'s samplers; --solver={sampler_kwargs["solver"]} is deterministic and takes --disc={"|".join(schedules.DISCRETIZATIONS)}', param_hint=edm_only[0])
+    if sampler_kwargs.get('discretization', 'edm') not in schedules.DISCRETIZATIONS:
+        raise click.BadParameter(f'{sampler_kwargs["discretization"]} is an ablation discretization; --solver={sampler_kwargs["solver"]} takes {"|".join(schedules.DISCRETIZATIONS)}', param_hint='--disc')
     replaced = [option for key, option in [('discretization', '--disc'), ('sigma_min', '--sigma_min'), ('sigma_max', '--sigma_max')] if key in sampler_kwargs]
     if 'sigmas' in sampler_kwargs and replaced:
         raise click.BadParameter('gives the noise levels; drop ' + ', '.join(replaced), param_hint='--sigmas')
@@ -100,105 +101,7 @@ def check_ot_map_options(sampler_kwargs, class_idx):
         raise ValueError('the class of each image is its target\'s; --class cannot be combined with --ot-map')
 
 #----------------------------------------------------------------------------
-# The output folder: PNGs appear complete or not at all (written under a temporary name and
-# renamed), and dataset.json is rewritten atomically once each batch's PNGs are written, so at
-# any moment a run can stop and a later run into the same folder continues where it stopped.
-
-TEMP_FILE = re.compile(r'.+\.(png|json)\.tmp-[0-9a-f]{32}') # dnnlib.util's temporary names (atomic_write, write_atomic)
-
-def scan_outdir(outdir):
-    """Relative paths of the files in outdir, after removing the temporary files of an interrupted write."""
-    found = set()
-    for dirpath, _dirs, files in os.walk(outdir):
-        for name in files:
-            if TEMP_FILE.fullmatch(name):
-                os.remove(os.path.join(dirpath, name))
-            else:
-                found.add(os.path.relpath(os.path.join(dirpath, name), outdir).replace(os.sep, '/'))
-    return found
-
-def read_labels(outdir):
-    """{file: class} of outdir/dataset.json ({} if there is none); ValueError if it is not one."""
-    path = os.path.join(outdir, 'dataset.json')
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            return dict((name, int(label)) for name, label in json.load(f).get('labels') or [])
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f'{path} is not a dataset.json of class labels ({one_line(e)}); '
-                         'delete it and generate.py writes it again for the PNGs there')
-
-def write_labels(outdir, labels):
-    """outdir/dataset.json in EDM's dataset format, so that the images form a labelled dataset
-    (e.g. fakes for train_discriminator.py --cond=1)."""
-    dnnlib.util.write_atomic(os.path.join(outdir, 'dataset.json'), json.dumps(dict(labels=sorted([name, label] for name, label in labels.items()))).encode())
-
-# sampling.json records how each image was made: {"samplers": [{"sampler": ..., "nfe": ..., "levels": [...],
-# "options": {...}, "guidance": ..., "ot_map": ..., "images": [names]}, ...]}, rewritten atomically with
-# dataset.json. A folder continued with other settings keeps its images (labels merge over such runs,
-# as before): the record says which settings made which image, and the run warns.
-RECORD = 'sampling.json'
-
-def jsonable(value):
-    """value in JSON's types (tensors as lists, inf as a string), so that settings read back compare equal."""
-    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(key): jsonable(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    return value
-
-def file_setting(path):
-    """A file option as recorded: absolute for a local path, so that the folder's runs compare alike from any directory."""
-    return None if path is None else path if '://' in path else os.path.abspath(path)
-
-def read_record(outdir):
-    """(settings of each sampler, {file: index into them}) of outdir/sampling.json (empty if none); ValueError if it is not one."""
-    path = os.path.join(outdir, RECORD)
-    if not os.path.isfile(path):
-        return [], {}
-    try:
-        with open(path) as f:
-            entries = json.load(f)['samplers']
-        settings = [{key: value for key, value in entry.items() if key != 'images'} for entry in entries]
-        return settings, {name: i for i, entry in enumerate(entries) for name in entry['images']}
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f'{path} is not generate.py\'s record of how its images were made ({one_line(e)}); '
-                         'delete it to continue, and the PNGs there are taken to be of this run\'s settings')
-
-def write_record(outdir, settings, made):
-    entries = [dict(s, images=sorted(name for name, index in made.items() if index == i)) for i, s in enumerate(settings)]
-    dnnlib.util.write_atomic(os.path.join(outdir, RECORD), json.dumps(dict(samplers=[entry for entry in entries if entry['images']]), indent=1).encode())
-
-def differences(old, new, prefix=''):
-    """'key old -> new' for each setting that differs (nested dicts by dotted key; lists shortened)."""
-    def short(value):
-        if not isinstance(value, list):
-            return json.dumps(value)
-        items = [f'{x:.4g}' if isinstance(x, float) else json.dumps(x) for x in value]
-        return '[' + ', '.join(items if len(items) <= 8 else items[:4] + ['...'] + items[-2:]) + ']'
-    found = []
-    for key in [*old, *[k for k in new if k not in old]]:
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += differences(a, b, f'{prefix}{key}.')
-        elif a != b:
-            found.append(f'{prefix}{key} {short(a)} -> {short(b)}' if short(a) != short(b) else f'{prefix}{key} differ in the 5th digit or beyond')
-    return found
-
-def mixed_settings(outdir, settings, current, made, kept, seeds_here):
-    """A one-line warning if images the run keeps (names kept, listed in made) were made with other settings than settings[current], else None."""
-    other = sorted(name for name in kept if name in made and settings[made[name]] != settings[current])
-    if not other:
-        return None
-    diff = differences(settings[made[other[0]]], settings[current])
-    fix = '--force makes them again, ' if all(name in seeds_here for name in other) else ''
-    return (f'Warning: {len(other)} images in "{outdir}" (e.g. {other[0]}) were made with other sampler settings ({"; ".join(diff[:3])}); '
-            f'they are kept and {RECORD} records how each image was made ({fix}another --outdir keeps sample sets apart)')
+# Stopping and continuing.
 
 class StopRequest:
     """SIGINT (Ctrl-C; torchrun passes it on to its workers) and SIGTERM (schedulers, kill) ask the
@@ -298,25 +201,77 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
     check_few_step_options(sampler_kwargs)
     if sampler_kwargs.get('sigma_min', 0) >= sampler_kwargs.get('sigma_max', float('inf')):
         raise click.BadParameter(f'--sigma_min {sampler_kwargs["sigma_min"]} must be below --sigma_max {sampler_kwargs["sigma_max"]}', param_hint='--sigma_min')
+    device, rank, world_size = start_processes(device)
+    net, dg = load_models(network_pkl, dg_path, dg_classifier, dg_head, dg_kwargs, device, rank)
+    ot_map, sampler = choose_sampler(net, sampler_kwargs, class_idx, ot_map_path, device)
 
+    levels = [f'{s:.4g}' for s in dict.fromkeys(sampler.sigmas)] # distinct noise levels in order
+    steps = f'{sampler.kwargs["solver"]}, {len(sampler.kwargs["sigmas"])} levels' if sampler.few_step else f'{sampler.kwargs["num_steps"]} steps'
+    dist.print0(f'Sampler: {sampler.fn.__name__}, {steps}, {sampler.nfe} NFE per image; '
+                f'sigma {", ".join(levels if len(levels) <= 8 else levels[:4] + ["..."] + levels[-2:])}'
+                + ('' if sampler.few_step else ', 0')) # the few-step solvers end at sigma_min
+    # How the images are made, for sampling.json: levels are the solver's (few-step) or those the network is evaluated at.
+    record = dict(sampler=sampler.name, nfe=sampler.nfe, options={key: value for key, value in sampler.kwargs.items() if key != 'sigmas'},
+                  levels=sampler.levels, ot_map=file_setting(ot_map_path), guidance=None)
+    sampler_fn, run_kwargs = sampler.fn, sampler.kwargs
+    if ot_map is not None:
+        dist.print0(ot_start.describe(ot_map, len(seeds)))
+    if dg is not None: # not part of the dry run above
+        sampler_fn, run_kwargs, settings = library.with_guidance(sampler, dg, **dg_kwargs)
+        dist.print0(f'Discriminator guidance: weight {settings["dg_weight"]:g} (2nd order {settings.get("dg_weight_2nd", 0):g}), '
+                    f'VP times {dg.time_min:g}-{dg.time_max:g}, boosting {"on" if settings.get("dg_boosting") else "off"}')
+        record['guidance'] = dict(file=file_setting(dg_path) or [file_setting(dg_classifier), file_setting(dg_head)],
+                                  time_min=dg.time_min, time_max=dg.time_max, **settings)
+    if ot_map is not None:
+        sampler_fn = ot_start.as_sampler(ot_map) # Heun from the map's targets (DG's if guided)
+    draw = library.seed_drawer(net, device, class_idx, ot_map)
+
+    folder, todo = open_folder(outdir, subdirs, force, seeds, jsonable(record), net, draw, max_batch_size, rank)
+    stop, signum = StopRequest(), None
+    progress = tqdm.tqdm(library.rank_batches(todo, max_batch_size, rank, world_size), unit='batch', disable=(rank != 0))
+    try: # sampling stops at the first batch after a stop request; every batch sampled is still written and listed
+        batches = itertools.takewhile(lambda _: signum is None, progress)
+        write = lambda images, classes, batch_seeds: library.write_pngs(images, classes, batch_seeds, outdir, subdirs)
+        generated = library.generate_images(net, sampler_fn, run_kwargs, batches, draw)
+        for writing in library.write_behind(generated, write): # every rank stops at the same batch, so the ranks gather alike
+            signum = record_batch(writing, folder, stop, len(seeds), outdir) or signum
+    finally:
+        progress.close()
+        stop.restore()
+    if signum is not None:
+        if rank == 0:
+            print(f'Interrupted: {len(folder.present)} of {len(seeds)} images are in "{outdir}"'
+                  f'{" and listed in its dataset.json" if net.label_dim else ""}. Continue with:\n  {continue_command()}',
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+    if grid is not None and rank == 0:
+        save_grid(grid, outdir, [png_name(s, subdirs) for s in seeds[:GRID_MAX_IMAGES]], net.img_resolution)
+    dist.print0('Done.')
+
+#----------------------------------------------------------------------------
+# main's steps: each calls the library and turns its errors into messages that name the flags.
+
+def start_processes(device):
+    """(device, rank, world size); torch.distributed joined (one process without torchrun)."""
     dist.init() # before touching the device: under torchrun it selects this process's GPU, which 'cuda' then means
     try:
         device = dist.device() if device is None else torch.device(device)
         torch.empty([], device=device)
     except (RuntimeError, AssertionError) as e:
         raise click.BadParameter(f'device "{device}" is not usable here ({one_line(e)}); try --device=cpu', param_hint='--device')
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    return device, dist.get_rank(), dist.get_world_size()
 
-    # Load the network; rank 0 first, so that a download lands in the cache once.
+def load_models(network_pkl, dg_path, dg_classifier, dg_head, dg_kwargs, device, rank):
+    """(network, DiscriminatorGuidance or None); rank 0 loads first, so that a download lands in the
+    cache once. Pops --dg-time-min/--dg-time-max from dg_kwargs."""
     if rank != 0:
         dist.barrier()
-    net, error = None, None
+    net, dg, error = None, None, None
     try:
         net = load_network(network_pkl, device=device, verbose=(rank == 0))
     except Exception as e: # any failure to read or unpickle: report it, do not hang the other ranks
         reason = ' '.join(str(e).split()) if isinstance(e, OSError) else one_line(e)
         error = f'{reason} (--network takes a network-snapshot-*.pkl, a .safetensors file or a URL to one)'
-    dg = None
     if error is None and (dg_path or dg_classifier):
         try:
             disc = guidance.load_discriminator(dg_path, device=device, verbose=(rank == 0)) if dg_path else \
@@ -324,165 +279,96 @@ def main(network_pkl, outdir, seeds, subdirs, force, class_idx, max_batch_size, 
             error = guidance.incompatibility(disc, net)
             if error is not None:
                 error = f'Cannot guide with {dg_path or dg_head}: {error}'
-            dg = guidance.DiscriminatorGuidance(disc, time_min=dg_kwargs.pop('dg_time_min', 0.01), time_max=dg_kwargs.pop('dg_time_max', 1.0))
+            dg = DiscriminatorGuidance(disc, time_min=dg_kwargs.pop('dg_time_min', 0.01), time_max=dg_kwargs.pop('dg_time_max', 1.0))
         except IOError as e:
             error = ' '.join(str(e).split())
     if rank == 0:
         dist.barrier()
     fail_together(error)
+    return net, dg
 
-    # Check the network-dependent options: the class, and the noise levels (a dry run, no evaluation).
+def choose_sampler(net, sampler_kwargs, class_idx, ot_map_path, device):
+    """(OT map or None, library.Sampler) of the options, checked against the network (a dry run, no evaluation)."""
+    error, ot_map, sampler = None, None, None
     if class_idx is not None and not net.label_dim:
         error = f'--class {class_idx} given, but the network is unconditional; drop --class'
     elif class_idx is not None and class_idx >= net.label_dim:
         error = f'--class {class_idx} is out of range: the network has classes 0-{net.label_dim - 1}'
-    ot_map = None
     if ot_map_path is not None and error is None: # sets sigma_max = sigma_T, so the dry run below is OT-start's
         try:
             check_ot_map_options(sampler_kwargs, class_idx)
-            ot_map = semidiscrete_ot.map_for_generate(ot_map_path, net, device, sampler_kwargs)
+            ot_map = ot_start.map_for_generate(ot_map_path, net, device, sampler_kwargs)
         except (IOError, ValueError) as e:
             error = f'--ot-map {ot_map_path}: {" ".join(str(e).split())}'
     try:
-        sampler_fn, sampler_kwargs = choose_sampler(net, sampler_kwargs)
-        nfe, sigmas = sampling.trace_sampler(net, sampler_fn, device=device, **sampler_kwargs)
-        if not np.isfinite(sigmas).all():
-            raise ValueError('they give noise levels that are not finite numbers; check --sigma_min, --sigma_max and --disc')
-        if not sigmas[0] > sigmas[-1] > 0:
+        sampler = library.make_sampler(net, sampler_kwargs, device=device)
+    except library.LevelsError as e:
+        if not e.finite:
+            error = error or 'Invalid sampler options: they give noise levels that are not finite numbers; check --sigma_min, --sigma_max and --disc'
+        else:
             # The network's own range is often [0, inf] (EDMPrecond): name the sampler's actual top level instead.
             cap = f', at most the network\'s {float(net.sigma_max):g}' if np.isfinite(float(net.sigma_max)) else ''
             floor = f'; values below the network\'s sigma_min {float(net.sigma_min):g} are raised to it' if float(net.sigma_min) > 0 else ''
-            raise ValueError(f'noise levels {sigmas[0]:g} -> {sigmas[-1]:g} do not decrease: --sigma_min must be below '
-                             f'sigma_max = {sigmas[0]:g} (--sigma_max or the sampler\'s default{cap}){floor}')
+            error = error or (f'Invalid sampler options: noise levels {e.top:g} -> {e.bottom:g} do not decrease: --sigma_min must be below '
+                              f'sigma_max = {e.top:g} (--sigma_max or the sampler\'s default{cap}){floor}')
     except ValueError as e:
         error = error or f'Invalid sampler options: {e}'
     fail_together(error)
-    levels = [f'{s:.4g}' for s in dict.fromkeys(sigmas)] # distinct noise levels in order
-    steps = f'{sampler_kwargs["solver"]}, {len(sampler_kwargs["sigmas"])} levels' if sampler_fn is solvers.sample else f'{sampler_kwargs["num_steps"]} steps'
-    dist.print0(f'Sampler: {sampler_fn.__name__}, {steps}, {nfe} NFE per image; '
-                f'sigma {", ".join(levels if len(levels) <= 8 else levels[:4] + ["..."] + levels[-2:])}'
-                + ('' if sampler_fn is solvers.sample else ', 0')) # the few-step solvers end at sigma_min
-    # How the images are made, for sampling.json: levels are the solver's (few-step) or those the network is evaluated at.
-    options = {key: value for key, value in sampler_kwargs.items() if key != 'sigmas'}
-    record = dict(sampler=f'{sampler_fn.__module__.split(".")[-1]}.{sampler_fn.__name__}', nfe=nfe, options=options,
-                  levels=sampler_kwargs['sigmas'] if sampler_fn is solvers.sample else list(dict.fromkeys(sigmas)),
-                  ot_map=file_setting(ot_map_path), guidance=None)
-    if ot_map is not None:
-        dist.print0(semidiscrete_ot.describe(ot_map, len(seeds)))
-        sampler_fn = semidiscrete_ot.as_sampler(ot_map)
+    return ot_map, sampler
 
-    # Discriminator Guidance: the sampler's extra arguments (not part of the dry run above).
-    if dg is not None:
-        dg_kwargs = dict(dict(dg_weight=2.0) if sampler_fn is solvers.sample else dict(dg_weight=2.0, dg_weight_2nd=0.0, dg_boosting=False), **dg_kwargs)
-        dist.print0(f'Discriminator guidance: weight {dg_kwargs["dg_weight"]:g} (2nd order {dg_kwargs.get("dg_weight_2nd", 0):g}), '
-                    f'VP times {dg.time_min:g}-{dg.time_max:g}, boosting {"on" if dg_kwargs.get("dg_boosting") else "off"}')
-        record['guidance'] = dict(file=file_setting(dg_path) or [file_setting(dg_classifier), file_setting(dg_head)],
-                                  time_min=dg.time_min, time_max=dg.time_max, **dg_kwargs)
-        sampler_kwargs.update(guidance=dg, **dg_kwargs)
-    record = jsonable(record)
-
-    def draw(batch_seeds):
-        """Latents, class labels and noise of these seeds; they depend on each seed alone."""
-        latents, class_labels, rnd = sampling.latents_for_seeds(net, batch_seeds, device=device, class_idx=class_idx)
-        if ot_map is not None and net.label_dim:
-            class_labels = ot_map.labels_for(latents) # the picked targets' classes
-        return latents, class_labels, rnd
-
-    # Continue in a folder that has some of the PNGs: rank 0 decides which seeds remain, and brings
-    # dataset.json up to date with the PNGs there (an interruption can leave the last batch unlisted).
-    todo, labels = None, {}
+def open_folder(outdir, subdirs, force, seeds, record, net, draw, max_batch_size, rank):
+    """(ImageFolder, the seeds still to do on every rank). Rank 0 decides which seeds remain in a
+    folder that has some of the PNGs and brings its dataset.json and sampling.json up to date."""
+    folder, todo, error = ImageFolder(outdir, subdirs, labelled=bool(net.label_dim)), None, None
     if rank == 0:
         try:
-            files = scan_outdir(outdir)
-            names = {png_name(seed, subdirs) for seed in seeds}
-            present = names & files
-            todo = seeds if force else [seed for seed in seeds if png_name(seed, subdirs) not in present]
-            # Images of this run's seeds that sampling.json misses were written by a run killed before it
-            # recorded them (or by a generate.py before the record): taken to be of this run's settings.
-            settings, made = read_record(outdir)
-            made = {name: index for name, index in made.items() if name in files}
-            current = settings.index(record) if record in settings else len(settings)
-            settings = settings[:current] + [record]
-            made.update((name, current) for name in present - made.keys())
-            mixed = mixed_settings(outdir, settings, current, made, files - {png_name(seed, subdirs) for seed in todo}, names)
-            if made:
-                write_record(outdir, settings, made)
-            if net.label_dim:
-                labels = {name: label for name, label in read_labels(outdir).items() if name in files}
-                unlisted = [seed for seed in seeds if png_name(seed, subdirs) in present - labels.keys()]
-                for chunk in (unlisted[i : i + max_batch_size] for i in range(0, len(unlisted), max_batch_size)):
-                    labels.update((png_name(seed, subdirs), int(label.argmax())) for seed, label in zip(chunk, draw(chunk)[1]))
-                if labels or 'dataset.json' in files:
-                    write_labels(outdir, labels)
+            classes_of = lambda chunk: [int(label.argmax()) for label in draw(chunk)[1]]
+            todo = folder.open(seeds, record, force, classes_of, max_batch_size)
         except (OSError, ValueError) as e:
             error = f'--outdir {outdir}: {" ".join(str(e).split())}'
     fail_together(error)
     if rank == 0:
-        if mixed:
-            print(mixed, file=sys.stderr, flush=True)
-        kept = f'; {len(present)} of the {len(seeds)} are there already and kept (--force makes them again)' if present and not force else ''
+        if folder.mixed:
+            other, diff = folder.mixed, folder.mixed_differences
+            fix = '--force makes them again, ' if all(name in {png_name(seed, subdirs) for seed in seeds} for name in other) else ''
+            print(f'Warning: {len(other)} images in "{outdir}" (e.g. {other[0]}) were made with other sampler settings ({"; ".join(diff[:3])}); '
+                  f'they are kept and {RECORD} records how each image was made ({fix}another --outdir keeps sample sets apart)', file=sys.stderr, flush=True)
+        kept = f'; {len(folder.present)} of the {len(seeds)} are there already and kept (--force makes them again)' if folder.present and not force else ''
         print(f'Generating {len(todo)} images to "{outdir}"{kept}...')
-    todo = dist.broadcast_object(todo)
+    return folder, dist.broadcast_object(todo)
 
-    # Each batch's latents come from its seeds only, so skipping the seeds that are done changes no other image.
-    num_batches = ((len(todo) - 1) // (max_batch_size * world_size) + 1) * world_size if todo else 0
-    rank_batches = torch.as_tensor(todo, dtype=torch.int64).tensor_split(num_batches)[rank :: world_size] if todo else []
-    def record_batch(writing):
-        """Wait for a batch's PNGs; once every rank's are on disk, list them in dataset.json and
-        sampling.json. Returns the signal that asks every rank to stop, if any rank got one; a
-        failed write (disk full, quota) stops every rank, not just the one that met it."""
-        try:
-            written, failure = writing.result(), None
-        except OSError as e:
-            written, failure = {}, ' '.join(str(e).split())
-        gathered = [None] * world_size
-        torch.distributed.all_gather_object(gathered, (written, stop.signal, failure))
-        if rank == 0:
-            for part, _, _ in gathered:
-                present.update(part)
-                labels.update(part)
-                made.update(dict.fromkeys(part, current))
-            if net.label_dim:
-                write_labels(outdir, labels)
-            write_record(outdir, settings, made)
-        failure = next((f for _, _, f in gathered if f is not None), None)
-        if failure is not None and rank == 0:
-            raise click.ClickException(f'Cannot write the images: {failure}. {len(present)} of {len(seeds)} are in "{outdir}"; '
-                                       f'make room or fix the folder, then continue with: {continue_command()}')
-        if failure is not None:
-            raise SystemExit(1)
-        return next((s for _, s, _ in gathered if s is not None), None)
-
-    # Sampling stops at the first batch after a stop request; every batch sampled is still written and listed.
-    stop, signum = StopRequest(), None
-    progress = tqdm.tqdm(rank_batches, unit='batch', disable=(rank != 0))
+def record_batch(writing, folder, stop, num_seeds, outdir):
+    """Wait for a batch's PNGs; once every rank's are on disk, list them in dataset.json and
+    sampling.json. Returns the signal that asks every rank to stop, if any rank got one; a failed
+    write (disk full, quota) stops every rank, not just the one that met it."""
     try:
-        batches = itertools.takewhile(lambda _: signum is None, (b.tolist() for b in progress))
-        sample = lambda batch_seeds: sample_batch(net, sampler_fn, sampler_kwargs, draw, batch_seeds) if batch_seeds else ([], [])
-        write = lambda images, classes, batch_seeds: write_pngs(images, classes, batch_seeds, outdir, subdirs)
-        for writing in sample_then_write(batches, sample, write): # every rank stops at the same batch, so the ranks gather alike
-            signum = record_batch(writing) or signum
-    finally:
-        progress.close()
-        stop.restore()
-    if signum is not None:
-        if rank == 0:
-            print(f'Interrupted: {len(present)} of {len(seeds)} images are in "{outdir}"'
-                  f'{" and listed in its dataset.json" if net.label_dim else ""}. Continue with:\n  {continue_command()}',
-                  file=sys.stderr, flush=True)
-        raise SystemExit(128 + signum)
+        written, failure = writing.result(), None
+    except OSError as e:
+        written, failure = {}, ' '.join(str(e).split())
+    gathered = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(gathered, (written, stop.signal, failure))
+    rank = dist.get_rank()
+    if rank == 0:
+        for part, _, _ in gathered:
+            folder.add(part)
+        folder.save()
+    failure = next((f for _, _, f in gathered if f is not None), None)
+    if failure is not None and rank == 0:
+        raise click.ClickException(f'Cannot write the images: {failure}. {len(folder.present)} of {num_seeds} are in "{outdir}"; '
+                                   f'make room or fix the folder, then continue with: {continue_command()}')
+    if failure is not None:
+        raise SystemExit(1)
+    return next((s for _, s, _ in gathered if s is not None), None)
 
-    # The grid is read back from the written files, so it holds every rank's images.
-    if grid is not None and rank == 0:
-        paths = [os.path.join(outdir, png_name(s, subdirs)) for s in seeds[:GRID_MAX_IMAGES]]
-        os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
-        images = []
-        for path in paths:
-            with PIL.Image.open(path) as image:
-                images.append(np.array(image).reshape(net.img_resolution, net.img_resolution, -1))
-        save_image_grid(np.stack(images), grid)
-        print(f'Saved grid of {len(paths)} images to "{grid}"')
-    dist.print0('Done.')
+def save_grid(grid, outdir, names, resolution):
+    """The grid is read back from the written files, so it holds every rank's images."""
+    os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
+    images = []
+    for name in names:
+        with PIL.Image.open(os.path.join(outdir, name)) as image:
+            images.append(np.array(image).reshape(resolution, resolution, -1))
+    save_image_grid(np.stack(images), grid)
+    print(f'Saved grid of {len(names)} images to "{grid}"')
 
 #----------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """How much a network's output, and a sampled image, depend on the batch it is computed in (CPU).
 
 For each batch size n, the first n of a fixed set of inputs are evaluated alone and compared with the
-same samples inside the full batch: raw, and through sampling.MinBatchNet (padding to >= 4).
+same samples inside the full batch: raw, and through MinBatchNet (padding to >= 4).
 Measured on the golden DDPM++ test network (16x16) and on EDM's CIFAR-10 DDPM++ network (32x32,
 128 channels, random weights), and, for the small one, after a whole edm_sampler run (18 steps).
 The numbers quoted in docs/sampling.md come from this script.
@@ -15,8 +15,11 @@ import numpy as np
 import torch
 
 from bench import report
-from training import networks, sampling
-from training.images import to_uint8
+from training import networks
+from sampling.denoisers import MinBatchNet
+from sampling.edm import edm_sampler
+from sampling.seeds import latents_for_seeds
+from sampling.images import to_uint8
 from training.testdata import load_golden_network
 
 def cifar_ddpmpp():
@@ -28,21 +31,21 @@ def cifar_ddpmpp():
 
 def output_differences(net, full, sizes, sigma=2.5):
     """{n: (raw, padded)} max |out(first n alone) - out(full batch)[:n]|."""
-    latents, labels, _ = sampling.latents_for_seeds(net, list(range(full)))
+    latents, labels, _ = latents_for_seeds(net, list(range(full)))
     x = latents * sigma
     sigma = torch.tensor(sigma, dtype=torch.float64)
     with torch.no_grad():
         ref = net(x, sigma, labels)
         cut = lambda t, n: None if t is None else t[:n]
         return {n: tuple((fn(x[:n], sigma, cut(labels, n)) - ref[:n]).abs().max().item()
-                         for fn in (net, sampling.MinBatchNet(net))) for n in sizes}
+                         for fn in (net, MinBatchNet(net))) for n in sizes}
 
 def sample_differences(net, full, sizes, steps=18):
     """{n: (max |image diff|, uint8 pixels that differ)} for edm_sampler without padding."""
     def run(seeds):
-        latents, labels, rnd = sampling.latents_for_seeds(net, seeds)
+        latents, labels, rnd = latents_for_seeds(net, seeds)
         with torch.no_grad():
-            return sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=steps)
+            return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=steps)
     ref = run(list(range(full)))
     out = {}
     for n in sizes:

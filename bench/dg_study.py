@@ -19,8 +19,12 @@ import torch
 import tqdm
 
 from bench.digits_fd import load_digits, train_classifier, frechet, quantize
-from training import guidance, sampling
-from training.images import to_uint8, save_image_grid
+from training import guidance
+from sampling.denoisers import MinBatchNet
+from sampling.edm import edm_sampler
+from sampling.guidance import DiscriminatorGuidance, guided_edm_sampler
+from sampling.seeds import latents_for_seeds
+from sampling.images import to_uint8, save_image_grid
 from training.network_io import load_network
 from tools.trajectory import heun_steps, parse_int_list, pyplot
 
@@ -126,7 +130,7 @@ def main(data, network, dgs, names, dg_weight, dg_time_max, dg_boosting, seeds, 
         if problem:
             raise click.ClickException(f'{path}: {problem}')
         for w in weights:
-            methods[name if len(weights) == 1 else f'{name} w={w:g}'] = (guidance.DiscriminatorGuidance(disc, time_max=dg_time_max), w)
+            methods[name if len(weights) == 1 else f'{name} w={w:g}'] = (DiscriminatorGuidance(disc, time_max=dg_time_max), w)
     result = dict(settings=dict(data=data, network=network, seeds=[seeds[0], seeds[-1]], draws=draws, fd_digits_real_floor=floor, nfe=nfes, rho=rho, dg_weight=weights, dg_time_max=dg_time_max, dg_boosting=dg_boosting,
                                 classifier_accuracy=accuracy, discriminators=dict(zip(names, dgs))), methods={})
     grid = []
@@ -135,9 +139,10 @@ def main(data, network, dgs, names, dg_weight, dg_time_max, dg_boosting, seeds, 
         for n in nfes:
             samples = []
             for chunk in tqdm.tqdm([seeds[i:i + batch] for i in range(0, len(seeds), batch)], desc=f'{method} NFE {n}', unit='batch'):
-                latents, class_labels, rnd = sampling.latents_for_seeds(net, chunk)
+                latents, class_labels, rnd = latents_for_seeds(net, chunk)
                 kwargs = dict(guidance=dg, dg_weight=w, dg_boosting=dg_boosting) if dg is not None else {}
-                x = sampling.edm_sampler(sampling.MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, num_steps=heun_steps(n), rho=rho, **kwargs)
+                sampler_fn = guided_edm_sampler if dg is not None else edm_sampler # DG's EDM-G++, else EDM's Heun
+                x = sampler_fn(MinBatchNet(net), latents, class_labels, randn_like=rnd.randn_like, num_steps=heun_steps(n), rho=rho, **kwargs)
                 samples.append(quantize(x))
             samples = torch.cat(samples)
             parts = samples.chunk(draws)

@@ -23,11 +23,13 @@ import torch
 import tqdm
 
 from metrics.fid import calculate_fid_from_inception_stats
-from training import sampling
+from sampling.edm import edm_sampler
+from sampling.seeds import latents_for_seeds
 from training.dataset import ImageFolderDataset
-from training.images import to_uint8, save_image_grid
+from sampling.images import to_uint8, save_image_grid
 from training.network_io import load_network
-from tools.trajectory import heun_steps, parse_int_list, one_line, pyplot
+from dnnlib.util import one_line
+from tools.trajectory import heun_steps, parse_int_list, pyplot
 
 #----------------------------------------------------------------------------
 
@@ -128,8 +130,8 @@ def main(data, networks, names, seeds, nfe, rho, batch, out):
         for n, s in zip(nfes, steps):
             samples = []
             for chunk in tqdm.tqdm([seeds[i:i + batch] for i in range(0, len(seeds), batch)], desc=f'{name} NFE {n}', unit='batch'):
-                latents, class_labels, _ = sampling.latents_for_seeds(net, chunk)
-                x = sampling.edm_sampler(net, latents, class_labels, num_steps=s, rho=rho)
+                latents, class_labels, _ = latents_for_seeds(net, chunk)
+                x = edm_sampler(net, latents, class_labels, num_steps=s, rho=rho)
                 samples.append(quantize(x))
             samples = torch.cat(samples)
             rows.append(dict(nfe=n, steps=s, fd_digits=frechet(classifier.features(samples), real_feat), fd_pixels=frechet(samples.flatten(1), real_pix),

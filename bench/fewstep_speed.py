@@ -4,7 +4,7 @@ Measured side by side in one run on one network and batch; rounds interleave the
 changes hit them alike (medians kept). On CPU the times are the process's CPU time, which other
 programs on a shared machine do not inflate; on CUDA wall time between synchronisations.
 
-(a) generate.py's loop per batch (training.generation.sample_then_write over --loop-batches batches:
+(a) generate.py's loop per batch (sampling.generate.generate_images and write_behind over --loop-batches batches:
     per-seed latents, the sampler generate.py builds for --solver=NAME --steps=N, uint8, and one PNG
     per seed written by a thread while the next batch samples) for each few-step solver and for
     EDM's Heun (no --solver, the reference), against its floor: NFE network forwards on the same
@@ -35,7 +35,9 @@ import torch
 from bench import report
 from bench.sampling_speed import golden_network
 from tools import schedule_search
-from training import generation, sampling, solvers
+from sampling import generate as generation, schedules, solvers
+from sampling.denoisers import MinBatchNet
+from sampling.seeds import latents_for_seeds
 from training.network_io import load_network
 
 SAMPLERS = ['heun', *generation.FEW_STEP] # heun: EDM's sampler, generate.py without --solver
@@ -45,9 +47,8 @@ def generate_sampler(net, device, name, steps):
     --solver=name (no --solver for heun), its other sampler options at their defaults."""
     defaults = dict(rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1) # generate.py's, which are EDM's
     sampler_kwargs = dict(num_steps=steps, **defaults, **({} if name == 'heun' else dict(solver=name)))
-    sampler_fn, sampler_kwargs = generation.choose_sampler(net, sampler_kwargs)
-    nfe, _ = sampling.trace_sampler(net, sampler_fn, device=device, **sampler_kwargs)
-    return sampler_fn, sampler_kwargs, nfe
+    sampler = generation.make_sampler(net, sampler_kwargs, device=device)
+    return sampler.fn, sampler.kwargs, sampler.nfe
 
 def bench_network(path, device):
     """(network, description): a snapshot, or by default the golden test network's architecture with random weights."""
@@ -73,9 +74,8 @@ class NoNetwork:
 
 def generate_loop(model, sampler_fn, sampler_kwargs, draw, batches, outdir):
     """generate.py's loop over batches (lists of seeds): each sampled in turn, its PNGs written by a thread meanwhile."""
-    sample = lambda seeds: generation.sample_batch(model, sampler_fn, sampler_kwargs, draw, seeds)
     write = lambda images, classes, seeds: generation.write_pngs(images, classes, seeds, outdir, False)
-    for writing in generation.sample_then_write(batches, sample, write):
+    for writing in generation.write_behind(generation.generate_images(model, sampler_fn, sampler_kwargs, batches, draw), write):
         writing.result()
 
 def timed_rounds(rows, rounds, device, warm_up=True):
@@ -121,7 +121,7 @@ def main(network, batch, steps, names, rounds, loop_batches, search_seeds, searc
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     net, desc = bench_network(network, device)
     clock_name = 'wall' if device.type == 'cuda' else 'CPU'
-    draw = lambda seeds: sampling.latents_for_seeds(net, seeds, device=device)
+    draw = lambda seeds: latents_for_seeds(net, seeds, device=device)
     print(env)
 
     # (a) generate.py's loop per sampler against NFE x one forward on the same batch.
@@ -140,7 +140,7 @@ def main(network, batch, steps, names, rounds, loop_batches, search_seeds, searc
             rows[f'{name} floor'] = (lambda nfe: lambda: [net(x, sigma, class_labels) for _ in range(nfe)])(nfe)
             for key, model in [(name, net), (f'{name} rest', no_net)]:
                 rows[key] = (lambda model, fn, kwargs: lambda: generate_loop(model, fn, kwargs, draw, [seeds] * loop_batches, outdir))(model, fn, kwargs)
-            rows[f'{name} solver'] = (lambda fn, kwargs: lambda: fn(sampling.MinBatchNet(no_net), latents, class_labels, randn_like=torch.randn_like, **kwargs))(fn, kwargs)
+            rows[f'{name} solver'] = (lambda fn, kwargs: lambda: fn(MinBatchNet(no_net), latents, class_labels, randn_like=torch.randn_like, **kwargs))(fn, kwargs)
         times = timed_rounds(rows, rounds, device)
     for name in samplers: # per batch
         for key in [name, f'{name} rest']:
@@ -174,7 +174,7 @@ def main(network, batch, steps, names, rounds, loop_batches, search_seeds, searc
         teacher_fn, teacher_kwargs, teacher_nfe = generate_sampler(net, device, 'ipndm', teacher_steps)
         chunks = schedule_search.batches(search_seeds, batch)
         sigma_min, sigma_max = max(0.002, float(net.sigma_min)), min(80, float(net.sigma_max)) # as schedule_search.py clips them
-        teacher_sigmas = solvers.get_sigmas('edm', teacher_steps, sigma_min, sigma_max, 7, device=device)
+        teacher_sigmas = schedules.get_sigmas('edm', teacher_steps, sigma_min, sigma_max, 7, device=device)
         report_nfe = 3 * solvers.nfe('ipndm', search_steps)
         def sample(model, outdir):
             generate_loop(model, teacher_fn, teacher_kwargs, draw, chunks, outdir)

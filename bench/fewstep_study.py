@@ -1,4 +1,4 @@
-"""Few-step sampling study: every solver of training/solvers.py on EDM's (rho 7), log-SNR and GITS's
+"""Few-step sampling study: every solver of sampling/solvers.py on EDM's (rho 7), log-SNR and GITS's
 searched noise levels, with and without AFS, at small NFE, on each --network, against EDM's Heun.
 
 `run`, for each network:
@@ -31,7 +31,9 @@ import tqdm
 from bench.digits_fd import frechet, load_digits, quantize, train_classifier
 from tools import schedule_search
 from tools.trajectory import heun_steps, parse_int_list, pyplot
-from training import sampling, solvers
+from sampling import schedules, solvers
+from sampling.edm import edm_sampler
+from sampling.seeds import latents_for_seeds
 from training.network_io import load_network
 
 LEVELS = ('edm', 'logsnr', 'gits') # EDM's rho 7, uniform in log-SNR, GITS's search (metric dev)
@@ -50,13 +52,13 @@ def levels_for(solver, nfe, afs):
             return None
 
 def draws(net, seeds, batch):
-    return [sampling.latents_for_seeds(net, chunk)[:2] for chunk in schedule_search.batches(seeds, batch)]
+    return [latents_for_seeds(net, chunk)[:2] for chunk in schedule_search.batches(seeds, batch)]
 
 def run_solver(net, seeds, solver, sigmas, afs, batch):
     return torch.cat([solvers.sample(net, z, c, solver=solver, sigmas=sigmas, afs=afs).float() for z, c in draws(net, seeds, batch)])
 
 def run_heun(net, seeds, nfe, rho, batch):
-    return torch.cat([sampling.edm_sampler(net, z, c, num_steps=heun_steps(nfe), rho=rho).float() for z, c in draws(net, seeds, batch)])
+    return torch.cat([edm_sampler(net, z, c, num_steps=heun_steps(nfe), rho=rho).float() for z, c in draws(net, seeds, batch)])
 
 def rms_error(x, ref):
     return (x - ref).flatten(1).pow(2).mean(dim=1).sqrt().mean().item()
@@ -67,14 +69,14 @@ class Levels:
 
     def __init__(self, net, search_seeds, teacher_steps, batch):
         t = schedule_search.TEACHER
-        self.teacher_sigmas = solvers.get_sigmas(t['disc'], teacher_steps, rho=t['rho'])
+        self.teacher_sigmas = schedules.get_sigmas(t['disc'], teacher_steps, rho=t['rho'])
         cost, _ = schedule_search.teacher_costs(net, draws(net, search_seeds, batch), self.teacher_sigmas, 'dev')
         self.cost = cost.numpy()
 
     def __call__(self, kind, num):
         if kind == 'gits':
             return self.teacher_sigmas[schedule_search.best_path(self.cost, num, coeff=1.15)]
-        return solvers.get_sigmas(kind, num, rho=7)
+        return schedules.get_sigmas(kind, num, rho=7)
 
 def save(path, record):
     with open(path + '.tmp', 'w') as f:
@@ -129,7 +131,7 @@ def run(data, networks, names, nfe, heun_nfe, heun_fd_nfe, error_seeds, search_s
         rows = res['rows']
         # Truncation errors. The few-step solvers end at sigma_min, as does their reference (iPNDM on
         # 512 EDM levels); Heun ends at 0, as does its reference (Heun, 256 steps).
-        ref = run_solver(net, error_seeds, 'ipndm', solvers.get_sigmas('edm', 512), False, batch)
+        ref = run_solver(net, error_seeds, 'ipndm', schedules.get_sigmas('edm', 512), False, batch)
         heun_ref = run_heun(net, error_seeds, 511, 7, batch)
         levels = Levels(net, search_seeds, 61, batch)
         configs = [(s, lv, afs, n) for s in solvers.SOLVERS for lv in LEVELS for afs in (False, True) for n in nfes]

@@ -28,7 +28,7 @@ import torch
 from bench import report
 from metrics import fid
 from torch_utils import distributed as dist
-from training.images import save_png
+from sampling.images import save_png
 
 @click.command()
 @click.option('--detector', help='Detector pickle  [default: the built-in stand-in]', metavar='PATH', type=str)

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import pickle
-import platform
 import re
 import shlex
 import signal
@@ -368,7 +367,7 @@ PREFLIGHT = '''
 import json, sys, time
 start = time.time()
 import numpy, scipy, torch
-import train
+import training.training_loop
 imported = time.time() - start
 device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 torch.zeros(1, device=device).sum().item()
@@ -386,7 +385,7 @@ print(json.dumps(dict(python=sys.version.split()[0], torch=torch.__version__, cu
 '''
 
 def check_preflight(ctx):
-    """Versions, and what start-up costs: the imports and CUDA in one interpreter, and one train.py --dry-run."""
+    """Versions, and what start-up costs: the training imports and CUDA in one interpreter, and one train.py --dry-run."""
     out = ctx.sh([PY, '-c', PREFLIGHT], 'versions, imports and CUDA start-up')
     v = json.loads(out.strip().splitlines()[-1])
     start = time.time()
@@ -688,15 +687,15 @@ def peak_gb(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
 
 def measure_ot_fit(out, targets, res, steps):
-    from training import semidiscrete_ot
+    from sampling import ot_start
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     images = torch.rand([targets, 3, res, res], generator=torch.Generator().manual_seed(0)) * 2 - 1
-    y = semidiscrete_ot.data_targets(images, sigma_T=10).to(device)
-    semidiscrete_ot.fit_potentials(y, steps=1, samples_per_step=1000, eval_samples=1000) # kernels and allocator warm
+    y = ot_start.data_targets(images, sigma_T=10).to(device)
+    ot_start.fit_potentials(y, steps=1, samples_per_step=1000, eval_samples=1000) # kernels and allocator warm
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    _, fit = semidiscrete_ot.fit_potentials(y, steps=steps, eval_samples=20 * targets) # eval: one more step's worth of latents
+    _, fit = ot_start.fit_potentials(y, steps=steps, eval_samples=20 * targets) # eval: one more step's worth of latents
     sync(device)
     sec = (time.perf_counter() - start) / (steps + 1)
     with open(out, 'w') as f:
@@ -706,7 +705,7 @@ def check_ot_fit(ctx):
     p = ctx.size['ot_fit']
     out = ctx.path('ot_fit.json')
     ctx.sh([PY, '-c', f'from bench import gpu_check; gpu_check.measure_ot_fit({out!r}, {p["targets"]}, {p["res"]}, {p["steps"]})'],
-           f'semidiscrete_ot.fit_potentials: {p["targets"]} targets of 3x{p["res"]}x{p["res"]}, {p["steps"]} Adam steps')
+           f'ot_start.fit_potentials: {p["targets"]} targets of 3x{p["res"]}x{p["res"]}, {p["steps"]} Adam steps')
     r = json.load(open(out))
     summary = (f'{r["sec_per_step"]:.2f} s per Adam step (20 latents per target), peak GPU memory {r["peak_gb"]:.2f} GB, '
                f'{p["targets"]} targets')

@@ -1,6 +1,6 @@
 """OT-start sampling (DPM-OT style) against plain Heun on the digits: does it generate or retrieve?
 
-For one network: plain Heun at each NFE budget, and OT-start (training/semidiscrete_ot.py) for
+For one network: plain Heun at each NFE budget, and OT-start (training/ot_start.py) for
 each sigma_T and target source (data-free ODE states, or training images noised to sigma_T) at
 each step count. Every row gets FD-digits (bench/digits_fd.py's classifier features), and:
 
@@ -26,8 +26,10 @@ import torch
 import tqdm
 
 from bench.digits_fd import load_digits, train_classifier, frechet, quantize
-from training import sampling, semidiscrete_ot
-from training.images import to_uint8, save_image_grid
+from sampling import ot_start
+from sampling.edm import edm_sampler
+from sampling.seeds import latents_for_seeds
+from sampling.images import to_uint8, save_image_grid
 from training.network_io import load_network
 from tools.trajectory import heun_steps, parse_int_list, pyplot
 
@@ -101,8 +103,8 @@ def main(data, network, seeds, nfe, sigmas, ot_steps, heun_sigma_max, sources, o
     sigmas = [float(s) for s in sigmas.split(',')]
     ot_steps = sorted(set(parse_int_list(ot_steps, 'step')))
     sources = sources.split(',')
-    if not set(sources) <= set(semidiscrete_ot.SOURCES):
-        raise click.BadParameter(f'sources are {", ".join(semidiscrete_ot.SOURCES)}', param_hint='--sources')
+    if not set(sources) <= set(ot_start.SOURCES):
+        raise click.BadParameter(f'sources are {", ".join(ot_start.SOURCES)}', param_hint='--sources')
     warnings.filterwarnings('ignore', category=scipy.linalg.LinAlgWarning)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
@@ -122,9 +124,9 @@ def main(data, network, seeds, nfe, sigmas, ot_steps, heun_sigma_max, sources, o
     grid = []
 
     def latents(chunk):
-        return sampling.latents_for_seeds(net, chunk)[:2]
+        return latents_for_seeds(net, chunk)[:2]
     for sigma_max, (n, s) in [(80.0, ns) for ns in zip(nfes, steps)] + [(float(v), ns) for v in heun_sigma_max.split(',') if v for ns in zip(nfes, steps)]:
-        x, _ = run_sampler(lambda c: sampling.edm_sampler(net, *latents(c), num_steps=s, sigma_max=sigma_max), seeds, batch)
+        x, _ = run_sampler(lambda c: edm_sampler(net, *latents(c), num_steps=s, sigma_max=sigma_max), seeds, batch)
         result['heun'].append(dict(nfe=n, steps=s, sigma_max=sigma_max, **measure(x, classifier, real_feat, images)))
         grid.append(to_uint8(x[:16]))
         print(f'Heun NFE {n}: {result["heun"][-1]}', flush=True)
@@ -135,15 +137,15 @@ def main(data, network, seeds, nfe, sigmas, ot_steps, heun_sigma_max, sources, o
             t0 = time.time()
             if source == 'ode':
                 target_seeds = list(range(1000000, 1000000 + ode_targets))
-                targets, _, target_nfe = semidiscrete_ot.ode_targets(net, target_seeds, sigma_T, target_steps, batch=batch)
+                targets, _, target_nfe = ot_start.ode_targets(net, target_seeds, sigma_T, target_steps, batch=batch)
                 ids = target_seeds
             else:
-                targets, target_nfe, ids = semidiscrete_ot.data_targets(images, sigma_T), 0, None
-            h, report = semidiscrete_ot.fit_potentials(targets, steps=fit_steps, samples_per_step=fit_samples)
-            ot_map = semidiscrete_ot.OTMap(targets, h, sigma_T, source, target_ids=ids)
+                targets, target_nfe, ids = ot_start.data_targets(images, sigma_T), 0, None
+            h, report = ot_start.fit_potentials(targets, steps=fit_steps, samples_per_step=fit_samples)
+            ot_map = ot_start.OTMap(targets, h, sigma_T, source, target_ids=ids)
             print(f'{source} sigma_T {sigma_T}: {len(targets)} targets, {target_nfe} NFE each, fit {time.time() - t0:.0f} s, {report}', flush=True)
             for s in ot_steps:
-                x, index = run_sampler(lambda c: semidiscrete_ot.ot_start_sampler(net, latents(c)[0], ot_map, num_steps=s, return_index=True), seeds, batch)
+                x, index = run_sampler(lambda c: ot_start.ot_start_sampler(net, latents(c)[0], ot_map, num_steps=s, return_index=True), seeds, batch)
                 row = dict(source=source, sigma_T=sigma_T, steps=s, nfe=2 * s - 1, targets=len(targets), target_nfe_each=target_nfe,
                            target_nfe_total=target_nfe * len(targets), distinct_targets=int(index.unique().numel()),
                            fit=report, **measure(x, classifier, real_feat, images, index if source == 'data' else None))

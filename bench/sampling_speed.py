@@ -4,7 +4,7 @@ Three timings, interleaved round by round so that load changes hit all of them a
 on CPU they are the process's CPU time, which other programs on a shared machine do not inflate:
   floor      NFE network forwards on a batch (what sampling cannot go below)
   sampler    edm_sampler on the batch's latents
-  generate   generate.py's per-batch work (training.generation's sample_batch and write_pngs): per-seed latents,
+  generate   generate.py's per-batch work (sampling.generate's sample_batch and write_pngs): per-seed latents,
              edm_sampler, uint8, one PNG per seed
 Ratios floor/sampler and floor/generate; the goal is >= 0.95.
 
@@ -22,7 +22,11 @@ import click
 import torch
 
 from bench import report
-from training import generation, networks, sampling
+from training import networks
+from sampling import generate as generation
+from sampling.denoisers import trace_sampler
+from sampling.edm import edm_sampler
+from sampling.seeds import latents_for_seeds
 from training.network_io import load_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,9 +60,9 @@ def main(network, batch, steps, rounds, threads, device, doc):
             net, desc = load_network(network, device=device), network
         except Exception as e:
             raise click.ClickException(f'Cannot load network "{network}": {type(e).__name__}: {e}')
-    nfe, _ = sampling.trace_sampler(net, sampling.edm_sampler, device=device, num_steps=steps)
+    nfe, _ = trace_sampler(net, edm_sampler, device=device, num_steps=steps)
     seeds = list(range(batch))
-    latents, class_labels, rnd = sampling.latents_for_seeds(net, seeds, device=device)
+    latents, class_labels, rnd = latents_for_seeds(net, seeds, device=device)
     sigma = torch.full([batch], 1.0, dtype=torch.float64, device=device)
     x64 = latents.to(torch.float64)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
@@ -68,10 +72,10 @@ def main(network, batch, steps, rounds, threads, device, doc):
         for _ in range(nfe):
             net(x64, sigma, class_labels)
     def sampler():
-        sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps)
+        edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps)
     def generate(outdir):
-        draw = lambda seeds: sampling.latents_for_seeds(net, seeds, device=device)
-        images, classes = generation.sample_batch(net, sampling.edm_sampler, dict(num_steps=steps), draw, seeds)
+        draw = lambda seeds: latents_for_seeds(net, seeds, device=device)
+        images, classes = generation.sample_batch(net, edm_sampler, dict(num_steps=steps), draw, seeds)
         generation.write_pngs(images, classes, seeds, outdir, False)
 
     times = dict(floor=[], sampler=[], generate=[])

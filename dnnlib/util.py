@@ -34,6 +34,10 @@ def current_umask() -> int:
     os.umask(mask)
     return mask
 
+def one_line(err):
+    """An exception as one line for an error message: its type and its text, whitespace collapsed."""
+    return f'{type(err).__name__}: {" ".join(str(err).split())}'.rstrip(': ')
+
 @contextlib.contextmanager
 def atomic_write(path, set_mode=True):
     """Yields a temporary path beside `path`; it is renamed to `path` only when the block completes,

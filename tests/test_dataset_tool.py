@@ -101,6 +101,7 @@ def test_default_options_on_folder_give_edm_error(tmp_path, image_folder):
     assert 'Image dimensions after scale and crop are required to be square.  Got 40x30' in res.output
     assert not (tmp_path / 'out.zip').exists() and os.listdir(tmp_path) == []
 
+@pytest.mark.slow
 def test_convert_spelling_and_reproducible_bytes(tmp_path):
     cmd = [sys.executable, str(ROOT / 'dataset_tool.py'), 'convert', f'--source={GOLDEN / "cifar-10-python.tar.gz"}', '--max-images=7']
     a = subprocess.run(cmd + [f'--dest={tmp_path / "a.zip"}'], capture_output=True, text=True)

@@ -36,12 +36,13 @@ GOLDEN_VENDOR = 'AuthenticAMD'
 @pytest.mark.slow
 @pytest.mark.skipif(EDM_SOURCE is None, reason='set EDM_SOURCE to a checkout of NVlabs/edm to compare with its code on this machine')
 def test_same_bits_as_edm_on_this_machine(tmp_path):
-    from training import networks, sampling
+    from sampling import edm as samplers
+    from training import networks
     out = tmp_path / 'edm.npz'
     env = dict(os.environ, PYTHONPATH=EDM_SOURCE, OMP_NUM_THREADS='1')
     subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'edm_reference.py'), str(out)], env=env, check=True, cwd=EDM_SOURCE)
     edm = np.load(out)
-    ours = edm_reference.compute(networks, sampling)
+    ours = edm_reference.compute(networks, samplers)
     assert sorted(ours) == sorted(edm.files)
     differ = [key for key in ours if not np.array_equal(ours[key], edm[key])]
     assert not differ, f'{len(differ)} of {len(ours)} arrays differ from EDM\'s on this machine, e.g. {differ[:5]}'

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = ['--batch=4', '--steps=5', '--rounds=1', '--search-seeds=0-4', '--search-steps=5', '--teacher-steps=7',
         '--search-rounds=1', '--device=cpu', '--no-doc']
 
+@pytest.mark.slow # harness: bench/fewstep_speed.py end to end
 def test_bench_runs_and_reports_every_ratio():
     result = CliRunner().invoke(fewstep_speed.main, TINY)
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -43,7 +44,8 @@ def test_bench_takes_a_subset_and_refuses_unknown_samplers():
 # bench/fewstep_study.py on a tiny random network of the digits' shape.
 
 from bench import fewstep_study
-from training import networks, solvers
+from training import networks
+from sampling import schedules, solvers
 from training.network_io import save_safe
 
 def tiny_digits_network(path):
@@ -53,6 +55,7 @@ def tiny_digits_network(path):
                               channel_mult=[1], num_blocks=1, attn_resolutions=[]).eval()
     save_safe(net, str(path))
 
+@pytest.mark.slow # harness: bench/fewstep_study.py end to end
 def test_study_runs_every_configuration_and_reports(tmp_path):
     import json, os
     tiny_digits_network(tmp_path / 'tiny.safetensors')
@@ -72,7 +75,7 @@ def test_study_runs_every_configuration_and_reports(tmp_path):
     for r in few:
         assert solvers.nfe(r['solver'], len(r['sigmas']), r['afs']) == r['nfe'] and r['error'] > 0
         assert abs(r['sigmas'][0] - 80) < 1e-4 and abs(r['sigmas'][-1] - 0.002) < 1e-8 # float32 levels, as diff-sampler's
-    teacher = solvers.get_sigmas('edm', 61, rho=7).tolist()
+    teacher = schedules.get_sigmas('edm', 61, rho=7).tolist()
     assert all(s in teacher for r in few if r['levels'] == 'gits' for s in r['sigmas'])
     assert {(r['levels'], r['nfe']) for r in rows if r['solver'] == 'heun'} == {(f'edm-rho{rho}', n) for rho in (7, 72, 90) for n in (3, 5)}
     # FD-digits: the 2 least-error configurations of distinct solvers per NFE, a second draw of the best.

@@ -177,6 +177,7 @@ def fid_line(r):
     line = r.stdout.strip().splitlines()[-1]
     return float(line.split()[0]), line
 
+@pytest.mark.slow
 def test_pipeline_features_equal_detector_on_decoded_images(tmp_path, env):
     # Whatever the pipeline does between file and detector (decoding, channel order, orientation,
     # size, batching, the gray-to-RGB repeat) must give the detector's features of the images as PIL
@@ -196,12 +197,14 @@ def test_pipeline_features_equal_detector_on_decoded_images(tmp_path, env):
             expected = det(decode_folder(str(folder)), return_features=True)
         torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
 
+@pytest.mark.slow
 def test_ref_features_from_the_command_equal_detector_on_decoded_images(env):
     ref = np.load(env['ref'])
     with torch.no_grad():
         expected = load_detector(env['det'])(decode_folder(env['a']), return_features=True).numpy()
     np.testing.assert_allclose(ref['features'], expected, rtol=1e-5, atol=1e-6)
 
+@pytest.mark.slow
 def test_ref_file_keeps_edm_format_and_labels_detector(env):
     ref = np.load(env['ref'], allow_pickle=False)
     assert ref['mu'].shape == (64,) and ref['sigma'].shape == (64, 64) and ref['mu'].dtype == np.float64
@@ -210,6 +213,7 @@ def test_ref_file_keeps_edm_format_and_labels_detector(env):
     np.testing.assert_allclose(ref['sigma'], np.cov(ref['features'].astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
     assert str(ref['detector']).startswith('sha256:') and not bool(ref['comparable'])
 
+@pytest.mark.slow
 def test_calc_against_own_ref_is_zero_and_labelled(env):
     stats = os.path.join(env['tmp'], 'a.fid-stats.npz')
     r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}', '--pr')
@@ -226,6 +230,7 @@ def test_calc_against_own_ref_is_zero_and_labelled(env):
     r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}')
     assert 'Reusing statistics' not in r.stdout and 'Calculating statistics' in r.stdout and abs(fid_line(r)[0]) < 1e-6
 
+@pytest.mark.slow
 def test_calc_other_set_and_two_process_torchrun(env):
     single = calc(env, env['b'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}', '--pr',
         '--save-stats=' + os.path.join(env['tmp'], 'b1.npz'))
@@ -245,6 +250,7 @@ def test_calc_other_set_and_two_process_torchrun(env):
     np.testing.assert_allclose(s2['sigma'], s1['sigma'], rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(s2['features'], s1['features']) # gathered back in dataset order
 
+@pytest.mark.slow
 def test_golden_cifar_zip_against_own_ref(env):
     zip_path = os.path.join(ROOT, 'tests', 'golden', 'dataset', 'cifar10-32x32.zip')
     ref_path = os.path.join(env['tmp'], 'cifar-ref.npz')
@@ -260,6 +266,7 @@ def test_golden_cifar_zip_against_own_ref(env):
 #----------------------------------------------------------------------------
 # The built-in stand-in detector: no download, labelled wherever its numbers appear.
 
+@pytest.mark.slow
 def test_standin_detector_without_download(env):
     ref_path = os.path.join(env['tmp'], 'ref-standin.npz')
     r = run('ref', f'--data={env["a"]}', f'--dest={ref_path}', '--detector=standin', tmp=env['tmp']) # default --workers
@@ -274,6 +281,9 @@ def test_standin_detector_without_download(env):
     with torch.no_grad():
         a, b = standin(decode_folder(env['a']), return_features=True), standin(decode_folder(env['b']), return_features=True)
     np.testing.assert_allclose(ref['mu'], a.double().mean(0).numpy(), rtol=1e-5, atol=1e-7)
+    # Without --detector, the reference names its detector at once (no download tried).
+    r = run('calc', f'--images={env["b"]}', f'--ref={ref_path}', '--num=80', tmp=env['tmp'])
+    assert r.returncode != 0 and 'pass --detector=standin' in r.stderr and 'Downloading' not in r.stdout + r.stderr, r.stderr
     r = calc(env, env['b'], f'--ref={ref_path}', '--num=80', '--detector=standin', '--save-stats=' + os.path.join(env['tmp'], 'b-standin.npz'))
     value, line = fid_line(r)
     assert 'NOT comparable to published FID: stand-in detector' in line
@@ -359,44 +369,84 @@ def assert_error(r, *patterns):
     for pattern in patterns:
         assert re.search(pattern, errors[0]), errors[0]
 
+@pytest.mark.slow
 def test_error_too_few_images(errors):
     assert_error(errors['too_few'], r'found 80 images, need --num=100')
 
+@pytest.mark.slow
 def test_error_mixed_sizes(errors):
     assert_error(errors['mixed'], r'sub/000000\.png is 8x8x3, 6 other images are 16x16x3')
 
+@pytest.mark.slow
 def test_error_four_channels(errors):
     assert_error(errors['rgba'], r'images have 4 channels')
 
+@pytest.mark.slow
 def test_error_ref_without_mu_sigma(errors):
     assert_error(errors['no_mu_sigma'], r'no mu/sigma', r'fid.py ref')
 
+@pytest.mark.slow
 def test_error_unreachable_ref_url_names_cache_path(errors, env):
     assert_error(errors['url'], r'http://127.0.0.1:9/ref.npz', r'place it at ' + re.escape(os.path.join(env['tmp'], 'cache', 'downloads')))
 
+@pytest.mark.slow
 def test_standard_detector_is_the_default_and_stand_in_needs_the_flag(errors):
     # Without --detector the standard Inception is fetched (unreachable here): the stand-in is never
     # used by accident, but the message names it.
     assert_error(errors['default_det'], re.escape(fid.DETECTOR_URL), r'place it at .*inception-2015-12-05\.pkl',
         r'--detector=standin gives a quick FID that is NOT comparable')
 
+@pytest.mark.slow
 def test_error_standin_against_other_detectors_ref(errors):
     assert_error(errors['standin_ref'], r'computed with detector sha256:\w+, this run uses standin-\w+')
 
+@pytest.mark.slow
 def test_missing_images_reported_before_download(errors):
     # No --detector: the standard one would be downloaded (and fail here); the missing data comes first.
     for name in ['images_first', 'ref_data_first']:
         assert_error(errors[name], r'missing: no such directory or zip file')
         assert 'download' not in errors[name].stderr.lower(), errors[name].stderr
 
+@pytest.mark.slow
 def test_error_ref_dest_exists(errors, env):
     assert_error(errors['ref_dest_exists'], r'--dest .*ref-a\.npz already exists; delete it or choose another name')
     assert 'features' in np.load(env['ref']) # untouched
 
+@pytest.mark.slow
 def test_error_detector_mismatch_with_ref(errors):
     assert_error(errors['mismatch'], r'computed with detector sha256:', r'same --detector')
 
+@pytest.mark.slow
 def test_error_pr_needs_ref_features(errors):
     assert_error(errors['pr_features'], r'no features for --pr', r'--save-features')
 
 #----------------------------------------------------------------------------
+
+def test_program_turns_library_errors_into_flag_messages():
+    # In-process (the fast tier's one test of fid.py itself): the library's errors name no flags;
+    # the program's messages do.
+    import click
+    import fid as program
+    def fails(err):
+        @program.flag_errors
+        def command():
+            raise err
+        with pytest.raises(click.ClickException) as info:
+            command()
+        return info.value.message
+    assert fails(fid.TooFewImages('out', 10, 50)) == 'out: found 10 images, need --num=50; generate more or lower --num'
+    assert fails(fid.FIDError('the detector is damaged')) == 'the detector is damaged'
+    with pytest.raises(ValueError): # anything else is not the user's to fix: no message of its own
+        fails(ValueError('bug'))
+
+def test_calc_names_the_detector_of_a_standin_reference_before_any_download():
+    import click
+    import fid as program
+    standin = dict(detector='standin-0123456789abcdef', detector_url='standin')
+    with pytest.raises(click.ClickException, match=r'ref\.npz was computed with detector standin-0123456789abcdef, .*pass --detector=standin'):
+        program.refuse_other_detector(standin, 'ref.npz', None)
+    other = dict(detector='mine-42', detector_url='nets/mine.pkl')
+    with pytest.raises(click.ClickException, match='pass --detector=nets/mine.pkl'):
+        program.refuse_other_detector(other, 'ref.npz', None)
+    program.refuse_other_detector(standin, 'ref.npz', 'standin') # named: checked against the detector once open
+    program.refuse_other_detector(dict(detector=fid.DETECTOR_NAME), 'ref.npz', None)

@@ -12,8 +12,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from training import sampling, solvers
-from training.images import to_uint8
+from sampling import schedules, solvers
+from sampling.edm import ablation_sampler, edm_sampler
+from sampling.seeds import latents_for_seeds
+from sampling.images import to_uint8
 from training.testdata import load_golden_network
 from tests.helpers import CPU, finish_generate as finish, pngs, start_generate as start
 
@@ -29,12 +31,13 @@ def start_torchrun(args, nproc=2):
 
 def expected_images(net, seeds, **kwargs):
     """What generate.py must write: the sampler run in this process on the same seeds."""
-    latents, class_labels, rnd = sampling.latents_for_seeds(net, seeds, **kwargs)
+    latents, class_labels, rnd = latents_for_seeds(net, seeds, **kwargs)
     with torch.no_grad():
-        return to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
+        return to_uint8(edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
 
 #----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_same_pngs_for_any_batch_process_count_and_format(nets, tmp_path):
     seeds = list(range(10))
     runs = {
@@ -77,16 +80,17 @@ def test_same_pngs_for_any_batch_process_count_and_format(nets, tmp_path):
     assert np.array_equal(grid[16:32, 16:32], expected[5]) and np.array_equal(grid[32:48, 16:32], expected[9])
     assert not grid[32:48, 32:].any() # empty cells
 
+@pytest.mark.slow
 def test_forced_class_with_ablation_sampler(nets, tmp_path):
     args = ['--seeds=3-5', '--class=2', '--solver=euler', '--disc=vp', '--schedule=vp', '--scaling=vp', *STEPS, *CPU]
     code, out, err = finish(start(['--network', nets['pkl'], '--outdir', str(tmp_path), *args]))
     assert code == 0, f'{out}\n{err}'
     assert 'Sampler: ablation_sampler, 4 steps, 4 NFE per image' in out
     net = nets['net']
-    latents, class_labels, rnd = sampling.latents_for_seeds(net, [3, 4, 5], class_idx=2)
+    latents, class_labels, rnd = latents_for_seeds(net, [3, 4, 5], class_idx=2)
     assert class_labels.argmax(1).tolist() == [2, 2, 2]
     with torch.no_grad():
-        expected = to_uint8(sampling.ablation_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4,
+        expected = to_uint8(ablation_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4,
                                                       solver='euler', discretization='vp', schedule='vp', scaling='vp'))
     images = pngs(tmp_path)
     for s, image in zip([3, 4, 5], expected):
@@ -110,9 +114,10 @@ def record(outdir):
     return json.loads((outdir / 'sampling.json').read_text())['samplers']
 
 def expected_labels(net, seeds, subdirs=False):
-    labels = sampling.latents_for_seeds(net, seeds)[1].argmax(1).tolist()
+    labels = latents_for_seeds(net, seeds)[1].argmax(1).tolist()
     return sorted([f'{s - s % 1000:06d}/{s:06d}.png' if subdirs else f'{s:06d}.png', label] for s, label in zip(seeds, labels))
 
+@pytest.mark.slow
 def test_interrupted_run_continues_with_the_same_images(nets, tmp_path):
     args = ['--network', nets['pkl'], '--seeds=993-1004', '--subdirs', '--batch=2', *STEPS, *CPU]
     whole = start([*args, '--outdir', str(tmp_path / 'whole')])
@@ -155,6 +160,7 @@ def read_until(stream, text):
         seen += char
     return seen
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once(nets, tmp_path):
     # One batch of 64 images takes seconds here: the first Ctrl-C waits for it, the second does not.
     proc = start(['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-63', *STEPS, *CPU])
@@ -166,6 +172,7 @@ def test_second_ctrl_c_stops_at_once(nets, tmp_path):
     assert code == 1 and err.rstrip().endswith('Aborted!') and 'Interrupted:' not in err, f'{code}\n{err}' # click's word for Ctrl-C
     assert not pngs(tmp_path) # nothing half-written: no temporary file either
 
+@pytest.mark.slow
 def test_ctrl_c_under_torchrun_stops_every_rank_cleanly(nets, tmp_path):
     # A terminal's Ctrl-C goes to torchrun's process group (its workers run in sessions of their own)
     # and torchrun passes it on: every worker must stop after the same batch, not die mid-way.
@@ -195,8 +202,9 @@ def test_pngs_are_written_while_the_next_batch_samples(nets, tmp_path, monkeypat
     import threading
     from click.testing import CliRunner
     import generate
+    import sampling.generate as library # generate.py's loop: library.generate_images and write_pngs
     sampled, writes, change = [], [], threading.Condition()
-    real_sample, real_write = generate.sample_batch, generate.write_pngs
+    real_sample, real_write = library.sample_batch, library.write_pngs
     def sample_batch(net, sampler_fn, sampler_kwargs, draw, batch_seeds):
         with change:
             sampled.append(batch_seeds[0])
@@ -207,8 +215,8 @@ def test_pngs_are_written_while_the_next_batch_samples(nets, tmp_path, monkeypat
             overlapped = batch_seeds[0] == 4 or change.wait_for(lambda: sampled[-1] > batch_seeds[0], timeout=10)
         writes.append((batch_seeds[0], overlapped, threading.current_thread() is not threading.main_thread()))
         return real_write(images, classes, batch_seeds, outdir, subdirs)
-    monkeypatch.setattr(generate, 'sample_batch', sample_batch)
-    monkeypatch.setattr(generate, 'write_pngs', write_pngs)
+    monkeypatch.setattr(library, 'sample_batch', sample_batch)
+    monkeypatch.setattr(library, 'write_pngs', write_pngs)
     result = CliRunner().invoke(generate.main, ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-5', '--batch=2', *STEPS, *CPU])
     assert result.exit_code == 0, result.output
     assert writes == [(0, True, True), (2, True, True), (4, True, True)]
@@ -217,6 +225,7 @@ def test_pngs_are_written_while_the_next_batch_samples(nets, tmp_path, monkeypat
     assert sorted(images) == [f'{s:06d}.png' for s in range(6)] and all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(6))
     assert listed(tmp_path) == expected_labels(nets['net'], list(range(6))) and record(tmp_path)[0]['images'] == sorted(images)
 
+@pytest.mark.slow
 def test_failed_write_stops_every_rank_and_keeps_what_is_written(nets, tmp_path):
     # A write that fails on one rank (here a folder where rank 1's PNG of seed 6 goes; on a cluster a
     # full disk or quota) must stop both ranks with one line, with every written PNG listed.
@@ -236,6 +245,7 @@ def test_failed_write_stops_every_rank_and_keeps_what_is_written(nets, tmp_path)
     assert sorted(images) == [f'{s:06d}.png' for s in range(8)] and all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(8))
     assert listed(tmp_path) == expected_labels(nets['net'], list(range(8)))
 
+@pytest.mark.slow
 def test_existing_images_are_kept_unless_forced(nets, tmp_path):
     args = ['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-3', *STEPS, *CPU]
     assert finish(start(args))[0] == 0
@@ -252,6 +262,7 @@ def test_existing_images_are_kept_unless_forced(nets, tmp_path):
     assert all(np.array_equal(images[f'{s:06d}.png'], expected[s]) for s in range(4))
     assert listed(tmp_path) == expected_labels(nets['net'], [0, 1, 2, 3])
 
+@pytest.mark.slow
 def test_two_processes_continue_a_folder_and_merge_the_labels(nets, tmp_path):
     common = ['--network', nets['pkl'], '--outdir', str(tmp_path), '--batch=2', *STEPS, *CPU]
     assert finish(start([*common, '--seeds=0-4']))[0] == 0
@@ -274,6 +285,7 @@ def error_line(err):
 def warning_lines(err):
     return [line for line in err.splitlines() if line.startswith('Warning')]
 
+@pytest.mark.slow
 def test_sampler_settings_recorded_per_image(nets, tmp_path):
     """sampling.json says which settings made each image, also when a forced run with other settings
     stops part way; a run that keeps images of other settings beside its own says so in one line."""
@@ -295,10 +307,10 @@ def test_sampler_settings_recorded_per_image(nets, tmp_path):
     assert code == 130 and 0 < len(entries['solvers.sample']) < 14 and not warning_lines(err), f'{code} {entries}\n{err}'
     assert sorted(entries['solvers.sample'] + entries['sampling.edm_sampler']) == [f'{s:06d}.png' for s in range(14)]
     net = load_golden_network('networks/ddpmpp_edm_uncond.npz', 'networks/ddpmpp_edm_uncond.json')
-    latents = sampling.latents_for_seeds(net, list(range(14)))[0]
+    latents = latents_for_seeds(net, list(range(14)))[0]
     with torch.no_grad():
         made = {'sampling.edm_sampler': expected_images(net, list(range(14))),
-                'solvers.sample': to_uint8(solvers.sample(net, latents, solver='ipndm', sigmas=solvers.edm_sigmas(20)))}
+                'solvers.sample': to_uint8(solvers.sample(net, latents, solver='ipndm', sigmas=schedules.edm_sigmas(20)))}
     images = pngs(tmp_path)
     assert all(np.array_equal(images[name], made[sampler][int(name[:6])]) for sampler, names in entries.items() for name in names)
 
@@ -324,6 +336,7 @@ def test_unreadable_record_in_outdir_is_one_line(bad_input_env):
     assert f"{outdir / 'sampling.json'} is not generate.py's record of how its images were made" in error_line(result.stderr)
     assert os.listdir(outdir) == ['sampling.json']
 
+@pytest.mark.slow
 def test_unreadable_labels_in_outdir_stop_every_rank(nets, tmp_path):
     # Rank 0 reads the folder; the other rank must not wait for it forever.
     (tmp_path / 'dataset.json').write_text('{"labels": [["000000.png", 3]')
@@ -359,6 +372,7 @@ def bad_input_env(nets, tmp_path):
     if torch.distributed.is_initialized(): # generate.main joined a one-process group in this process
         torch.distributed.destroy_process_group()
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(BAD_INPUTS))
 def test_bad_input_fails_cleanly(case, bad_input_env):
     from click.testing import CliRunner
@@ -380,6 +394,7 @@ def test_bad_input_fails_cleanly(case, bad_input_env):
     assert lines and lines[-1].startswith('Error:') and expected in lines[-1], f'{case}: {err}'
     assert not outdir.exists(), f'{case}: output directory created'
 
+@pytest.mark.slow
 def test_rho_and_steps_reach_the_sampler(nets, tmp_path):
     # The paper's settings (EDM-AOT: --rho 90 --steps 14 unconditional, --rho 72 --steps 15 conditional).
     settings = [(90, 14), (72, 15)]
@@ -390,10 +405,10 @@ def test_rho_and_steps_reach_the_sampler(nets, tmp_path):
         code, out, err = finish(proc)
         assert code == 0, f'{out}\n{err}'
         assert f'{steps} steps, {2 * steps - 1} NFE per image' in out
-        latents, class_labels, rnd = sampling.latents_for_seeds(net, [0, 1, 2, 3])
+        latents, class_labels, rnd = latents_for_seeds(net, [0, 1, 2, 3])
         with torch.no_grad():
-            expected = to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, rho=rho))
-            rho7 = to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps))
+            expected = to_uint8(edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, rho=rho))
+            rho7 = to_uint8(edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps))
         images = pngs(tmp_path / f'rho{rho}')
         assert sorted(images) == [f'{s:06d}.png' for s in range(4)]
         for s in range(4):
@@ -401,6 +416,7 @@ def test_rho_and_steps_reach_the_sampler(nets, tmp_path):
             # rho matters here: the same steps with EDM's rho 7 give other pixels.
             assert (expected[s] != rho7[s]).mean() > 0.05, f'rho {rho}: seed {s} same as rho 7'
 
+@pytest.mark.slow
 def test_cuda_images_match_the_sampler_on_cuda(nets, tmp_path):
     # On CUDA, generate.py draws each seed's latents with a CUDA generator, as EDM's generate.py does.
     if not torch.cuda.is_available():
@@ -408,9 +424,9 @@ def test_cuda_images_match_the_sampler_on_cuda(nets, tmp_path):
     code, out, err = finish(start(['--network', nets['pkl'], '--outdir', str(tmp_path), '--seeds=0-3', '--device=cuda', *STEPS]))
     assert code == 0, f'{out}\n{err}'
     net = copy.deepcopy(nets['net']).cuda()
-    latents, class_labels, rnd = sampling.latents_for_seeds(net, [0, 1, 2, 3], device='cuda')
+    latents, class_labels, rnd = latents_for_seeds(net, [0, 1, 2, 3], device='cuda')
     with torch.no_grad():
-        expected = to_uint8(sampling.edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
+        expected = to_uint8(edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=4))
     images = pngs(tmp_path)
     got = np.stack([images[f'{s:06d}.png'] for s in range(4)]).astype(int)
     assert np.abs(got - expected).max() <= 1 # same kernels; allow a rounding boundary

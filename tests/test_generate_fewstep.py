@@ -1,4 +1,4 @@
-"""generate.py with the few-step solvers of training/solvers.py: the same images as the solver run
+"""generate.py with the few-step solvers of sampling/solvers.py: the same images as the solver run
 here, at any batch size; NFE printed; --sigmas from a list or a JSON file; --afs; bad input in one line."""
 
 import json
@@ -9,18 +9,20 @@ import torch
 from click.testing import CliRunner
 
 import generate
-from training import sampling, solvers
-from training.images import to_uint8
+from sampling import schedules, solvers
+from sampling.seeds import latents_for_seeds
+from sampling.images import to_uint8
 from tests.helpers import CPU, finish_generate as finish, pngs, start_generate as start
 
 def expected(net, seeds, **kwargs):
-    latents, class_labels, _ = sampling.latents_for_seeds(net, seeds)
+    latents, class_labels, _ = latents_for_seeds(net, seeds)
     with torch.no_grad():
         return to_uint8(solvers.sample(net, latents, class_labels, **kwargs))
 
+@pytest.mark.slow
 def test_few_step_images_nfe_and_sigmas(nets, tmp_path):
     net, seeds = nets['net'], [0, 1, 2, 3]
-    levels = solvers.get_sigmas('logsnr', 6, 0.002, 80)
+    levels = schedules.get_sigmas('logsnr', 6, 0.002, 80)
     (tmp_path / 'levels.json').write_text(json.dumps(dict(sigmas=levels.tolist())))
     runs = {
         'batch1': ['--solver=ipndm', '--steps=6', '--batch=1'],
@@ -34,7 +36,7 @@ def test_few_step_images_nfe_and_sigmas(nets, tmp_path):
         assert code == 0, f'{name}:\n{out}\n{err}'
     assert 'ipndm, 6 levels, 5 NFE per image' in results['batch1'][1] # 6 levels: 5 intervals, one call each
     assert '4 NFE per image' in results['json'][1]                     # AFS saves the first call
-    ipndm = expected(net, seeds, solver='ipndm', sigmas=solvers.get_sigmas('edm', 6, 0.002, 80, 7))
+    ipndm = expected(net, seeds, solver='ipndm', sigmas=schedules.get_sigmas('edm', 6, 0.002, 80, 7))
     unipc = expected(net, seeds, solver='unipc', sigmas=levels, afs=True)
     for name, want in [('batch1', ipndm), ('batch3', ipndm), ('json', unipc), ('list', unipc)]:
         images = pngs(tmp_path / name)
@@ -43,7 +45,7 @@ def test_few_step_images_nfe_and_sigmas(nets, tmp_path):
     assert (ipndm != unipc).mean() > 0.05 # the options reach the solver
 
     # sampling.json records the NFE, solver and levels of every image, the defaults filled in.
-    for name, nfe, options, levels in [('batch3', 5, dict(solver='ipndm', order=4, afs=False), solvers.get_sigmas('edm', 6, 0.002, 80, 7)),
+    for name, nfe, options, levels in [('batch3', 5, dict(solver='ipndm', order=4, afs=False), schedules.get_sigmas('edm', 6, 0.002, 80, 7)),
                                        ('json', 4, dict(solver='unipc', order=3, variant='bh2', afs=True), levels)]:
         [entry] = json.loads((tmp_path / name / 'sampling.json').read_text())['samplers']
         assert entry['sampler'] == 'solvers.sample' and entry['nfe'] == nfe and entry['options'] == options, entry

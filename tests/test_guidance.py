@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from training import guidance, sampling
-from training.guidance import (DiscriminatorGuidance, Discriminator, adm_classifier, discriminator_head,
+from training import guidance
+from sampling.denoisers import MinBatchNet
+from sampling.edm import edm_sampler
+from sampling.guidance import DiscriminatorGuidance, guided_edm_sampler, per_sample
+from sampling.schedules import edm_time_steps
+from sampling.seeds import latents_for_seeds
+from training.guidance import (Discriminator, adm_classifier, discriminator_head,
                                vp_time, vp_mean_std)
 from tests.helpers import with_output_pool
 
@@ -100,7 +105,9 @@ def golden_edm_net():
     net.load_state_dict(torch.load(os.path.join(GOLDEN, 'edm_net_32.pt'), weights_only=True), strict=True)
     return net.eval().requires_grad_(False), meta
 
-@pytest.mark.parametrize('case', ['w0_plain', 'w2_first_only', 'w1_cond', 'w2_boosting'])
+# The fast tier keeps the plain and the boosted case; the other two run in the full suite.
+@pytest.mark.parametrize('case', ['w0_plain', pytest.param('w2_first_only', marks=pytest.mark.slow),
+                                  pytest.param('w1_cond', marks=pytest.mark.slow), 'w2_boosting'])
 def test_sampler_matches_dg(case, dg_modules):
     net, meta = golden_edm_net()
     cfg = meta['cases'][case]
@@ -111,20 +118,20 @@ def test_sampler_matches_dg(case, dg_modules):
     dg = DiscriminatorGuidance(dg_modules['classifier'], dg_modules['cond' if cfg['cond'] else 'uncond'], meta['time_min'], meta['time_max'])
     kwargs = dict(num_steps=meta['num_steps'], rho=meta['rho'])
     with torch.no_grad():
-        images = sampling.edm_sampler(net, latents, labels, randn_like=randn_like, guidance=dg, dg_weight=cfg['dg_weight_1st_order'],
+        images = guided_edm_sampler(net, latents, labels, randn_like=randn_like, guidance=dg, dg_weight=cfg['dg_weight_1st_order'],
                                       dg_weight_2nd=cfg['dg_weight_2nd_order'], dg_boosting=bool(cfg['boosting']), **kwargs)
         assert images.dtype == torch.float64
         # DG keeps its sigmas in float32 where this sampler keeps float64: differences of ~1e-5.
         np.testing.assert_allclose(images.numpy(), ref[case], rtol=0, atol=5e-5)
         if case == 'w0_plain': # weight 0 is EDM's sampler, and so is guidance=None
-            assert torch.equal(images, sampling.edm_sampler(net, latents, labels, **kwargs))
+            assert torch.equal(images, edm_sampler(net, latents, labels, **kwargs))
     assert np.abs(ref[case] - ref['w0_plain']).max() > 0.1 or case == 'w0_plain' # the cases tell guidance apart
 
 class GaussianDenoiser:
     """Ideal denoiser of N(0, 0.25 I) data, for per-sample noise levels too."""
     sigma_min, sigma_max, round_sigma = 0, float('inf'), staticmethod(torch.as_tensor)
     def __call__(self, x, sigma, class_labels=None):
-        return x * 0.25 / (0.25 + sampling.per_sample(torch.as_tensor(sigma, dtype=torch.float64)) ** 2)
+        return x * 0.25 / (0.25 + per_sample(torch.as_tensor(sigma, dtype=torch.float64)) ** 2)
 
 class LinearGuidance:
     """A stand-in with a closed-form correction: c * x, log ratio = -1 (all 'fake')."""
@@ -138,11 +145,11 @@ def test_second_order_correction_is_heun_with_corrected_slopes():
     net, latents = GaussianDenoiser(), torch.randn([3, 1, 4, 4], generator=torch.Generator().manual_seed(0))
     w1, w2, c = 1.5, 0.7, 0.3
     guide = LinearGuidance(c)
-    out = sampling.edm_sampler(net, latents, num_steps=4, guidance=guide, dg_weight=w1, dg_weight_2nd=w2)
+    out = guided_edm_sampler(net, latents, num_steps=4, guidance=guide, dg_weight=w1, dg_weight_2nd=w2)
     # DG's reference passes a 0-dim t_next at the second evaluation and crashes; here it works.
     assert [s.ndim for s in guide.calls] == [0] * 7
     # Direct computation: Heun steps with the slope d = (x - D) / t + w * c * x / t.
-    t = sampling.edm_time_steps(4)
+    t = edm_time_steps(4)
     x = latents.double() * t[0]
     slope = lambda x, s, w: (x - net(x, s)) / s + w * ((c * x).float() / s)
     for i in range(4):
@@ -151,7 +158,7 @@ def test_second_order_correction_is_heun_with_corrected_slopes():
         x = x_euler if i == 3 else x + (t[i + 1] - t[i]) * 0.5 * (d + slope(x_euler, t[i + 1], w2))
     assert (out - x).abs().max() <= 1e-12 * x.abs().max()
     # The second-order weight matters; without it only the Euler evaluations are corrected.
-    only_first = sampling.edm_sampler(net, latents, num_steps=4, guidance=LinearGuidance(c), dg_weight=w1)
+    only_first = guided_edm_sampler(net, latents, num_steps=4, guidance=LinearGuidance(c), dg_weight=w1)
     assert (only_first - out).abs().max() > 1e-3
 
 def test_boosting_raises_churn_of_fake_samples_only():
@@ -164,7 +171,7 @@ def test_boosting_raises_churn_of_fake_samples_only():
     def randn_like(x):
         draws.append(x.shape)
         return torch.ones_like(x)
-    sampling.edm_sampler(net, latents, num_steps=11, randn_like=randn_like, guidance=HalfFake(0.0), dg_weight=1.0,
+    guided_edm_sampler(net, latents, num_steps=11, randn_like=randn_like, guidance=HalfFake(0.0), dg_weight=1.0,
                          dg_boosting=True, callback=steps.append)
     assert len(draws) == 11 # one draw per step, as DG, so the noise stream does not depend on the decisions
     for s in steps:
@@ -229,8 +236,9 @@ def read_pngs(outdir):
     import PIL.Image
     return {name: np.array(PIL.Image.open(os.path.join(outdir, name))) for name in sorted(os.listdir(outdir)) if name.endswith('.png')}
 
+@pytest.mark.slow
 def test_generate_with_dg_is_seed_exact_and_writes_labels(gen_files, tmp_path):
-    from training.images import to_uint8
+    from sampling.images import to_uint8
     from training.network_io import load_network
     args = ['--network', gen_files['net'], '--dg', gen_files['disc'], '--dg-weight=3', '--dg-boosting', '--seeds=0-4', '--steps=4']
     out = run_generate(args + ['--outdir', str(tmp_path / 'b1'), '--batch=1'])
@@ -240,12 +248,12 @@ def test_generate_with_dg_is_seed_exact_and_writes_labels(gen_files, tmp_path):
     assert sorted(b1) == [f'{s:06d}.png' for s in range(5)]
 
     net = load_network(gen_files['net'], verbose=False)
-    latents, labels, rnd = sampling.latents_for_seeds(net, list(range(5)))
+    latents, labels, rnd = latents_for_seeds(net, list(range(5)))
     dg = DiscriminatorGuidance(guidance.load_discriminator(gen_files['disc'], verbose=False))
     with torch.no_grad():
         kwargs = dict(randn_like=rnd.randn_like, num_steps=4)
-        expected = to_uint8(sampling.edm_sampler(sampling.MinBatchNet(net), latents, labels, guidance=dg, dg_weight=3, dg_boosting=True, **kwargs))
-        plain = to_uint8(sampling.edm_sampler(net, latents, labels, num_steps=4))
+        expected = to_uint8(guided_edm_sampler(MinBatchNet(net), latents, labels, guidance=dg, dg_weight=3, dg_boosting=True, **kwargs))
+        plain = to_uint8(edm_sampler(net, latents, labels, num_steps=4))
     for s in range(5):
         assert np.array_equal(b1[f'{s:06d}.png'], expected[s]) and np.array_equal(b3[f'{s:06d}.png'], expected[s]), s
     assert np.abs(expected.astype(int) - plain.astype(int)).max() > 10 # guidance changed the images
@@ -260,6 +268,7 @@ def test_generate_with_dg_is_seed_exact_and_writes_labels(gen_files, tmp_path):
     run_generate(['--network', gen_files['uncond'], '--outdir', str(tmp_path / 'u'), '--seeds=0', '--steps=2'])
     assert not os.path.exists(tmp_path / 'u' / 'dataset.json') # unconditional: nothing to record
 
+@pytest.mark.slow
 def test_generate_with_dg_published_checkpoints(tmp_path):
     # DG's .pt pair (state dicts, as DG publishes them) on a 32x32 RGB network with 10 classes.
     from training.network_io import save_safe

@@ -1,9 +1,9 @@
-"""training/images.py: EDM's uint8 rounding and grid tiling."""
+"""sampling/images.py: EDM's uint8 rounding and grid tiling."""
 
 import numpy as np
 import torch
 
-from training.images import make_grid, to_uint8
+from sampling.images import make_grid, to_uint8
 
 def test_to_uint8_rounds_like_edm():
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 2.0]).reshape(1, 1, 1, 6)

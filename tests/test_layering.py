@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = {'train', 'generate', 'fid', 'dataset_tool', 'train_discriminator'} # the top-level .py files
-LIBRARY = ['training', 'metrics', 'torch_utils', 'dnnlib']
+LIBRARY = ['training', 'sampling', 'metrics', 'torch_utils', 'dnnlib']
 SCRIPTS = ['bench', 'tools'] # programs too, kept in folders; they call the library
 NOT_FOR_LIBRARY = PROGRAMS | {'click', 'tests', *SCRIPTS}
 NOT_FOR_SCRIPTS = PROGRAMS | {'tests'}

@@ -17,7 +17,7 @@ from metrics.fid import FIDError
 from tests.helpers import tiny_net
 from torch_utils import training_stats
 from training.dataset import ImageFolderDataset
-from training.images import save_image_grid
+from sampling.images import save_image_grid
 from training.monitor import Monitor, SampleFD
 from training.testdata import make_dataset
 
@@ -157,6 +157,7 @@ if dist.get_rank() == 0:
     json.dump(fd, open(sys.argv[2], 'w'))
 """
 
+@pytest.mark.slow
 def test_fd_split_over_two_ranks_is_the_same(digits, digits_path, tmp_path):
     # Each rank samples and embeds every other seed and training image; the feature sums are added up.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -137,6 +137,7 @@ def evaluate(net, path):
         return net(t['x'], t['sigma'], t['class_labels'], force_fp32=True, augment_labels=t['augment_labels']).numpy()
 '''
 
+@pytest.mark.slow
 def test_edm_network_pickle_and_safe_roundtrip(tmp_path):
     from training import networks
     cfg = json.load(open(os.path.join(GOLDEN, f'{CASE}.json')))
@@ -181,6 +182,7 @@ def test_edm_network_pickle_and_safe_roundtrip(tmp_path):
     for i in range(ref.shape[0]): # and it is EDM's function (golden tolerance)
         assert np.abs(outs['safe'][i] - ref[i]).max() <= tol * np.abs(ref[i]).max()
 
+@pytest.mark.slow
 def test_convert_network_cli(tmp_path):
     from training import networks
     cfg = json.load(open(os.path.join(GOLDEN, f'{CASE}.json')))

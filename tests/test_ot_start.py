@@ -11,7 +11,10 @@ from click.testing import CliRunner
 from bench import ot_start_study
 from training.testdata import load_golden_network, make_dataset
 from tests.helpers import GaussianDenoiser
-from training import sampling, semidiscrete_ot as so
+from sampling import ot_start as so
+from sampling.denoisers import MinBatchNet, NFECounter
+from sampling.edm import edm_sampler
+from sampling.seeds import latents_for_seeds
 from training.network_io import save_safe
 from tools import ot_map as ot_map_tool
 
@@ -31,7 +34,7 @@ def random_map(m=5, sigma_T=2.0, labels=None, seed=0):
 def test_ode_states_follow_the_exact_ode():
     net = GaussianDenoiser()
     latents = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    counter = sampling.NFECounter(net)
+    counter = NFECounter(net)
     x = so.ode_states(counter, latents, None, sigma_T=2.0, num_steps=64)
     s = net.sigma_data
     exact = latents.double() * 80 * ((s ** 2 + 2.0 ** 2) / (s ** 2 + 80 ** 2)) ** 0.5
@@ -40,11 +43,11 @@ def test_ode_states_follow_the_exact_ode():
 
 def test_sampler_is_heun_from_the_picked_target(uncond):
     ot_map = random_map()
-    latents, _, _ = sampling.latents_for_seeds(uncond, [0, 1, 2, 3])
-    counter = sampling.NFECounter(uncond)
+    latents, _, _ = latents_for_seeds(uncond, [0, 1, 2, 3])
+    counter = NFECounter(uncond)
     with torch.no_grad():
         images, index = so.ot_start_sampler(counter, latents, ot_map, num_steps=3, return_index=True)
-        expected = sampling.edm_sampler(uncond, ot_map.targets[index].double() / 2.0, num_steps=3, sigma_max=2.0)
+        expected = edm_sampler(uncond, ot_map.targets[index].double() / 2.0, num_steps=3, sigma_max=2.0)
     brute = (latents.flatten(1).double() @ ot_map.targets.flatten(1).double().T + ot_map.h).argmax(1)
     assert torch.equal(index, brute)
     assert torch.equal(images, expected)
@@ -52,7 +55,7 @@ def test_sampler_is_heun_from_the_picked_target(uncond):
 
 def test_seed_gives_same_image_in_any_batch(uncond):
     ot_map = random_map(m=7)
-    run = lambda seeds: so.ot_start_sampler(sampling.MinBatchNet(uncond), sampling.latents_for_seeds(uncond, seeds)[0], ot_map, num_steps=2)
+    run = lambda seeds: so.ot_start_sampler(MinBatchNet(uncond), latents_for_seeds(uncond, seeds)[0], ot_map, num_steps=2)
     with torch.no_grad():
         together = run([0, 1, 2, 3, 4])
         alone = torch.cat([run([s]) for s in [0, 1, 2, 3, 4]])
@@ -61,10 +64,10 @@ def test_seed_gives_same_image_in_any_batch(uncond):
 def test_conditional_network_gets_the_targets_labels(cond):
     labels = torch.eye(10)[[3, 1, 4, 1, 5]]
     ot_map = random_map(labels=labels)
-    latents, class_labels, _ = sampling.latents_for_seeds(cond, [0, 1, 2])
+    latents, class_labels, _ = latents_for_seeds(cond, [0, 1, 2])
     with torch.no_grad():
         images, index = so.ot_start_sampler(cond, latents, ot_map, num_steps=2, return_index=True)
-        expected = sampling.edm_sampler(cond, ot_map.targets[index].double() / 2.0, labels[index], num_steps=2, sigma_max=2.0)
+        expected = edm_sampler(cond, ot_map.targets[index].double() / 2.0, labels[index], num_steps=2, sigma_max=2.0)
     assert torch.equal(images, expected)
     with pytest.raises(ValueError, match='no labels'):
         so.ot_start_sampler(cond, latents, random_map(), num_steps=2)
@@ -109,7 +112,7 @@ def test_cli_data_and_ode_maps(files, uncond):
     m = so.OTMap.load(out)
     assert m.source == 'ode' and m.target_ids.tolist() == [7, 8, 9]
     assert (m.meta['nfe_per_target'], m.meta['nfe_total']) == (4, 12)
-    latents, _, _ = sampling.latents_for_seeds(uncond, [7, 8, 9])
+    latents, _, _ = latents_for_seeds(uncond, [7, 8, 9])
     with torch.no_grad():
         assert torch.allclose(m.targets, so.ode_states(uncond, latents, None, 5.0, 3).float())
 
@@ -154,9 +157,10 @@ def run_generate(*args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run([sys.executable, 'generate.py', *args], cwd=root, text=True, capture_output=True, timeout=300)
 
+@pytest.mark.slow
 def test_generate_with_ot_map(files, uncond):
     import numpy as np, PIL.Image
-    from training.images import to_uint8
+    from sampling.images import to_uint8
     ot_map = random_map(m=6, sigma_T=3.0)
     ot_map.meta.update(targets_from='test targets', nfe_total=120)
     path = str(files['dir'] / 'gen-map.safetensors')
@@ -165,12 +169,13 @@ def test_generate_with_ot_map(files, uncond):
     r = run_generate('--network', files['net'], '--ot-map', path, '--outdir', str(outdir), '--seeds=0-5', '--batch=4', '--steps=3', '--device=cpu')
     assert r.returncode == 0, r.stderr
     assert '5 NFE per image' in r.stdout and '120 NFE, 20.00 per image' in r.stdout
-    latents, _, _ = sampling.latents_for_seeds(uncond, list(range(6)))
+    latents, _, _ = latents_for_seeds(uncond, list(range(6)))
     with torch.no_grad():
-        expected = to_uint8(so.ot_start_sampler(sampling.MinBatchNet(uncond), latents, ot_map, num_steps=3))
+        expected = to_uint8(so.ot_start_sampler(MinBatchNet(uncond), latents, ot_map, num_steps=3))
     for seed in range(6):
         assert np.array_equal(np.array(PIL.Image.open(outdir / f'{seed:06d}.png')), expected[seed]), seed
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra, message', [
     (['--network={cond}', '--ot-map={cond_map}', '--class=1'], '--class cannot be combined'),
     (['--network={cond}'], 'conditional.*no labels'),

@@ -112,6 +112,7 @@ def test_pickle_format_is_edms(tmp_path):
         assert set(meta.keys()) == {'type', 'version', 'module_src', 'class_name', 'state'}
         assert meta['type'] == 'class' and meta['version'] == 6 and meta['module_src'] == MODULE_SRC
 
+@pytest.mark.slow
 def test_roundtrip_in_fresh_interpreter_without_source(tmp_path):
     mod = _import_tiny(tmp_path, 'tiny_gone')
     torch.manual_seed(0)
@@ -140,6 +141,7 @@ def test_roundtrip_in_fresh_interpreter_without_source(tmp_path):
     '''), cwd=tmp_path)
     assert out.strip() == 'ok'
 
+@pytest.mark.slow
 def test_pickled_source_wins_over_changed_source(tmp_path):
     mod = _import_tiny(tmp_path, 'tiny_changed')
     net = mod.TinyNet(2, 2)
@@ -176,6 +178,7 @@ class _EDMStylePickle:
 TORCH_1_12_MODULE_KEYS = {'training', '_parameters', '_buffers', '_non_persistent_buffers_set', '_backward_hooks',
     '_is_full_backward_hook', '_forward_hooks', '_forward_pre_hooks', '_state_dict_hooks', '_load_state_dict_pre_hooks', '_modules'}
 
+@pytest.mark.slow
 @pytest.mark.parametrize('meta_type,old_torch', [(dict, False), (dnnlib.EasyDict, False), (dict, True)])
 def test_hand_built_edm_pickle_loads(tmp_path, meta_type, old_torch):
     # Take the state of a TinyNet built from the source (in a throwaway module); pickle only its state.
@@ -207,6 +210,7 @@ def test_hand_built_edm_pickle_loads(tmp_path, meta_type, old_torch):
     '''), cwd=tmp_path)
     assert out.strip() == 'ok'
 
+@pytest.mark.slow
 def test_import_hook_and_version_check(tmp_path):
     mod = _import_tiny(tmp_path, 'tiny_hook')
     data = pickle.dumps(mod.Plain(p=0.5))

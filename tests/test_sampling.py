@@ -6,10 +6,12 @@ import types
 import numpy as np
 import pytest
 import torch
-from training import sampling
 from tests.helpers import assert_golden
-from training.sampling import (edm_sampler, ablation_sampler, latents_for_seeds, NFECounter,
-                               StackedRandomGenerator, trace_sampler, edm_time_steps)
+from sampling import edm
+from sampling.denoisers import MinBatchNet, NFECounter, trace_sampler
+from sampling.edm import ablation_sampler, edm_sampler
+from sampling.schedules import edm_time_steps
+from sampling.seeds import StackedRandomGenerator, latents_for_seeds
 from training.testdata import load_golden_network
 from tests.helpers import GaussianDenoiser
 
@@ -85,7 +87,7 @@ def test_sampler_matches_golden(config):
         assert class_labels is None
 
     counter = NFECounter(net)
-    sampler_fn = getattr(sampling, cfg['sampler'])
+    sampler_fn = getattr(edm, cfg['sampler'])
     with torch.no_grad():
         images = sampler_fn(counter, latents, class_labels, randn_like=rnd.randn_like, **cfg['kwargs'])
 
@@ -199,7 +201,7 @@ def test_ablation_rejects_bad_options():
 
 def test_min_batch_net_pads_and_keeps_results_batch_independent():
     net = load_golden_network('networks/ddpmpp_edm_cond.npz', 'networks/ddpmpp_edm_cond.json')
-    padded = sampling.MinBatchNet(net, min_batch=4)
+    padded = MinBatchNet(net, min_batch=4)
     assert padded.label_dim == 10 and padded.sigma_max == net.sigma_max # attributes pass through
     latents, labels, _ = latents_for_seeds(net, list(range(6)))
     sigma = torch.tensor(2.5, dtype=torch.float64)
@@ -226,3 +228,21 @@ def test_noise_draws(sampler_fn):
     calls.clear()
     sampler_fn(GaussianDenoiser(), latents, randn_like=randn_like, num_steps=6)
     assert calls == []
+
+def test_old_module_paths_keep_their_names():
+    # training.sampling was the documented home of EDM's samplers before sampling/ (and DG's classes
+    # stay in training.guidance, the module that DG files name); user code that imports them keeps working.
+    import training.guidance, training.sampling
+    from sampling import denoisers, guidance, schedules, seeds
+    assert training.sampling.ablation_sampler is edm.ablation_sampler and training.sampling.SamplerStep is denoisers.Step
+    assert training.sampling.latents_for_seeds is seeds.latents_for_seeds and training.sampling.edm_time_steps is schedules.edm_time_steps
+    assert training.guidance.DiscriminatorGuidance is guidance.DiscriminatorGuidance
+    # The old edm_sampler is EDM's without guidance, and DG's EDM-G++ with its arguments.
+    net, latents = GaussianDenoiser(), torch.randn([2, 1, 4, 4], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(training.sampling.edm_sampler(net, latents, num_steps=3), edm.edm_sampler(net, latents, num_steps=3))
+    class Constant: # a correction of 0.1 everywhere, log ratio 1 ('real')
+        def correction(self, x, sigma, class_labels=None):
+            return torch.full_like(x, 0.1, dtype=torch.float32), torch.ones(x.shape[0])
+    old = training.sampling.edm_sampler(net, latents, num_steps=3, guidance=Constant(), dg_weight=1.5)
+    assert torch.equal(old, guidance.guided_edm_sampler(net, latents, num_steps=3, guidance=Constant(), dg_weight=1.5))
+    assert not torch.equal(old, edm.edm_sampler(net, latents, num_steps=3))

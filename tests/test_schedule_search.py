@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from tools import schedule_search
-from training import solvers
+from sampling import schedules, solvers
 from training.network_io import save_safe
 from tests.helpers import SOLVERS_DATA as DATA, SOLVERS_README as README, golden_network
 
@@ -45,7 +45,7 @@ def test_dp_finds_the_cheapest_path():
 @pytest.fixture(scope='module')
 def golden_teacher():
     net = golden_network(UNCOND)
-    sigmas = solvers.get_sigmas('edm', 61, 0.002, 80, 7)
+    sigmas = schedules.get_sigmas('edm', 61, 0.002, 80, 7)
     latents = torch.from_numpy(DATA['gits/warmup_latents'])
     with torch.no_grad():
         states, slopes = schedule_search.teacher_path(net, latents, None, sigmas)
@@ -80,7 +80,7 @@ def test_gits_search_matches_golden(case, golden_teacher):
 
 def test_teacher_path_holds_the_teachers_states_and_slopes():
     net = golden_network(UNCOND)
-    sigmas = solvers.edm_sigmas(6)
+    sigmas = schedules.edm_sigmas(6)
     latents = torch.from_numpy(DATA['gits/warmup_latents'][:2])
     with torch.no_grad():
         states, slopes = schedule_search.teacher_path(net, latents, None, sigmas)
@@ -98,13 +98,13 @@ def test_solver_metric_lowers_the_solvers_error():
     with torch.no_grad():
         sigmas, made = schedule_search.search(net, draws, 5, teacher_steps=11, metric='solver', solver='ipndm',
                                               order=3, sweeps=2, progress=False)
-        teacher_sigmas = solvers.edm_sigmas(11)
+        teacher_sigmas = schedules.edm_sigmas(11)
         target = schedule_search.teacher(net, draws[0][0], None, teacher_sigmas)
         error = schedule_search.solver_error(net, draws, [target], sigmas, solver='ipndm', order=3)
     errors = made['errors']
     assert made['start'] in ('edm', 'logsnr') and errors['searched'] == pytest.approx(error)
     assert error < 0.9 * min(errors['edm'], errors['logsnr'])
-    solvers.check_sigmas(sigmas)
+    schedules.check_sigmas(sigmas)
     assert sigmas[0].item() == pytest.approx(80, rel=1e-6) and sigmas[-1].item() == pytest.approx(0.002, rel=1e-6)
 
 def test_gits_with_afs_inserts_the_best_level_after_the_first():
@@ -112,7 +112,7 @@ def test_gits_with_afs_inserts_the_best_level_after_the_first():
     whose levels give the solver (with AFS) the least error against the teacher; the NFE of GITS's levels without AFS."""
     net = golden_network(UNCOND)
     latents = torch.from_numpy(DATA['gits/warmup_latents'][:4])
-    draws, teacher_sigmas = [(latents, None)], solvers.edm_sigmas(21)
+    draws, teacher_sigmas = [(latents, None)], schedules.edm_sigmas(21)
     with torch.no_grad():
         plain, gits = schedule_search.search(net, draws, 5, teacher_steps=21, metric='dev', progress=False)
         sigmas, made = schedule_search.search(net, draws, 5, teacher_steps=21, metric='dev', afs=True, progress=False)
@@ -120,7 +120,7 @@ def test_gits_with_afs_inserts_the_best_level_after_the_first():
         error = lambda levels: schedule_search.solver_error(net, draws, [target], levels, solver='ipndm', afs=True)
         first, rest = gits['indices'][:1], gits['indices'][1:]
         errors = {k: error(teacher_sigmas[first + [k] + rest]) for k in range(1, rest[0])}
-        fixed = {'edm': error(solvers.edm_sigmas(6)), 'logsnr': error(solvers.logsnr_sigmas(6))}
+        fixed = {'edm': error(schedules.edm_sigmas(6)), 'logsnr': error(schedules.logsnr_sigmas(6))}
     assert len(errors) >= 3 and made['gits_indices'] == gits['indices']
     k = min(errors, key=errors.get)
     assert made['afs_level'] == k and made['indices'] == first + [k] + rest and torch.equal(sigmas, teacher_sigmas[made['indices']])
@@ -128,7 +128,7 @@ def test_gits_with_afs_inserts_the_best_level_after_the_first():
     assert solvers.nfe('ipndm', len(sigmas), afs=True) == solvers.nfe('ipndm', len(plain)) == 4
 
 def test_afs_level_tries_every_level_between_the_first_two():
-    teacher_sigmas = solvers.edm_sigmas(11)
+    teacher_sigmas = schedules.edm_sigmas(11)
     for best in [1, 3, 5]: # the error is least with teacher level `best` second; 1 and 5 are the ends of the range
         error = lambda sigmas: abs(sigmas[1].item() - teacher_sigmas[best].item())
         assert schedule_search.afs_level(error, teacher_sigmas, [0, 6, 8, 10], progress=False) == ([0, best, 6, 8, 10], 0, best)
@@ -154,13 +154,14 @@ def test_cli_writes_levels_for_generate(tmp_path, network_file):
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     assert len(doc['sigmas']) == 4 and doc['metric'] == 'l2' and doc['seeds'] == '0-2' and doc['teacher']['steps'] == 9
-    teacher_sigmas = solvers.edm_sigmas(9)
+    teacher_sigmas = schedules.edm_sigmas(9)
     assert doc['sigmas'] == teacher_sigmas[doc['indices']].tolist()
-    assert solvers.read_sigmas(str(out)) == doc['sigmas']
+    assert schedules.read_sigmas(str(out)) == doc['sigmas']
     assert set(doc['errors']) == {'edm', 'logsnr', 'searched'} and all(e > 0 for e in doc['errors'].values())
     assert doc['check_seeds'] == [7, 9] and set(doc['held_out_errors']) == set(doc['errors'])
     assert doc['held_out_errors'] != doc['errors'] # other latents, other errors
 
+@pytest.mark.slow
 def test_torchrun_two_processes_pick_the_levels_of_one(tmp_path, network_file):
     """Two processes (gloo on the CPU) each take every other warm-up latent and sum the costs over both:
     the levels written are those of one process, exactly."""

@@ -1,4 +1,4 @@
-"""training/semidiscrete_ot.py: assignment, potentials with known answers, convergence, safe save/load."""
+"""sampling/ot_start.py: assignment, potentials with known answers, convergence, safe save/load."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 import torch
 
-from training import semidiscrete_ot as so
+from sampling import ot_start as so
 
 def test_assign_is_argmax_in_any_batch_and_chunk():
     g = torch.Generator().manual_seed(0)

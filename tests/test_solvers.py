@@ -1,4 +1,4 @@
-"""Few-step solvers (training/solvers.py): diff-sampler's golden outputs, NFE, noise levels, AFS,
+"""Few-step solvers (sampling/solvers.py): diff-sampler's golden outputs, NFE, noise levels, AFS,
 validation, --sigmas values, DG on every evaluation."""
 
 import json
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import solvers
-from training.sampling import NFECounter, latents_for_seeds, trace_sampler
+from sampling import schedules, solvers
+from sampling.denoisers import NFECounter, trace_sampler
+from sampling.seeds import latents_for_seeds
 from tests.helpers import SOLVERS_DATA as DATA, SOLVERS_README as README, GaussianDenoiser, golden_network
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'solvers')
@@ -21,7 +22,7 @@ SOLVER_NAMES = {'euler_sampler': 'euler', 'ipndm_sampler': 'ipndm', 'ipndm_v_sam
 DISC_NAMES = {'polynomial': 'edm', 'logsnr': 'logsnr', 'time_uniform': 'time-uniform'}
 
 def golden_sigmas(kwargs):
-    return solvers.get_sigmas(DISC_NAMES[kwargs['schedule_type']], kwargs['num_steps'], kwargs['sigma_min'],
+    return schedules.get_sigmas(DISC_NAMES[kwargs['schedule_type']], kwargs['num_steps'], kwargs['sigma_min'],
                               kwargs['sigma_max'], kwargs.get('schedule_rho', 7))
 
 #----------------------------------------------------------------------------
@@ -32,7 +33,7 @@ def test_schedules_match_golden(name):
     if not name.startswith('schedule/'):
         return
     schedule, rho, num_steps = name.split('/')[1].rsplit('_', 2)
-    sigmas = solvers.get_sigmas(DISC_NAMES[schedule], int(num_steps[1:]), 0.002, 80, float(rho[len('rho'):]))
+    sigmas = schedules.get_sigmas(DISC_NAMES[schedule], int(num_steps[1:]), 0.002, 80, float(rho[len('rho'):]))
     assert sigmas.dtype == torch.float64
     np.testing.assert_allclose(sigmas.numpy(), DATA[name], rtol=1e-6, atol=0)
 
@@ -75,7 +76,7 @@ def test_afs_saves_the_first_evaluation(solver):
     """With afs the first slope is x / sqrt(1 + sigma^2) and the network is called once less,
     never at sigma_max (unipc evaluates once per level but the last, the others once per step)."""
     net = GaussianDenoiser()
-    sigmas = solvers.edm_sigmas(6)
+    sigmas = schedules.edm_sigmas(6)
     latents = torch.randn([2, 3, 4, 4], generator=torch.Generator().manual_seed(1))
     steps = []
     plain, with_afs = NFECounter(net), NFECounter(net)
@@ -89,7 +90,7 @@ def test_afs_saves_the_first_evaluation(solver):
 
 def test_callback_reports_every_step():
     net = GaussianDenoiser()
-    sigmas = solvers.logsnr_sigmas(5)
+    sigmas = schedules.logsnr_sigmas(5)
     latents = torch.randn([2, 3, 4, 4], generator=torch.Generator().manual_seed(2))
     steps = []
     result = solvers.sample(net, latents, solver='ipndm', sigmas=sigmas, order=2, callback=steps.append)
@@ -101,7 +102,7 @@ def test_callback_reports_every_step():
 def test_trace_sampler_gives_nfe_and_levels():
     """generate.py's dry run (sampling.trace_sampler) works on sample(): NFE and levels, no evaluation."""
     net = GaussianDenoiser()
-    sigmas = solvers.edm_sigmas(11, rho=7)
+    sigmas = schedules.edm_sigmas(11, rho=7)
     nfe, called = trace_sampler(net, solvers.sample, solver='ipndm', sigmas=sigmas)
     assert nfe == 10 and called == sigmas[:-1].tolist()
     nfe, called = trace_sampler(net, solvers.sample, solver='unipc', sigmas=sigmas, afs=True)
@@ -114,7 +115,7 @@ def test_solvers_approach_the_exact_ode_solution(solver):
     """On Gaussian data the ODE has a closed form; with 16 steps every solver gets within 5% of it, and
     several times closer than Euler (15% off)."""
     net = GaussianDenoiser()
-    sigmas = solvers.logsnr_sigmas(17)
+    sigmas = schedules.logsnr_sigmas(17)
     latents = torch.randn([2, 3, 4, 4], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     exact = latents * 80 * np.sqrt(net.sigma_data ** 2 + 0.002 ** 2) / np.sqrt(net.sigma_data ** 2 + 80 ** 2)
     error = lambda name: (solvers.sample(net, latents, solver=name, sigmas=sigmas) - exact).abs().max().item() / exact.abs().max().item()
@@ -132,7 +133,7 @@ def test_dg_correction_on_every_evaluation():
             self.calls += 1
             return torch.full_like(x, 0.25, dtype=torch.float32), torch.zeros(x.shape[0])
     net = GaussianDenoiser()
-    sigmas = solvers.edm_sigmas(4)
+    sigmas = schedules.edm_sigmas(4)
     latents = torch.randn([2, 3, 4, 4], generator=torch.Generator().manual_seed(4))
     for solver in ['euler', 'dpmpp']:
         guidance = ConstantGuidance()
@@ -171,7 +172,7 @@ def test_dg_correction_on_every_evaluation():
     (dict(solver='euler', sigmas=[80]), 'at least 2'),
 ])
 def test_bad_input(kwargs, message):
-    kwargs = dict(dict(sigmas=solvers.edm_sigmas(6)), **kwargs)
+    kwargs = dict(dict(sigmas=schedules.edm_sigmas(6)), **kwargs)
     with pytest.raises(ValueError, match=message):
         solvers.sample(GaussianDenoiser(), torch.zeros([1, 3, 4, 4]), **kwargs)
 
@@ -180,28 +181,28 @@ def test_enough_levels_for_the_order_are_accepted():
     for solver in solvers.VARIABLE_ORDER:
         order = solvers.DEFAULT_ORDER[solver]
         counter = NFECounter(GaussianDenoiser())
-        solvers.sample(counter, torch.zeros([1, 3, 4, 4]), solver=solver, sigmas=solvers.edm_sigmas(order + 1))
+        solvers.sample(counter, torch.zeros([1, 3, 4, 4]), solver=solver, sigmas=schedules.edm_sigmas(order + 1))
         assert counter.nfe == order
 
 def test_get_sigmas_rejects_bad_names_and_counts():
     with pytest.raises(ValueError, match='unknown discretization'):
-        solvers.get_sigmas('karras', 10)
+        schedules.get_sigmas('karras', 10)
     with pytest.raises(ValueError, match='at least 2'):
-        solvers.get_sigmas('edm', 1)
+        schedules.get_sigmas('edm', 1)
 
 def test_read_sigmas(tmp_path):
-    assert solvers.read_sigmas('80,10.9,0.002') == [80, 10.9, 0.002]
+    assert schedules.read_sigmas('80,10.9,0.002') == [80, 10.9, 0.002]
     listed, searched = tmp_path / 'list.json', tmp_path / 'search.json'
     listed.write_text('[80, 1, 0.002]')
     searched.write_text(json.dumps({'sigmas': [80, 2, 0.002], 'metric': 'dev'}))
-    assert solvers.read_sigmas(str(listed)) == [80, 1, 0.002]
-    assert solvers.read_sigmas(str(searched)) == [80, 2, 0.002]
+    assert schedules.read_sigmas(str(listed)) == [80, 1, 0.002]
+    assert schedules.read_sigmas(str(searched)) == [80, 2, 0.002]
     with pytest.raises(ValueError, match='cannot read'):
-        solvers.read_sigmas('80,ten,1')
+        schedules.read_sigmas('80,ten,1')
     with pytest.raises(ValueError, match='cannot read noise levels from'):
-        solvers.read_sigmas(str(tmp_path / 'missing.json'))
+        schedules.read_sigmas(str(tmp_path / 'missing.json'))
     (tmp_path / 'other.json').write_text('{"levels": [1]}')
     with pytest.raises(ValueError, match='no list of noise levels'):
-        solvers.read_sigmas(str(tmp_path / 'other.json'))
+        schedules.read_sigmas(str(tmp_path / 'other.json'))
 
 #----------------------------------------------------------------------------

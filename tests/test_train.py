@@ -26,6 +26,7 @@ from training.testdata import make_dataset
 def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp('d') / 'data', n=64, res=8, num_classes=4)
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,precond,cond,aot,augment,extra', [
     ('ddpmpp', 'edm', 1, 32, 0.12, []),
     ('ddpmpp', 'edm', 0, 0, 0, []),                       # plain EDM, no augmentation
@@ -50,6 +51,7 @@ def test_train_configs(tmp_path, data, arch, precond, cond, aot, augment, extra)
     log = open(os.path.join(run_dir, 'log.txt')).read()
     assert 'aot_wait' in log and 'Exiting...' in log
 
+@pytest.mark.slow
 def test_torchrun_two_ranks(tmp_path, data):
     proc = run(['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=16', '--duration=0.000064'] + TINY, torchrun=2)
     assert 'weights identical on all 2 ranks; each rank trained on its own images.' in proc.stdout
@@ -73,12 +75,14 @@ def resume_runs(tmp_path_factory, data):
     assert 'resuming from it' in proc.stdout
     return root
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(resume_runs):
     nimg_a, a = state_tensors(resume_runs / 'full' / 'training-state-000000.pt')
     nimg_b, b = state_tensors(resume_runs / 'part' / 'training-state-000000.pt')
     assert nimg_a == nimg_b == 128
     assert_same_weights(a, b)
 
+@pytest.mark.slow
 def test_resume_continues(resume_runs):
     # A run that started over would log kimg 0.016 again and could still end equal to the full run:
     # the resumed ticks must go on from 0.064, and Adam must have counted all 8 steps.
@@ -90,6 +94,7 @@ def test_resume_continues(resume_runs):
     assert {int(s['step']) for s in state['optimizer_state']['state'].values()} == {8}
     assert (state['batch_size'], state['aot_pool'], state['world_size']) == (16, 48, 1)
 
+@pytest.mark.slow
 def test_resume_refuses_every_difference_at_once(resume_runs, data, tmp_path):
     # expect_cli_error adds --outdir (another one) and --duration=0.000016 (shorter than the run's)
     line = expect_cli_error(tmp_path, ['--resume', str(resume_runs / 'full'), '--data', data, '--aot=32', '--batch=48', '--seed=1', '--cbase=8'],
@@ -99,6 +104,7 @@ def test_resume_refuses_every_difference_at_once(resume_runs, data, tmp_path):
         assert difference in line
     assert '--cbase' not in line and '--data' not in line # given, and the same as the run's
 
+@pytest.mark.slow
 def test_resume_by_folder_alone_and_longer(resume_runs, tmp_path):
     # The run's own options, its folder, and a longer --duration: the one change allowed.
     result = cli(['--resume', str(resume_runs / 'full'), '--duration=0.000160', '--dry-run'])
@@ -123,6 +129,7 @@ def old_run_folder(resume_runs, path, **edit):
     (path / 'training_options.json').write_text(json.dumps({k: v for k, v in options.items() if k != 'command_line'}))
     return path
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flag,value', [('--aot', '32'), ('--batch', '48'), ('--seed', '1')])
 def test_old_run_folder_refuses_other_pools(resume_runs, data, tmp_path, flag, value):
     old = old_run_folder(resume_runs, tmp_path / 'old')
@@ -130,6 +137,7 @@ def test_old_run_folder_refuses_other_pools(resume_runs, data, tmp_path, flag, v
     args = ['--data', data, '--cond=1', '--aot=48', '--resume', str(old), '--dry-run'] + TINY + [f'{flag}={value}']
     expect_cli_error(tmp_path, args, f'the interrupted run had {flag}=')
 
+@pytest.mark.slow
 @pytest.mark.parametrize('recorded', [True, False]) # recorded in the state, or read off the tensors (older states)
 def test_error_resume_other_resolution(resume_runs, tmp_path, recorded):
     edit = {} if recorded else dict(img_resolution=None, img_channels=None, label_dim=None)
@@ -149,6 +157,7 @@ def test_latest_state_by_content(tmp_path):
     (tmp_path / 'training-state-000000.pt').unlink()
     assert latest_state(tmp_path) == str(tmp_path / 'training-state-latest.pt')
 
+@pytest.mark.slow
 def test_sigint_then_resume_by_folder_equals_uninterrupted(resume_runs, data, tmp_path):
     # Ctrl-C once training runs: the state is saved, exit status 75; --resume=RUN_DIR alone then
     # ends in the same folder with every tensor and the final snapshot of the uninterrupted run.
@@ -188,6 +197,7 @@ def expect_error(tmp_path, args, message, torchrun=0):
         assert 'Traceback' not in proc.stderr
     assert not outdir.exists() or not any(outdir.iterdir())
 
+@pytest.mark.slow
 def test_error_missing_dataset(tmp_path):
     # A real process: exit status, stderr and no traceback as a user sees them.
     expect_error(tmp_path, ['--data', str(tmp_path / 'nope.zip')] + TINY, 'nope.zip')
@@ -225,6 +235,7 @@ def test_error_lap_missing(tmp_path, data, monkeypatch):
     monkeypatch.setitem(sys.modules, 'lap', None) # import lap raises ImportError
     expect_cli_error(tmp_path, ['--data', data, '--aot=16', '--aot-solver=lap'] + TINY, 'pip install lap')
 
+@pytest.mark.slow
 def test_pool_placement_leaves_training_alone(data, tmp_path):
     # Pools are the same in threads and in worker processes, and starting workers must not move the
     # trainer's random streams (sigma per image): both placements end with the same weights.
@@ -236,6 +247,7 @@ def test_pool_placement_leaves_training_alone(data, tmp_path):
         states.append(torch.load(latest_state(only_run_dir(outdir)), weights_only=True))
     assert_same_weights(all_tensors(states[0]), all_tensors(states[1]))
 
+@pytest.mark.slow
 def test_snap_and_dump_zero_save_nothing(data, tmp_path):
     # --snap=0 and --dump=0 mean never (not even at the end), for runs that only time or check
     # training; the statistics are still written.
@@ -246,6 +258,7 @@ def test_snap_and_dump_zero_save_nothing(data, tmp_path):
     help_text = ' '.join(run(['--help']).stdout.split()) # click wraps the lines
     assert 'save snapshots (and at the end), 0 = never' in help_text and 'dump state (and at the end), 0 = never' in help_text
 
+@pytest.mark.slow
 def test_sigterm_to_every_process_saves_the_state(data, tmp_path):
     # A scheduler's SIGTERM reaches the pool worker processes too: they must keep serving pools
     # until the trainer has stopped and saved, and then end (no hang at exit). Sent as training
@@ -303,6 +316,7 @@ def test_transfer_that_fits_passes_the_check(tmp_path, data):
     result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--cond=1', '--transfer', snapshot, '--dry-run'] + TINY)
     assert result.exit_code == 0, result.output
 
+@pytest.mark.slow
 def test_resume_on_another_gpu_count_is_noted(resume_runs, data, tmp_path):
     # Allowed (clusters change), but the pools cannot be the same: said, not silent.
     state = torch.load(resume_runs / 'full' / 'training-state-000000.pt', weights_only=True)
@@ -311,6 +325,7 @@ def test_resume_on_another_gpu_count_is_noted(resume_runs, data, tmp_path):
     result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--cond=1', '--aot=48', '--resume', str(tmp_path / 'training-state-000000.pt'), '--dry-run'] + TINY)
     assert result.exit_code == 0 and 'Note: the interrupted run had 2 GPU(s), this one 1' in result.output, result.output[-2000:]
 
+@pytest.mark.slow
 def test_error_resume_other_network(resume_runs, data, tmp_path):
     old = old_run_folder(resume_runs, tmp_path / 'old')
     expect_cli_error(tmp_path, ['--data', data, '--cond=1', '--aot=48', '--resume', str(old), '--dry-run'] + TINY + ['--cbase=16'],
@@ -339,6 +354,7 @@ def test_aot_scope_is_gone(tmp_path, data):
     assert result.exit_code == 2 and "No such option '--aot-scope'" in result.output, result.output
     assert not (tmp_path / 'out').exists()
 
+@pytest.mark.slow
 def test_error_batch_not_divisible_by_world(tmp_path, data):
     expect_error(tmp_path, ['--data', data, '--aot=0'] + TINY + ['--batch=15'], 'not divisible by the number of GPUs (2)', torchrun=2)
 

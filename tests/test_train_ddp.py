@@ -25,6 +25,7 @@ def data(tmp_path_factory):
 # Every architecture trains on 2 ranks. NCSN++'s Fourier frequencies are a buffer drawn from each
 # rank's own seed: unless rank 0's buffers are broadcast, the snapshot's consistency check fails.
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,extra', [
     ('ddpmpp', ['--workers=1']),                 # pools from a DataLoader worker
     ('ncsnpp', ['--precond=ve']),                # pools built in-process (TINY has --workers=0)
@@ -44,6 +45,7 @@ def test_two_ranks_every_arch(tmp_path, data, arch, extra):
 # ranks, because a sum of two is exact in any order: only with three can a first step after the
 # resume that reduces gradients in DDP's initial bucket layout (not the rebuilt one) show.
 
+@pytest.mark.slow
 def test_signal_to_one_rank_then_resume_equals_uninterrupted(tmp_path, data):
     args = ['--data', data, '--cond=1', '--aot=24', '--dump=1', '--duration=0.000192'] + TINY + ['--batch=24', '--tick=0.048', '--grid=0', '--workers=1']
     run(['--outdir', str(tmp_path / 'full')] + args, torchrun=3)
@@ -89,6 +91,7 @@ with open(sys.argv[3] + f'.{rank}', 'w') as f:
     json.dump(out, f)
 '''
 
+@pytest.mark.slow
 def test_resume_and_seed_decided_on_rank0(tmp_path):
     full, empty = tmp_path / 'full', tmp_path / 'empty'
     full.mkdir()
@@ -160,6 +163,7 @@ def test_in_process_pools_equal_pure_pools(dataset, solver):
 #----------------------------------------------------------------------------
 # Fast numerics and gradient hygiene.
 
+@pytest.mark.slow
 def test_fast_modes_train(tmp_path, data):
     proc = run(['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=16', '--duration=0.000032',
                 '--tf32', '--bf16', '--deterministic'] + TINY)
@@ -169,10 +173,12 @@ def test_fast_modes_train(tmp_path, data):
     losses = final_losses(run_dir)
     assert losses and all(0 < x < 10 for x in losses)
 
+@pytest.mark.slow
 def test_bf16_with_fp16_refused(tmp_path, data):
     proc = run(['--outdir', str(tmp_path), '--data', data, '--bf16', '--fp16=1'] + TINY, check=False)
     assert proc.returncode != 0 and 'Error: --bf16 and --fp16=1' in proc.stderr
 
+@pytest.mark.slow
 def test_nonfinite_gradients_logged_not_skipped(tmp_path, data):
     # A loss scale that overflows fp32 makes every gradient infinite: EDM's semantics replace the
     # values and take the step anyway; the count of such steps is logged.
@@ -184,6 +190,7 @@ def test_nonfinite_gradients_logged_not_skipped(tmp_path, data):
     assert ticks[-1]['Progress/kimg']['mean'] == pytest.approx(0.032) # steps taken, not skipped
     assert 'nonfinite_steps 1' in open(os.path.join(run_dir, 'log.txt')).read()
 
+@pytest.mark.slow
 def test_train_speed_bench_runs(data):
     proc = subprocess.run([sys.executable, 'bench/train_speed.py', '--configs=default,bf16', f'--data={data}', '--no-doc',
         '--train-args=--cbase=8 --cres=1,1 --batch=16 --aot=16 --augment=0.12', '--kimg=0.064', '--tick=0.032'],

@@ -27,6 +27,7 @@ def data(tmp_path_factory):
                 fake_nolabels=make_dataset(d / 'fake_nl', n=30, res=8, channels=1, labels=False),
                 fake16=make_dataset(d / 'fake16', n=30, res=16, channels=1))
 
+@pytest.mark.slow
 def test_train_resume_and_load(data, tmp_path):
     args = ['--data', data['real'], '--fakes', data['fake'], '--cond=1', '--aot=16', '--batch=8', '--snap=0.032']
     code, out, err = run(args + ['--outdir', str(tmp_path / 'whole'), '--kimg=0.064'])
@@ -86,6 +87,7 @@ def test_aot_pool_pairs_noise_per_class_and_keeps_it_standard_normal():
         assert abs(aot.pairing_cost(images[m], z1[m]) - best) <= 1e-6 * best
     assert tg0.sum() == 16
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', ['no labels', 'resolution', 'pool', 'batch'])
 def test_errors(case, data, tmp_path):
     args = {'no labels': ['--fakes', data['fake_nolabels'], '--cond=1'], 'resolution': ['--fakes', data['fake16']],
@@ -114,6 +116,7 @@ def test_heldout_accuracy_is_balanced_and_auc_ignores_bias():
     assert set(acc.values()) == {0.5} and area['t<0.2'] == 1 and area['all'] > 0.75 # noise hides brightness at large t
     assert td.auc(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == 0 and td.auc(np.array([1, 3]), np.array([2, 2])) == 0.5
 
+@pytest.mark.slow
 def test_two_ranks_small_extractor(data, tmp_path):
     # Every trainable parameter must get a gradient each step: DDP (here gloo on 2 CPU processes)
     # stops at the second step otherwise. Without --classifier the encoder is trained with the head.
@@ -126,6 +129,7 @@ def test_two_ranks_small_extractor(data, tmp_path):
     disc = guidance.load_discriminator(str(tmp_path / 'discriminator.safetensors'), verbose=False)
     assert disc.extractor == 'small' and disc.label_dim == 4
 
+@pytest.mark.slow
 def test_resume_of_run_that_trained_the_unused_output_pool(data, tmp_path):
     # Such runs (before the fix of the DDP crash) gave Adam the small encoder's output pool too, last among its layers.
     torch.manual_seed(0)

@@ -24,6 +24,7 @@ def write_folder(path, sizes):
 NON_SQUARE = ([(40, 30)] * 8, 'images are 40x30 (width x height), training needs square images')
 TWO_SIZES = ([(8, 8)] * 7 + [(16, 16)], 'image img7.png is 16x16x3, 7 other images are 8x8x3')
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sizes, message, dry_run', [(*NON_SQUARE, True), (*TWO_SIZES, True), (*TWO_SIZES, False)])
 def test_train_refuses_bad_image_sizes(tmp_path, sizes, message, dry_run):
     data = write_folder(tmp_path / 'data', sizes)
@@ -35,6 +36,7 @@ def test_train_refuses_bad_image_sizes(tmp_path, sizes, message, dry_run):
     assert len(lines) == 1 and lines[0].startswith('Error: ') and message in lines[0], proc.stderr[-2000:]
     assert not outdir.exists() or not any(outdir.iterdir()) # no run directory left behind
 
+@pytest.mark.slow
 def test_train_reports_a_damaged_image_in_one_line(tmp_path):
     # The header is intact, so the size check passes and the damage shows when a worker decodes the image.
     data = write_folder(tmp_path / 'data', [(8, 8)] * 8)

@@ -260,6 +260,7 @@ with open(sys.argv[1] + f'.{rank}', 'w') as f:
     json.dump(result, f)
 '''
 
+@pytest.mark.slow
 def test_distributed_training_stats_two_processes(tmp_path):
     script = tmp_path / 'worker.py'
     script.write_text(WORKER)
@@ -275,6 +276,7 @@ def test_distributed_training_stats_two_processes(tmp_path):
         assert r['b_num'] == 1 and r['b_mean'] == 10.0 # report0: only rank 0 counts
         assert r['ddp_caught'] == (rank == 1) # rank 1's differing weights are detected, and nobody hangs
 
+@pytest.mark.slow
 def test_distributed_single_process_without_torchrun(tmp_path):
     code = textwrap.dedent('''
         import torch
@@ -324,6 +326,7 @@ def test_device_never_the_cpu_beside_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert not dist.use_cuda() and dist.device() == torch.device('cpu')
 
+@pytest.mark.slow
 def test_init_falls_back_to_gloo_and_says_so(tmp_path):
     # torchrun's environment for rank 0 of 2 on a node with one (pretended) GPU.
     code = textwrap.dedent('''

@@ -1,4 +1,4 @@
-"""Build an OT-start map (training/semidiscrete_ot.py) for a network and save it as .safetensors.
+"""Build an OT-start map (sampling/ot_start.py) for a network and save it as .safetensors.
 
 Targets at noise level sigma_T come from one of two sources, recorded in the file:
   --source=ode   data-free: the network's own Heun ODE states at sigma_T from seeds
@@ -17,10 +17,10 @@ import click
 import numpy as np
 import torch
 
-from training import semidiscrete_ot
+from sampling import ot_start
 from training.dataset import ImageFolderDataset
 from training.network_io import load_network
-from tools.trajectory import one_line
+from dnnlib.util import one_line
 
 def load_images(path, net, max_images):
     """Images [M, C, H, W] in [-1, 1] and one-hot labels (None for an unconditional network)."""
@@ -39,7 +39,7 @@ def load_images(path, net, max_images):
 
 @click.command()
 @click.option('--network',      help='Network snapshot (.pkl, .safetensors or URL)', metavar='PATH', type=str, required=True)
-@click.option('--source',       help='Targets: the network\'s ODE states (no data) or noised training images', type=click.Choice(semidiscrete_ot.SOURCES), required=True)
+@click.option('--source',       help='Targets: the network\'s ODE states (no data) or noised training images', type=click.Choice(ot_start.SOURCES), required=True)
 @click.option('--sigma-T', 'sigma_T', help='Noise level of the targets', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), required=True)
 @click.option('--out',          help='Output .safetensors file', metavar='PATH', type=str, required=True)
 @click.option('--data',         help='Training images (--source=data)', metavar='ZIP|DIR', type=str)
@@ -69,22 +69,22 @@ def main(network, source, sigma_T, out, data, num_targets, first_seed, target_st
     meta = dict(network=network, created=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
     if source == 'ode':
         seeds = list(range(first_seed, first_seed + (num_targets or 1000)))
-        targets, labels, nfe = semidiscrete_ot.ode_targets(net, seeds, sigma_T, target_steps, rho, batch, device, progress=True)
+        targets, labels, nfe = ot_start.ode_targets(net, seeds, sigma_T, target_steps, rho, batch, device, progress=True)
         ids = seeds
         meta.update(targets_from=f'Heun ODE states of the network at sigma_T from seeds {seeds[0]}-{seeds[-1]} (no data)',
                     target_steps=target_steps, rho=rho, nfe_per_target=nfe, nfe_total=nfe * len(seeds))
         print(f'{len(seeds)} ODE targets: {nfe} NFE each, {nfe * len(seeds)} in all ({time.time() - t0:.0f} s)')
     else:
         images, labels, ids = load_images(data, net, num_targets)
-        targets = semidiscrete_ot.data_targets(images, sigma_T, noise_seed)
+        targets = ot_start.data_targets(images, sigma_T, noise_seed)
         meta.update(targets_from=f'training images of {data} plus sigma_T * noise (DATA-DEPENDENT: samples can copy them)',
                     data=data, noise_seed=noise_seed, nfe_per_target=0, nfe_total=0)
     t1 = time.time()
-    h, report = semidiscrete_ot.fit_potentials(targets.to(device), steps=fit_steps, samples_per_step=fit_samples, lr=lr, progress=True)
+    h, report = ot_start.fit_potentials(targets.to(device), steps=fit_steps, samples_per_step=fit_samples, lr=lr, progress=True)
     meta.update(fit=dict(report, steps=fit_steps, samples_per_step=fit_samples or 20 * len(targets), lr=lr, seconds=round(time.time() - t1, 1)))
     print(f'Fit: largest cell mass deviation {report["max_relative_deviation"]:.3f} of 1/M '
           f'(sampling noise of the estimate {report["sampling_noise_relative"]:.3f}), {report["empty_cells"]} empty cells')
-    semidiscrete_ot.OTMap(targets, h.cpu(), sigma_T, source, labels, ids, meta).save(out)
+    ot_start.OTMap(targets, h.cpu(), sigma_T, source, labels, ids, meta).save(out)
     print(f'Saved {source} OT map with {len(targets)} targets at sigma_T={sigma_T:g} to "{out}"')
 
 if __name__ == '__main__':

@@ -36,10 +36,9 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
-from training import solvers
-from training.generation import parse_seeds
+from sampling import schedules, solvers
+from sampling.seeds import latents_for_seeds, parse_seeds
 from training.network_io import load_network
-from training.sampling import latents_for_seeds
 
 TEACHER = dict(solver='ipndm', order=4, disc='edm', rho=7) # iPNDM on EDM's levels
 
@@ -207,16 +206,16 @@ def search(net, draws, num_steps, teacher_steps=61, metric='dev', coeff=1.15, si
     if given, over the held-out check_draws."""
     if metric not in ('dev', 'l2', 'solver'):
         raise ValueError(f'unknown metric {metric!r}: choose dev, l2 or solver')
-    teacher_sigmas = solvers.get_sigmas(TEACHER['disc'], teacher_steps, sigma_min, sigma_max, TEACHER['rho'], device=draws[0][0].device)
+    teacher_sigmas = schedules.get_sigmas(TEACHER['disc'], teacher_steps, sigma_min, sigma_max, TEACHER['rho'], device=draws[0][0].device)
     solvers.check_solver(solver, teacher_sigmas[:num_steps], **solver_kwargs) # before the teacher runs
     cost, targets = teacher_costs(net, draws, teacher_sigmas, metric, progress)
     error = lambda sigmas: solver_error(net, draws, targets, sigmas, solver=solver, **solver_kwargs)
-    fixed = {'edm': solvers.edm_sigmas(num_steps, sigma_min, sigma_max, 7, device=teacher_sigmas.device),
-             'logsnr': solvers.logsnr_sigmas(num_steps, sigma_min, sigma_max, device=teacher_sigmas.device)}
+    fixed = {'edm': schedules.edm_sigmas(num_steps, sigma_min, sigma_max, 7, device=teacher_sigmas.device),
+             'logsnr': schedules.logsnr_sigmas(num_steps, sigma_min, sigma_max, device=teacher_sigmas.device)}
     gits_afs = metric != 'solver' and solver_kwargs.get('afs', False)
     if gits_afs: # the found levels get an AFS level more: compare at their NFE
         fixed = {name: levels(num_steps + 1, sigma_min, sigma_max, device=teacher_sigmas.device) for name, levels in
-                 [('edm', solvers.edm_sigmas), ('logsnr', solvers.logsnr_sigmas)]}
+                 [('edm', schedules.edm_sigmas), ('logsnr', schedules.logsnr_sigmas)]}
     errors = {name: error(sigmas) for name, sigmas in fixed.items()}
     if metric == 'solver':
         start = min(errors, key=errors.get)

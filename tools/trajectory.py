@@ -30,7 +30,9 @@ import numpy as np
 import torch
 import tqdm
 
-from training import sampling
+from dnnlib.util import one_line
+from sampling.edm import edm_sampler
+from sampling.seeds import latents_for_seeds
 from training.network_io import load_network
 
 #----------------------------------------------------------------------------
@@ -52,7 +54,7 @@ def sample_path(net, latents, class_labels, num_steps, **sampler_kwargs):
         tangents.append(step.d_cur.flatten(1).float().cpu())
         denoised0.append(step.denoised[0].flatten().float().cpu())
     with torch.no_grad():
-        result = sampling.edm_sampler(net, latents, class_labels, num_steps=num_steps, callback=observe, **sampler_kwargs)
+        result = edm_sampler(net, latents, class_labels, num_steps=num_steps, callback=observe, **sampler_kwargs)
     result = result.flatten(1).float().cpu()
     return result, np.array(sigmas), torch.stack(states + [result]), torch.stack(tangents), torch.stack(denoised0)
 
@@ -86,7 +88,7 @@ def analyze(net, seeds, nfes, ref_steps=256, batch=64, device='cpu', class_idx=N
     batches = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
     bar = tqdm.tqdm(total=len(batches) * (len(nfes) + 1), unit='run', disable=not progress)
     for batch_seeds in batches:
-        latents, class_labels, _ = sampling.latents_for_seeds(net, batch_seeds, device=device, class_idx=class_idx)
+        latents, class_labels, _ = latents_for_seeds(net, batch_seeds, device=device, class_idx=class_idx)
         result_ref, sigmas, states, tangents, denoised0 = sample_path(net, latents, class_labels, ref_steps, **sampler_kwargs)
         deviation, mean_turn, turn = path_geometry(states, tangents, sigmas)
         ref['deviation'].append(deviation); ref['turn'].append(mean_turn); ref['profile'].append(turn)
@@ -220,10 +222,6 @@ def parse_int_list(text, what):
             raise click.BadParameter(f'"{part}" is not a number or a range like 5-7 in the {what} list')
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
-
-def one_line(e):
-    text = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {text[0] if text else ""}'
 
 @click.command()
 @click.option('--network', 'networks', help='Network snapshot (.pkl, URL or .safetensors); repeat to compare', metavar='PATH', multiple=True, required=True)

@@ -1,4 +1,4 @@
-"""Discriminator Guidance (DG; Kim et al., "Refining Generative Process with Discriminator Guidance
+"""The discriminator of Discriminator Guidance (DG; Kim et al., "Refining Generative Process with Discriminator Guidance
 in Score-based Diffusion Models", ICML 2023) and DG trained on AOT-paired noise (DG-AOT).
 
 A discriminator d(x_t, t) = P(real | x_t) on VP-perturbed images corrects the sampler's score by
@@ -10,6 +10,9 @@ family. Module and parameter names follow guided-diffusion, so DG's published ch
 Times: the discriminator works in the VP SDE of DG (beta_0 = 0.1, beta_1 = 20, time t in [0, 1]);
 the EDM sampler's noise level sigma maps to t = vp_time(sigma), and its unscaled state x to the
 VP state vp_mean(t) * x.
+
+This module is the discriminator network (its files and pickles name training.guidance), trained by
+train_discriminator.py; the correction it gives a sampler, and DG's sampler, are sampling/guidance.py.
 """
 
 import math
@@ -319,54 +322,15 @@ def incompatibility(disc, net):
     return None
 
 #----------------------------------------------------------------------------
-# The correction DG adds to the sampler's slope.
+# DG at sampling time lives in sampling/guidance.py; its names stay importable from here.
 
-class DiscriminatorGuidance:
-    """correction(x, sigma, class_labels) -> (grad, log_ratio) for EDM states x at noise level sigma:
-    grad = -sigma^2 * mean_vp * grad_x' log(d / (1 - d)) at the VP state x' = mean_vp * x, VP time
-    t = vp_time(sigma); the sampler adds weight * grad / sigma to dx/dsigma (DG's get_grad_log_ratio).
+_SAMPLING_NAMES = ('DiscriminatorGuidance', 'GuidedDenoiser', 'guided_edm_sampler', 'dg_slope', 'dg_boost_churn', 'per_sample',
+                   'DG_BOOST_PERIOD', 'DG_BOOST_WEIGHT_PERIOD', 'DG_BOOST_CHURN')
 
-    Time window: no correction where t lies outside [time_min, time_max]. DG decides by the batch's
-    smallest t (window='batch', its get_grad_log_ratio); window='sample' decides per sample, so that
-    an image does not depend on the others in its batch (the same when all share sigma). There the
-    log ratio is reported as +inf (DG: 1e7). The discriminator runs on at least min_batch samples
-    (padding with copies), like sampling.MinBatchNet, for the same reason."""
-
-    def __init__(self, classifier, head=None, time_min=0.01, time_max=1.0, window='sample', min_batch=4):
-        if window not in ('sample', 'batch'):
-            raise ValueError(f'unknown window {window!r}: choose sample or batch')
-        if head is None: # a Discriminator module
-            self.discriminator = classifier
-        else:
-            cond = head.num_classes > 0
-            self.discriminator = lambda x, t, labels: head(classifier(x, t, feature=True), t, sigmoid=True, condition=labels if cond else None).view(-1)
-        self.time_min, self.time_max, self.window, self.min_batch = time_min, time_max, window, min_batch
-
-    def log_ratio(self, x_vp, t, class_labels=None):
-        d = self.discriminator(x_vp, t, class_labels).clip(1e-5, 1 - 1e-5)
-        return torch.log(d / (1 - d))
-
-    def correction(self, x, sigma, class_labels=None):
-        n = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device).expand(n) if torch.as_tensor(sigma).ndim == 0 else sigma
-        t = vp_time(sigma)
-        mean, _ = vp_mean_std(t)
-        inside = (t >= self.time_min) & (t <= self.time_max)
-        if self.window == 'batch':
-            inside[:] = bool(self.time_min <= t.min() <= self.time_max)
-        grad = torch.zeros_like(x, dtype=torch.float32)
-        log_ratio = torch.full([n], LOG_RATIO_OUTSIDE_WINDOW, dtype=torch.float32, device=x.device)
-        if not inside.any():
-            return grad, log_ratio
-        pad = lambda v: v if v is None or n >= self.min_batch else torch.cat([v, v[-1:].expand(self.min_batch - n, *v.shape[1:])])
-        x_vp = pad((mean.reshape(-1, *[1] * (x.ndim - 1)) * x).float()).detach().requires_grad_(True)
-        with torch.enable_grad():
-            ratio = self.log_ratio(x_vp, pad(t), pad(class_labels))
-            (g,) = torch.autograd.grad(ratio.sum(), x_vp)
-        factor = -(sigma ** 2 * mean).reshape(-1, *[1] * (x.ndim - 1))
-        keep = inside.reshape(-1, *[1] * (x.ndim - 1))
-        grad = torch.where(keep, (g[:n].double() * factor).float(), grad)
-        log_ratio = torch.where(inside, ratio[:n].detach().float(), log_ratio)
-        return grad, log_ratio
+def __getattr__(name): # imported on first use: sampling.guidance imports this module
+    if name in _SAMPLING_NAMES:
+        from sampling import guidance
+        return getattr(guidance, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 #----------------------------------------------------------------------------

@@ -30,8 +30,8 @@ import dnnlib
 from metrics import fid
 from torch_utils import distributed as dist
 from torch_utils import training_stats
-from training import sampling
-from training.images import to_uint8
+from sampling import edm
+from sampling.generate import generate_images, seed_drawer
 
 #----------------------------------------------------------------------------
 
@@ -99,10 +99,9 @@ class SampleFD:
 
     def _samples(self, net):
         seeds = list(range(self.num_images))[dist.get_rank()::dist.get_world_size()]
-        for k in range(0, len(seeds), self.batch):
-            latents, labels, rnd = sampling.latents_for_seeds(net, seeds[k : k + self.batch], device=self.device)
-            images = sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=self.num_steps)
-            yield torch.as_tensor(to_uint8(images)).permute(0, 3, 1, 2) # rounded as the saved images are
+        batches = [seeds[k : k + self.batch] for k in range(0, len(seeds), self.batch)]
+        for _, images, _ in generate_images(net, edm.edm_sampler, dict(num_steps=self.num_steps), batches, seed_drawer(net, self.device)):
+            yield torch.as_tensor(images).permute(0, 3, 1, 2) # rounded as the saved images are
 
     @torch.no_grad()
     def __call__(self, net):

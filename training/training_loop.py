@@ -23,7 +23,7 @@ from torch_utils import misc
 from torch_utils import training_stats
 from training import network_io
 from training import sampling
-from training.images import save_image_grid, to_uint8
+from sampling.images import save_image_grid, to_uint8
 from training.monitor import Monitor
 from training.pools import PoolStream, iterate_slices
 

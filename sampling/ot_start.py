@@ -28,7 +28,9 @@ import torch
 import tqdm
 
 import dnnlib
-from training import sampling
+from sampling import denoisers, edm
+from sampling.guidance import guided_edm_sampler
+from sampling.seeds import latents_for_seeds
 
 #----------------------------------------------------------------------------
 
@@ -203,7 +205,7 @@ def ode_states(net, latents, class_labels, sigma_T, num_steps=16, rho=7):
             reached.append(step.x_next)
             raise _Reached
     try:
-        sampling.edm_sampler(net, latents, class_labels, num_steps=num_steps, sigma_min=sigma_T, rho=rho, callback=stop)
+        edm.edm_sampler(net, latents, class_labels, num_steps=num_steps, sigma_min=sigma_T, rho=rho, callback=stop)
     except _Reached:
         return reached[0]
     raise AssertionError('edm_sampler did not reach sigma_T')
@@ -213,12 +215,12 @@ def ode_targets(net, seeds, sigma_T, num_steps=16, rho=7, batch=64, device='cpu'
     network's Heun ODE from the latents of `seeds` (drawn as generate.py draws them) to sigma_T."""
     if not 0 < sigma_T < float(net.sigma_max):
         raise ValueError(f'sigma_T must lie in (0, {float(net.sigma_max):g}), the network\'s range; got {sigma_T}')
-    counter = sampling.NFECounter(net)
+    counter = denoisers.NFECounter(net)
     states, labels = [], []
     for b in tqdm.trange(0, len(seeds), batch, desc='ODE targets', unit='batch', disable=not progress, total=None):
-        latents, class_labels, _ = sampling.latents_for_seeds(net, seeds[b:b + batch], device=device)
+        latents, class_labels, _ = latents_for_seeds(net, seeds[b:b + batch], device=device)
         with torch.no_grad():
-            states.append(ode_states(sampling.MinBatchNet(counter), latents, class_labels, sigma_T, num_steps, rho).float().cpu())
+            states.append(ode_states(denoisers.MinBatchNet(counter), latents, class_labels, sigma_T, num_steps, rho).float().cpu())
         labels.append(None if class_labels is None else class_labels.cpu())
     nfe_per_target = counter.nfe // math.ceil(len(seeds) / batch)
     return torch.cat(states), (None if labels[0] is None else torch.cat(labels)), nfe_per_target
@@ -237,7 +239,8 @@ def ot_start_sampler(net, latents, ot_map, num_steps=6, return_index=False, **sa
     """Each latent [B, C, H, W] picks its cell's target at sigma_T; Heun (edm_sampler) then runs
     num_steps noise levels from sigma_T to sigma_min and 0: 2 * num_steps - 1 NFE per image.
     Class labels are the targets' (a conditional network needs a map with labels). Extra keyword
-    arguments go to edm_sampler (sigma_min, rho, S_churn, ..., randn_like, callback)."""
+    arguments go to edm_sampler (sigma_min, rho, S_churn, ..., randn_like, callback), or with guidance
+    to DG's guided_edm_sampler."""
     for key in ('sigma_max', 'class_labels'):
         if key in sampler_kwargs:
             raise ValueError(f'{key} is set by the OT map in OT-start sampling')
@@ -249,7 +252,8 @@ def ot_start_sampler(net, latents, ot_map, num_steps=6, return_index=False, **sa
     labels = None if not net.label_dim else ot_map.labels[index.to(ot_map.labels.device)].to(latents.device)
     sigma_T = torch.as_tensor(ot_map.sigma_T, dtype=torch.float64)
     # edm_sampler starts at latents * sigma_max; give it the target divided by round_sigma(sigma_T).
-    images = sampling.edm_sampler(net, x / net.round_sigma(sigma_T), labels, num_steps=num_steps, sigma_max=ot_map.sigma_T, **sampler_kwargs)
+    heun = guided_edm_sampler if sampler_kwargs.get('guidance') is not None else edm.edm_sampler # DG's settings: guided_edm_sampler's
+    images = heun(net, x / net.round_sigma(sigma_T), labels, num_steps=num_steps, sigma_max=ot_map.sigma_T, **sampler_kwargs)
     return (images, index) if return_index else images
 
 def map_for_generate(path, net, device, sampler_kwargs):

@@ -7,110 +7,27 @@ sigmas a strictly decreasing 1-D tensor ending at sigma_min (no final denoising 
 evaluation D(x; sigma) serves one step, so a multistep solver costs len(sigmas) - 1 evaluations
 (dpm_solver_2: two per step); with afs=True the first slope is x / sqrt(1 + sigma^2) instead of a
 network call (AFS, the analytical first step), one evaluation fewer. The arithmetic is float64, as in
-training/sampling.py. Algorithms and defaults are those of zju-pi/diff-sampler (gits-main/solvers.py),
+sampling/edm.py. Algorithms and defaults are those of zju-pi/diff-sampler (gits-main/solvers.py),
 checked against it in tests/golden/solvers; one deviation: DPM-Solver++ and UniPC run without its
 dynamic thresholding of the data prediction (the published solvers keep it off for pixel models).
 
-The noise-level schedules are separate functions returning the levels (edm_sigmas, logsnr_sigmas,
-time_uniform_sigmas, or any list through check_sigmas). sample() runs a solver by name from latents,
-in generate.py's sampler interface, and adds Discriminator Guidance to every network evaluation.
+The noise levels are sampling/schedules.py's (get_sigmas: edm_sigmas in diff-sampler's float32,
+logsnr_sigmas, time_uniform_sigmas, or any list through check_sigmas). sample() runs a solver by
+name from latents, in EDM's samplers' signature, and adds Discriminator Guidance to every network
+evaluation (sampling/guidance.py's GuidedDenoiser). callback(step) gets a sampling.denoisers.Step.
 """
 
-from typing import Callable, NamedTuple, Optional
-import json
-import os
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from training.sampling import noise_schedule, vp_betas, vp_sigma
-
-#----------------------------------------------------------------------------
-# Noise levels: 1-D float64 tensors, sigma_max first, sigma_min last. They are diff-sampler's
-# levels bit for bit: computed in float32 as it computes them (get_schedule), then widened, so
-# that few-step results compare with its published numbers (EDM's own sampler keeps float64).
-
-def edm_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=None):
-    """EDM's levels: uniform in sigma^(1/rho)."""
-    fraction = torch.arange(num_steps, dtype=torch.float32, device=device) / (num_steps - 1)
-    return ((sigma_max ** (1 / rho) + fraction * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho).double()
-
-def logsnr_sigmas(num_steps, sigma_min=0.002, sigma_max=80, device=None):
-    """Uniform in log-SNR = -2 log(sigma) (DPM-Solver's choice for small images)."""
-    lam = lambda sigma: -torch.tensor(sigma, dtype=torch.float32).log().item()
-    return torch.linspace(lam(sigma_max), lam(sigma_min), num_steps, dtype=torch.float32, device=device).neg().exp().double()
-
-def time_uniform_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=1, device=None):
-    """Uniform in t^(1/rho) of the VP SDE fitted to [sigma_min, sigma_max] over t in [1e-3, 1]
-    (DPM-Solver's time-uniform levels at rho=1; rho is diff-sampler's exponent). The float32 fit
-    (diff_sampler_vp) ends these levels at 0.0020132 for sigma_min=0.002, as diff-sampler's."""
-    fraction = torch.arange(num_steps, dtype=torch.float32, device=device) / (num_steps - 1)
-    t = (1 + fraction * (VP_EPSILON ** (1 / rho) - 1)) ** rho
-    return vp_sigma(*diff_sampler_vp(sigma_min, sigma_max))(t).double()
-
-VP_EPSILON = 1e-3 # smallest time of the VP SDE fits
-
-def diff_sampler_vp(sigma_min=0.002, sigma_max=80):
-    """(beta_d, beta_min) of the VP SDE through sigma_min at t=1e-3 and sigma_max at t=1, fitted in
-    float32 as diff-sampler does: its log(1 + sigma_min^2) is 1% off at sigma_min=0.002, which moves
-    its time-uniform levels and DEIS weights; kept, so that both match diff-sampler's. Python floats
-    (exactly the float32 values)."""
-    return tuple(float(beta) for beta in vp_betas(np.float32(sigma_min), np.float32(sigma_max), VP_EPSILON))
-
-DISCRETIZATIONS = ('edm', 'logsnr', 'time-uniform')
-
-def get_sigmas(disc, num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=None):
-    """The levels of discretization edm|logsnr|time-uniform (rho: EDM's rho, time-uniform's exponent)."""
-    if num_steps < 2:
-        raise ValueError(f'need at least 2 noise levels, got {num_steps}')
-    if disc == 'edm':
-        return edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device)
-    if disc == 'logsnr':
-        return logsnr_sigmas(num_steps, sigma_min, sigma_max, device=device)
-    if disc == 'time-uniform':
-        return time_uniform_sigmas(num_steps, sigma_min, sigma_max, rho, device=device)
-    raise ValueError(f'unknown discretization {disc!r}: choose {", ".join(DISCRETIZATIONS)}')
-
-def check_sigmas(sigmas, device=None):
-    """sigmas as a float64 tensor, or ValueError unless they are finite, positive, strictly decreasing."""
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=device)
-    if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f'need a list of at least 2 noise levels, got {sigmas.tolist()}')
-    if not (torch.isfinite(sigmas).all() and (sigmas > 0).all()):
-        raise ValueError(f'noise levels must be positive numbers, got {sigmas.tolist()}')
-    if not (sigmas[1:] < sigmas[:-1]).all():
-        raise ValueError(f'noise levels must be strictly decreasing (sigma_max first), got {sigmas.tolist()}')
-    return sigmas
-
-def read_sigmas(value):
-    """Noise levels from a command-line value: 'a,b,c,...' or a JSON file holding a list or
-    {"sigmas": [...]} (tools/schedule_search.py's output). Not checked: see check_sigmas."""
-    if value.endswith('.json') or os.path.isfile(value):
-        try:
-            with open(value) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f'cannot read noise levels from {value}: {e}') from e
-        data = data.get('sigmas') if isinstance(data, dict) else data
-        if not isinstance(data, list) or not all(isinstance(v, (int, float)) for v in data):
-            raise ValueError(f'{value} holds no list of noise levels: give a JSON list or {{"sigmas": [...]}}')
-        return [float(v) for v in data]
-    try:
-        return [float(v) for v in value.split(',')]
-    except ValueError:
-        raise ValueError(f'cannot read {value!r} as noise levels: give numbers like 80,10,1,0.002 or a JSON file') from None
+from sampling.denoisers import Step
+from sampling.guidance import GuidedDenoiser
+from sampling.schedules import check_sigmas, diff_sampler_vp, noise_schedule
 
 #----------------------------------------------------------------------------
 # One evaluation: the data prediction D(x; sigma) and the slope dx/dsigma.
-
-class SolverStep(NamedTuple):
-    """What a solver hands to callback(step) after step i (float64 tensors)."""
-    i: int                  # step index 0 .. len(sigmas) - 2
-    sigma: torch.Tensor     # level at the start of the step
-    sigma_next: torch.Tensor
-    x: torch.Tensor         # state at sigma
-    denoised: torch.Tensor  # the data prediction the step used for sigma (slope: (x - denoised) / sigma)
-    x_next: torch.Tensor    # state at sigma_next
 
 def denoise(net, x, sigma, class_labels, analytic=False):
     """(D(x; sigma), dx/dsigma). analytic: AFS's first slope x / sqrt(1 + sigma^2), no network call:
@@ -122,8 +39,9 @@ def denoise(net, x, sigma, class_labels, analytic=False):
     return denoised, (x - denoised) / sigma
 
 def report(callback, i, sigmas, x, denoised, x_next):
+    """callback(Step) after step i: one evaluation at sigmas[i] (no churn, no second evaluation)."""
     if callback is not None:
-        callback(SolverStep(i, sigmas[i], sigmas[i + 1], x, denoised, x_next))
+        callback(Step(i, sigmas[i], sigmas[i], sigmas[i + 1], x, x, x_next, denoised))
 
 #----------------------------------------------------------------------------
 # Single-step solvers.
@@ -364,28 +282,12 @@ def nfe(solver, num_levels, afs=False):
     steps = num_levels - 1
     return (2 * steps if solver == 'dpm2' else steps) - int(afs)
 
-class GuidedDenoiser:
-    """The network with Discriminator Guidance: D(x; sigma) - weight * correction, so that any
-    solver's slope (x - D) / sigma gets weight * correction / sigma, as edm_sampler's dg_slope adds
-    it at each Euler evaluation (training/guidance.py). The AFS step calls no network: unguided."""
-
-    def __init__(self, net, guidance, weight):
-        self.net, self.guidance, self.weight = net, guidance, weight
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__['net'], name)
-
-    def __call__(self, x, sigma, class_labels=None):
-        denoised = self.net(x, sigma, class_labels).to(torch.float64)
-        grad, _ = self.guidance.correction(x, sigma, class_labels)
-        return denoised - self.weight * grad.to(torch.float64)
-
 def sample(net, latents, class_labels=None, randn_like=None, solver='ipndm', sigmas=None, order=None,
            afs=False, variant=None, guidance=None, dg_weight=2.0,
-           callback: Optional[Callable[[SolverStep], None]] = None):
+           callback: Optional[Callable[[Step], None]] = None):
     """Images at sigmas[-1] from latents [N, C, H, W] by the named solver: x = latents * sigmas[0].
-    The signature of training/sampling.py's samplers (randn_like is unused: the solvers are
-    deterministic), so generate.py and trace_sampler run it alike. guidance: DG on every evaluation."""
+    The signature of EDM's samplers (randn_like is unused: the solvers are deterministic), so
+    generate_images and trace_sampler run it alike. guidance: DG on every evaluation (GuidedDenoiser)."""
     sigmas = check_sigmas(sigmas, device=latents.device)
     kwargs = check_solver(solver, sigmas, order, afs, variant)
     if guidance is not None and dg_weight != 0:
