@@ -247,8 +247,8 @@ def check_fits(src, dst, source, strict, fix, interface=None):
 @click.option('--desc',          help='String to include in result dir name', metavar='STR',        type=str)
 @click.option('--nosubdir',      help='Do not create a subdirectory for results (a re-run resumes from the latest state there)', is_flag=True)
 @click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
-@click.option('--snap',          help='How often to save snapshots', metavar='TICKS',               type=click.IntRange(min=1), default=50, show_default=True)
-@click.option('--dump',          help='How often to dump state', metavar='TICKS',                   type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--snap',          help='How often to save snapshots (and at the end), 0 = never', metavar='TICKS', type=click.IntRange(min=0), default=50, show_default=True)
+@click.option('--dump',          help='How often to dump state (and at the end), 0 = never', metavar='TICKS', type=click.IntRange(min=0), default=500, show_default=True)
 @click.option('--dump-minutes',  help='How often to replace the rolling state training-state-latest.pt, 0 = never', metavar='MIN', type=click.FloatRange(min=0), default=30, show_default=True)
 @click.option('--metric-every',  help='FD of EMA samples every N ticks, 0 = never (stats.jsonl, TensorBoard)', metavar='TICKS', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--metric-images', help='EMA samples and training images of the FD metric', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
@@ -367,7 +367,7 @@ def main(**kwargs):
     c.update(tf32=opts.tf32, bf16=opts.bf16, compile=opts.compile, deterministic=opts.deterministic)
     if opts.bf16 and opts.fp16:
         fail('--bf16 and --fp16=1 are two kinds of mixed precision; choose one')
-    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, state_dump_minutes=opts.dump_minutes or None)
+    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap or None, state_dump_ticks=opts.dump or None, state_dump_minutes=opts.dump_minutes or None)
     c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, grid_images=opts.grid)
     c.update(metric_every=opts.metric_every, metric_images=opts.metric_images, metric_detector=opts.metric_detector)
 

@@ -52,6 +52,17 @@ def parse_list(text, cast=int):
 # in the section, each with the run that measured it, so a run that skips a part (--skip-large,
 # --no-builds, --no-train) keeps that part's last numbers instead of dropping them.
 
+def installed_solvers():
+    """The exact dense solvers whose packages import here: scipy always, lap where it is installed."""
+    found = []
+    for solver in ['scipy', 'lap']:
+        try:
+            aot.check_solver(solver)
+            found.append(solver)
+        except ValueError:
+            pass
+    return ','.join(found)
+
 def part(name, lines, env):
     stamp = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
     return ['', f'<!-- part:{name} -->', *lines, '', f'Part measured {stamp} on {env} at start: `{report.command()}`', f'<!-- /part:{name} -->']
@@ -249,7 +260,7 @@ def train_run(data, outdir, pool, workers, solver, kimg, tick, train_args):
 
 @click.command()
 @click.option('--pools',       help='Pool sizes for the solver timings (empty: skip them)', metavar='LIST', default='256,512,1024,2048,4096', show_default=True)
-@click.option('--solvers',     help='Solvers to time', metavar='LIST', default='scipy,lap', show_default=True)
+@click.option('--solvers',     help='Solvers to time  [default: scipy, and lap where it is installed]', metavar='LIST', default=installed_solvers)
 @click.option('--repeats',     help='Timings per pool and solver (best is kept)', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--large-pools', help='Pool sizes for the large-pool solvers (knn, its alternative, exact where it fits)', metavar='LIST', default='512,1024,2048,4096,16384', show_default=True)
 @click.option('--skip-large',  help='Skip the large-pool solver part', is_flag=True)
@@ -264,7 +275,7 @@ def train_run(data, outdir, pool, workers, solver, kimg, tick, train_args):
 @click.option('--train/--no-train', help='Also measure the training loop\'s wait', default=True, show_default=True)
 @click.option('--train-pools', help='--aot values to train with (0 = plain EDM, the baseline)', metavar='LIST', default='0,512,4096', show_default=True)
 @click.option('--workers',     help='--workers values to train with', metavar='LIST', default='1,0', show_default=True)
-@click.option('--train-solvers', help='--aot-solver values to train with at the largest pool', metavar='LIST', default='scipy,lap', show_default=True)
+@click.option('--train-solvers', help='--aot-solver values to train with at the largest pool  [default: scipy, and lap where it is installed]', metavar='LIST', default=installed_solvers)
 @click.option('--data',        help='Dataset for the training runs (unconditional; "" = 1024 random 3x32x32 images)', metavar='ZIP|DIR', type=str, default='datasets/uci-digits-16x16.zip', show_default=True)
 @click.option('--kimg',        help='Images per training run (thousands); cover a few of the largest pools', type=float, default=12.288, show_default=True)
 @click.option('--tick',        help='Tick length (kimg)', type=float, default=2.048, show_default=True)

@@ -248,6 +248,17 @@ def test_pool_placement_leaves_training_alone(data, tmp_path):
     assert_same_weights(all_tensors(states[0]), all_tensors(states[1]))
 
 @pytest.mark.slow
+def test_snap_and_dump_zero_save_nothing(data, tmp_path):
+    # --snap=0 and --dump=0 mean never (not even at the end), for runs that only time or check
+    # training; the statistics are still written.
+    run(['--outdir', str(tmp_path), '--data', data, '--duration=0.000064', '--snap=0', '--dump=0', '--dump-minutes=0'] + TINY)
+    run_dir = only_run_dir(tmp_path)
+    saved = [n for n in os.listdir(run_dir) if n.startswith(('network-snapshot-', 'training-state-', 'samples-'))]
+    assert saved == [] and len(final_losses(run_dir)) >= 2
+    help_text = ' '.join(run(['--help']).stdout.split()) # click wraps the lines
+    assert 'save snapshots (and at the end), 0 = never' in help_text and 'dump state (and at the end), 0 = never' in help_text
+
+@pytest.mark.slow
 def test_sigterm_to_every_process_saves_the_state(data, tmp_path):
     # A scheduler's SIGTERM reaches the pool worker processes too: they must keep serving pools
     # until the trainer has stopped and saved, and then end (no hang at exit). Sent as training
