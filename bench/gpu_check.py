@@ -77,7 +77,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --smoke runs only tests that skip at once on a CPU.
 CUDA_TESTS = {
     'resume': ['tests/test_train.py::test_resume_equals_uninterrupted', 'tests/test_train.py::test_resume_continues'],
-    'sigint': ['tests/test_train.py::test_sigint_then_resume_by_folder_equals_uninterrupted'],
+    'sigint': ['tests/test_train.py::test_sigint_then_resume_by_folder_equals_uninterrupted',
+               'tests/test_train_ddp.py::test_stop_agreed_over_nccl'],
     'pools':  ['tests/test_pools.py::test_cuda_pool_has_the_cpu_pools_augmentation',
                'tests/test_train.py::test_foreach_updates_match_edm_bit_for_bit'],
     'images': ['tests/test_augment.py::test_device_matches_golden', 'tests/test_augment.py::test_cuda_chunks_bound_memory',
