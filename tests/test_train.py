@@ -19,7 +19,7 @@ import torch
 
 import dnnlib
 from tests.datagen import make_dataset
-from train import latest_state
+from training.run_dir import latest_state
 from training import network_io, training_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
