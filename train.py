@@ -198,10 +198,10 @@ def setup_training_config(opts):
     if opts.transfer is not None:
         c.ema_rampup_ratio = None
     if opts.transfer is not None and opts.resume is None:
-        c.update(checked(run_dir.transfer_from, opts.transfer, run_dir.planned_network(c.network_kwargs, interface)))
+        c.update(checked(run_dir.transfer_from, opts.transfer, c.network_kwargs, interface))
     elif opts.resume is not None:
-        dst = run_dir.planned_network(c.network_kwargs, interface)
-        c.update(checked(run_dir.resume_from, opts.resume, dst, world, batch=opts.batch, aot=opts.aot, seed=opts.seed))
+        pools_from = dict(batch=opts.batch, aot=opts.aot, seed=opts.seed)
+        c.update(checked(run_dir.resume_from, opts.resume, c.network_kwargs, interface, world, **pools_from))
     c.seed = dist.broadcast_object(c.seed)
 
     # Description string.

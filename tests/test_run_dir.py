@@ -181,22 +181,21 @@ def our_state(path, **changes):
     return str(path)
 
 def test_resume_from_our_state(tmp_path):
-    dst = run_dir.planned_network(NETWORK, INTERFACE)
     path = our_state(tmp_path / 'training-state-000001.pt')
-    assert run_dir.resume_from(path, dst, 1, batch=64, aot=256, seed=None) == dict(seed=7, resume_state_dump=path)
-    assert run_dir.resume_from(path, dst, 1, batch=64, aot=256, seed=7) == dict(resume_state_dump=path)
+    resume = lambda seed: run_dir.resume_from(path, NETWORK, INTERFACE, 1, batch=64, aot=256, seed=seed)
+    assert resume(None) == dict(seed=7, resume_state_dump=path)
+    assert resume(7) == dict(resume_state_dump=path)
 
 @pytest.mark.parametrize('option,value,run_has', [('batch', 32, 64), ('aot', 128, 256), ('seed', 1, 7)])
 def test_resume_refuses_other_pools(tmp_path, option, value, run_has):
-    dst = run_dir.planned_network(NETWORK, INTERFACE)
     path = our_state(tmp_path / 'training-state-000001.pt')
-    err = refusal(run_dir.resume_from, path, dst, 1, **{**dict(batch=64, aot=256, seed=None), option: value})
+    pools_from = {**dict(batch=64, aot=256, seed=None), option: value}
+    err = refusal(run_dir.resume_from, path, NETWORK, INTERFACE, 1, **pools_from)
     assert err.kind == 'pools-differ'
     had = f'the interrupted run had --{option}={run_has}, this one --{option}={value}'
     assert err.message(flag).startswith(f'--resume={path}: {had}')
 
 def test_resume_refuses_what_is_not_a_state(tmp_path):
-    dst = run_dir.planned_network(NETWORK, INTERFACE)
     (tmp_path / 'training-state-000001.pt').write_bytes(b'damaged')
     torch.save(dict(net={}), tmp_path / 'training-state-000002.pt')
     torch.save(dict(net={}, optimizer_state={}), tmp_path / 'training-state-latest.pt')
@@ -206,29 +205,27 @@ def test_resume_refuses_what_is_not_a_state(tmp_path):
                         ('training-state-000001.pt', 'cannot read training state'),
                         ('training-state-000002.pt', 'not a training state (it holds'),
                         ('training-state-latest.pt', 'not a training state of this train.py')]:
-        err = refusal(run_dir.resume_from, str(tmp_path / name), dst, 1, batch=64, aot=256, seed=None)
+        err = refusal(run_dir.resume_from, str(tmp_path / name), NETWORK, INTERFACE, 1, batch=64, aot=256, seed=None)
         assert err.message(flag).startswith(f'--resume={tmp_path / name}: {words}'), err.message(flag)
 
 def test_resume_refuses_a_state_of_another_network(tmp_path):
-    dst = run_dir.planned_network(dict(NETWORK, model_channels=16), INTERFACE)
     path = our_state(tmp_path / 'training-state-000001.pt')
-    err = refusal(run_dir.resume_from, path, dst, 1, batch=64, aot=256, seed=None)
+    err = refusal(run_dir.resume_from, path, dict(NETWORK, model_channels=16), INTERFACE, 1, batch=64, aot=256, seed=None)
     assert err.kind == 'misfit'
     assert err.message(flag).startswith(f'--resume={path} does not fit this run: architecture: ')
 
 def test_edm_state_dump_needs_its_snapshot(tmp_path):
-    dst = run_dir.planned_network(NETWORK, INTERFACE)
     net = network()
     optimizer_state = torch.optim.Adam(net.parameters()).state_dict()
     torch.save(dict(net=net, optimizer_state=optimizer_state), tmp_path / 'training-state-000002.pt')
-    err = refusal(run_dir.resume_from, str(tmp_path / 'training-state-000002.pt'), dst, 1, batch=64, aot=256, seed=None)
+    path = str(tmp_path / 'training-state-000002.pt')
+    err = refusal(run_dir.resume_from, path, NETWORK, INTERFACE, 1, batch=64, aot=256, seed=None)
     assert err.kind == 'no-file' and 'EDM state dumps need' in str(err) and 'network-snapshot-000002.pkl' in str(err)
 
 def test_transfer_refusals(tmp_path):
-    dst = run_dir.planned_network(NETWORK, INTERFACE)
-    err = refusal(run_dir.transfer_from, str(tmp_path / 'nope.pkl'), dst)
+    err = refusal(run_dir.transfer_from, str(tmp_path / 'nope.pkl'), NETWORK, INTERFACE)
     assert err.message(flag) == f'--transfer={tmp_path / "nope.pkl"}: no such file'
     (tmp_path / 'bad.pkl').write_bytes(b'not a pickle')
-    err = refusal(run_dir.transfer_from, str(tmp_path / 'bad.pkl'), dst)
+    err = refusal(run_dir.transfer_from, str(tmp_path / 'bad.pkl'), NETWORK, INTERFACE)
     assert err.kind == 'cannot-load'
     assert err.message(flag).startswith(f'--transfer={tmp_path / "bad.pkl"}: cannot load the network: ')

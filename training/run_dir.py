@@ -243,23 +243,24 @@ RESUME_FIX = [f'Resume with the options of the interrupted run (its {OPTIONS_FIL
 TRANSFER_FIX = ['Transfer from a snapshot of data with the same resolution and classes, trained with the same ',
                 Opt('arch'), ', ', Opt('cbase'), ', ', Opt('cres'), ' and ', Opt('precond'), '.']
 
-def transfer_from(path, dst):
-    """The loop's arguments to start the network dst from the weights of the snapshot at path,
-    checked before the run folder exists (the loop would load whatever names match)."""
+def transfer_from(path, network_kwargs, interface):
+    """The loop's arguments to start the network of these kwargs and interface from the weights of the
+    snapshot at path, checked before the run folder exists (the loop would load whatever names match)."""
     source = Opt('transfer', path)
     if not dnnlib.util.is_url(path) and not os.path.isfile(path):
         raise RunDirError('no-file', source, ': no such file')
-    src = load_network(path, source)
+    src, dst = load_network(path, source), planned_network(network_kwargs, interface)
     check_fits(src, dst, source, strict=False, fix=TRANSFER_FIX)
     if {name for name in dst.state_dict() if name.startswith('model.map_augment.')} - set(src.state_dict()):
         dist.print0('Note: the snapshot has no augmentation-label layer; '
                     'this run starts that layer from random weights.')
     return dict(resume_pkl=path)
 
-def resume_from(path, dst, world_size, batch, aot, seed):
-    """The loop's arguments to resume the network dst from the state file at path (ours or EDM's
-    mid-run dump, whose EMA weights are in the snapshot beside it), after checking that the state
-    continues a run of these pool options (seed None = the state's) and fits dst."""
+def resume_from(path, network_kwargs, interface, world_size, batch, aot, seed):
+    """The loop's arguments to resume the network of these kwargs and interface from the state file
+    at path (ours or EDM's mid-run dump, whose EMA weights are in the snapshot beside it), after
+    checking that the state continues a run of these pool options (seed None = the state's) and
+    that its weights fit that network."""
     source = Opt('resume', path)
     match = re.fullmatch(r'training-state-(\d+|latest)\.pt', os.path.basename(path))
     if not match or not os.path.isfile(path):
@@ -272,6 +273,7 @@ def resume_from(path, dst, world_size, batch, aot, seed):
                           'the file is damaged or not a training state') from err
     if not isinstance(state, dict) or not {'net', 'optimizer_state'} <= state.keys():
         raise RunDirError('not-a-state', source, ': not a training state (it holds no network and optimizer state)')
+    dst = planned_network(network_kwargs, interface)
     plan = {}
     if state.get('format') == STATE_FORMAT:
         for option, value in dict(batch=batch, aot=aot, seed=seed).items():
