@@ -131,6 +131,10 @@ class Logger:
 #----------------------------------------------------------------------------
 # Formatting and parsing.
 
+def one_line(err) -> str:
+    """An exception's text on one line (its type's name when it has none), for one-line error messages."""
+    return ' '.join(str(err).split()) or type(err).__name__
+
 def format_time(seconds) -> str:
     """Human-readable duration: '42s', '3m 05s', '2h 07m 00s', '1d 04h 00m'."""
     s = int(round(seconds))

@@ -18,7 +18,7 @@ import torch
 
 import dnnlib
 from tests.helpers import ROOT, TINY, all_tensors, assert_same_weights, final_losses, only_run_dir, run_train as run
-from train import latest_state
+from training.run_dir import latest_state
 from training import network_io, training_loop
 from training.testdata import make_dataset
 

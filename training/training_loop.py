@@ -26,9 +26,8 @@ from training import sampling
 from sampling.images import save_image_grid, to_uint8
 from training.monitor import Monitor
 from training.pools import PoolStream, iterate_slices
+from training.run_dir import ROLLING_STATE, STATE_FORMAT, load_training_state
 
-STATE_FORMAT = 'edm-aot-training-state/1'
-ROLLING_STATE = 'training-state-latest.pt' # replaced every --dump-minutes and on a stop signal
 STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
 
 #----------------------------------------------------------------------------
@@ -173,15 +172,6 @@ def settle_ddp_buckets(ddp, loss_fn, shapes, device, bf16=False):
             loss = loss_fn(net=ddp, **inputs)
         loss.sum().backward()
     ddp.zero_grad(set_to_none=True)
-
-def load_training_state(path):
-    """Our own state dumps hold only tensors and plain values and load without running code;
-    EDM's hold the pickled network and need weights_only=False (a notice is printed)."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True) # mmap: reading a few keys stays cheap
-    except pickle.UnpicklingError:
-        dist.print0(f'Loading EDM training state {path}: it contains pickled code; load only files you trust.')
-        return torch.load(path, map_location='cpu', weights_only=False)
 
 #----------------------------------------------------------------------------
 
