@@ -115,8 +115,9 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
         ref = load_stats(ref_path)
         if pr and 'features' not in ref:
             raise click.ClickException(f'{ref_path}: no features for --pr; make the reference with "fid.py ref --save-features"')
-        refuse_other_detector(ref, ref_path, detector)
     dataset_obj = open_images(image_path, num_expected, seed) # before any download
+    if rank == 0:
+        refuse_other_detector(ref, ref_path, detector)
     det = open_detector_of(detector, rank)
     if rank == 0 and ref['detector'] != det.id:
         raise click.ClickException(f'{ref_path} was computed with detector {ref["detector"]}, this run uses {det.id}; '

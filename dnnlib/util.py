@@ -34,9 +34,11 @@ def current_umask() -> int:
     os.umask(mask)
     return mask
 
-def one_line(err):
-    """An exception as one line for an error message: its type and its text, whitespace collapsed."""
-    return f'{type(err).__name__}: {" ".join(str(err).split())}'.rstrip(': ')
+def one_line(err, named=True):
+    """An exception as one line for an error message, whitespace collapsed: 'Type: text' (named), or
+    the text alone (its type's name when it has none)."""
+    text = ' '.join(str(err).split())
+    return f'{type(err).__name__}: {text}'.rstrip(': ') if named else text or type(err).__name__
 
 @contextlib.contextmanager
 def atomic_write(path, set_mode=True):
@@ -130,10 +132,6 @@ class Logger:
 
 #----------------------------------------------------------------------------
 # Formatting and parsing.
-
-def one_line(err) -> str:
-    """An exception's text on one line (its type's name when it has none), for one-line error messages."""
-    return ' '.join(str(err).split()) or type(err).__name__
 
 def format_time(seconds) -> str:
     """Human-readable duration: '42s', '3m 05s', '2h 07m 00s', '1d 04h 00m'."""

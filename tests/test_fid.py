@@ -340,17 +340,18 @@ def errors(env):
     ref = dict(np.load(env['ref']))
     del ref['features']
     np.savez(os.path.join(tmp, 'ref-nofeat.npz'), **ref)
+    np.savez(os.path.join(tmp, 'ref-edm.npz'), mu=ref['mu'], sigma=ref['sigma']) # EDM's format: the standard detector's
     calc_cases = {
         'too_few':      [env['a'], f'--ref={env["ref"]}', '--num=100', det],
         'mixed':        [mixed, f'--ref={env["ref"]}', '--num=7', det, '--workers=1'], # error raised in a loader worker
         'rgba':         [rgba, f'--ref={env["ref"]}', '--num=3', det],
         'no_mu_sigma':  [env['a'], f'--ref={os.path.join(tmp, "bad.npz")}', '--num=80', det],
         'url':          [env['a'], '--ref=http://127.0.0.1:9/ref.npz', '--num=80', det],
-        'default_det':  [env['a'], f'--ref={env["ref"]}', '--num=80'],
+        'default_det':  [env['a'], f'--ref={os.path.join(tmp, "ref-edm.npz")}', '--num=80'],
         'mismatch':     [env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det2"]}'],
         'pr_features':  [env['a'], f'--ref={os.path.join(tmp, "ref-nofeat.npz")}', '--num=80', det, '--pr'],
         'standin_ref':  [env['a'], f'--ref={env["ref"]}', '--num=80', '--detector=standin'],
-        'images_first': [os.path.join(tmp, 'missing'), f'--ref={env["ref"]}', '--num=80'],
+        'images_first': [os.path.join(tmp, 'missing'), f'--ref={os.path.join(tmp, "ref-edm.npz")}', '--num=80'],
     }
     cases = {name: ['calc', f'--images={args[0]}', *args[1:], *([] if '--workers=1' in args else ['--workers=0'])] for name, args in calc_cases.items()}
     cases.update({

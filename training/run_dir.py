@@ -237,7 +237,7 @@ def load_network(path, source):
     try:
         return network_io.load_network(path, verbose=(dist.get_rank() == 0))
     except Exception as err: # a pickle can fail in any way
-        raise RunDirError('cannot-load', source, f': cannot load the network: {dnnlib.util.one_line(err)}') from err
+        raise RunDirError('cannot-load', source, f': cannot load the network: {dnnlib.util.one_line(err, named=False)}') from err
 
 RESUME_FIX = [f'Resume with the options of the interrupted run (its {OPTIONS_FILE} lists them).']
 TRANSFER_FIX = ['Transfer from a snapshot of data with the same resolution and classes, trained with the same ',
