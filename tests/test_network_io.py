@@ -248,3 +248,21 @@ def test_load_network_from_url(small_module, tmp_path, monkeypatch):
     x = torch.randn(2, 3)
     assert torch.equal(loaded(x, 1.0), net(x, 1.0))
     assert len(os.listdir(tmp_path / 'cache' / 'downloads')) == 1 # cached for next time
+
+def test_files_of_an_earlier_version_load(tmp_path):
+    # Snapshots and a training state written before the code moved (tests/golden/earlier/README.md).
+    from training import networks, run_dir
+    earlier = os.path.join(os.path.dirname(__file__), 'golden', 'earlier')
+    pkl = network_io.load_network(os.path.join(earlier, 'network-snapshot-000000.pkl'), verbose=False)
+    safe = network_io.load_network(os.path.join(earlier, 'network-snapshot-000000.safetensors'), verbose=False)
+    assert type(safe) is networks.EDMPrecond and type(pkl).__name__ == 'EDMPrecond'
+    assert pkl.state_dict().keys() == safe.state_dict().keys()
+    assert all(torch.equal(pkl.state_dict()[k], safe.state_dict()[k]) for k in safe.state_dict())
+    state = run_dir.load_training_state(os.path.join(earlier, 'training-state-000000.pt'))
+    with open(os.path.join(earlier, 'training_options.json')) as f:
+        kwargs = json.load(f)['network_kwargs']
+    net = networks.EDMPrecond(img_resolution=16, img_channels=1, label_dim=10, # the digits: grayscale
+                              **{k: v for k, v in kwargs.items() if k != 'class_name'})
+    net.load_state_dict(state['ema'], strict=True)
+    assert all(torch.equal(net.state_dict()[k], safe.state_dict()[k]) for k in safe.state_dict()) # the snapshot is the EMA
+    assert state['cur_nimg'] == 32 and state['aot_pool'] == 16
