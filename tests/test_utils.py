@@ -345,8 +345,13 @@ PRETEND_GPU = textwrap.dedent('''
     torch.cuda.set_device = lambda device: None
     torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(uuid=os.environ['GPU_UUID'])
     torch.distributed.is_nccl_available = lambda: True
-    def init_process_group(backend, **kwargs):
+    def init_process_group(backend, store, rank, world_size, **kwargs):
         print('backend', backend, flush=True)
+        # Rank 0 hosts the store: it must not exit while another rank still talks to it.
+        if rank > 0:
+            store.add('left', 1) # the last call to the store
+        while rank == 0 and store.add('left', 0) < world_size - 1:
+            pass
         sys.exit(0)
     torch.distributed.init_process_group = init_process_group
     from torch_utils import distributed as dist
