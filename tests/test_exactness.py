@@ -51,8 +51,9 @@ def test_same_bits_as_edm_on_this_machine(tmp_path):
 def test_golden_bit_for_bit_under_pinned_kernels():
     if kernels_pinned():
         pytest.skip('already running under the pinned kernels')
-    if pinning_unavailable():
-        pytest.skip(pinning_unavailable())
+    reason = pinning_unavailable()
+    if reason:
+        pytest.skip(reason)
     if cpu_vendor() != GOLDEN_VENDOR:
         pytest.skip(f'the golden files reproduce bit for bit on {GOLDEN_VENDOR} CPUs; this is {cpu_vendor()} (tolerances apply)')
     env = dict(os.environ, **PINNED_KERNELS, OMP_NUM_THREADS='1')

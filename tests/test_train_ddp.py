@@ -273,8 +273,9 @@ def compile_unavailable():
 @pytest.mark.slow
 def test_compile_trains(tmp_path, data):
     # --compile (inductor) on the CPU: a few steps of a tiny network, losses finite, a snapshot written.
-    if compile_unavailable():
-        pytest.skip(compile_unavailable())
+    reason = compile_unavailable()
+    if reason:
+        pytest.skip(reason)
     proc = run(['--outdir', str(tmp_path), '--data', data, '--cond=1', '--aot=16', '--duration=0.000048', '--compile'] + TINY)
     assert 'Fast numerics:           compile' in proc.stdout
     losses = final_losses(only_run_dir(tmp_path))
