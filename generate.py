@@ -17,7 +17,7 @@ import torch
 import tqdm
 from dnnlib.util import one_line
 from torch_utils import distributed as dist
-from sampling import generate as library, ot_start, schedules
+from sampling import generate as library, ot_start, schedules, solvers
 from sampling.generate import FEW_STEP, png_name
 from sampling.guidance import DiscriminatorGuidance
 from sampling.image_folder import RECORD, ImageFolder, file_setting, jsonable
@@ -52,7 +52,8 @@ def fail_together(error):
         raise SystemExit(1)
 
 # The few-step solvers' options (sampling/solvers.py, docs/few-step.md); euler and heun stay EDM's ablation solvers.
-FEW_STEP_OPTIONS = {'order': '--order', 'variant': '--unipc-variant', 'afs': '--afs', 'sigmas': '--sigmas'}
+FEW_STEP_OPTIONS = {'order': '--order', 'variant': '--unipc-variant', 'afs': '--afs', 'sigmas': '--sigmas', 'eta': '--eta'}
+STOCHASTIC = list(solvers.STOCHASTIC) # k-diffusion's stochastic few-step samplers: --eta, and --S_noise as their noise scale
 
 def check_few_step_options(sampler_kwargs):
     """Raise click.BadParameter for few-step options without a few-step --solver, or EDM's sampler options with one."""
@@ -62,10 +63,15 @@ def check_few_step_options(sampler_kwargs):
         raise click.BadParameter(f'works with the few-step solvers: add --solver={"|".join(FEW_STEP)}', param_hint=given[0])
     if not few_step:
         return
+    stochastic = sampler_kwargs['solver'] in STOCHASTIC
+    noise_options = [option for option, given in [('--eta', 'eta' in sampler_kwargs), ('--S_noise', sampler_kwargs.get('S_noise', 1) != 1)] if given]
+    if noise_options and not stochastic:
+        raise click.BadParameter(f'is the stochastic samplers\' noise; --solver={sampler_kwargs["solver"]} is deterministic: use --solver={"|".join(STOCHASTIC)}', param_hint=noise_options[0])
     edm_only = [option for key, option in [('schedule', '--schedule'), ('scaling', '--scaling')] if key in sampler_kwargs]
-    edm_only += ['--S_churn'] if sampler_kwargs['S_churn'] > 0 else []
+    edm_only += ['--S_churn'] if sampler_kwargs.get('S_churn', 0) > 0 else []
     if edm_only:
-        raise click.BadParameter(f'is an option of EDM\'s samplers; --solver={sampler_kwargs["solver"]} is deterministic and takes --disc={"|".join(schedules.DISCRETIZATIONS)}', param_hint=edm_only[0])
+        noise = f'; its noise is --eta and --S_noise' if stochastic else f' (the stochastic ones: {"|".join(STOCHASTIC)})'
+        raise click.BadParameter(f'is an option of EDM\'s samplers; --solver={sampler_kwargs["solver"]} takes --disc={"|".join(schedules.DISCRETIZATIONS)}{noise}', param_hint=edm_only[0])
     if sampler_kwargs.get('discretization', 'edm') not in schedules.DISCRETIZATIONS:
         raise click.BadParameter(f'{sampler_kwargs["discretization"]} is an ablation discretization; --solver={sampler_kwargs["solver"]} takes {"|".join(schedules.DISCRETIZATIONS)}', param_hint='--disc')
     replaced = [option for key, option in [('discretization', '--disc'), ('sigma_min', '--sigma_min'), ('sigma_max', '--sigma_max')] if key in sampler_kwargs]
@@ -154,14 +160,15 @@ def continue_command():
 @click.option('--S_churn', 'S_churn',      help='Amount of added noise (0: deterministic)', metavar='FLOAT',       type=click.FloatRange(min=0), default=0, show_default=True)
 @click.option('--S_min', 'S_min',          help='Add noise only above this level', metavar='FLOAT',                 type=click.FloatRange(min=0), default=0, show_default=True)
 @click.option('--S_max', 'S_max',          help='Add noise only below this level', metavar='FLOAT',                 type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise',      help='Scale of the added noise', metavar='FLOAT',                        type=float, default=1, show_default=True)
+@click.option('--S_noise', 'S_noise',      help='Scale of the added noise (EDM\'s churn; euler_ancestral, dpmpp_2m_sde)', metavar='FLOAT', type=float, default=1, show_default=True)
 
-@click.option('--solver',                  help='ODE solver: EDM\'s ablation euler|heun, or a few-step solver (docs/few-step.md)', metavar='euler|heun|' + '|'.join(FEW_STEP), type=click.Choice(['euler', 'heun', *FEW_STEP]))
+@click.option('--solver',                  help='ODE solver: EDM\'s ablation euler|heun, a few-step solver, or k-diffusion\'s stochastic euler_ancestral|dpmpp_2m_sde (docs/few-step.md)', metavar='euler|heun|' + '|'.join(FEW_STEP), type=click.Choice(['euler', 'heun', *FEW_STEP]))
 @click.option('--disc', 'discretization',  help='Time step discretization: ablation vp|ve|iddpm|edm; few-step edm|logsnr|time-uniform', metavar='NAME', type=click.Choice(['vp', 've', 'iddpm', 'edm', 'logsnr', 'time-uniform']))
 @click.option('--schedule',                help='Ablation: noise schedule sigma(t)', metavar='vp|ve|linear',        type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling',                 help='Ablation: signal scaling s(t)', metavar='vp|none',                 type=click.Choice(['vp', 'none']))
 @click.option('--order',                   help='Few-step: max order  [default: ipndm, ipndm-v 4; dpmpp, unipc, deis 3]', metavar='INT', type=int)
 @click.option('--unipc-variant', 'variant', help='Few-step: UniPC\'s B(h)  [default: bh2]', metavar='bh1|bh2',    type=click.Choice(['bh1', 'bh2']))
+@click.option('--eta',                     help='euler_ancestral, dpmpp_2m_sde: fresh noise per step, 0 = their ODE  [default: 1]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--afs',                     help='Few-step: analytical first step, one network call fewer',           is_flag=True, default=None)
 @click.option('--sigmas',                  help='Few-step: the noise levels, sigma_max first (replace --steps, --rho)', metavar='LIST|FILE.json', type=str)
 

@@ -26,7 +26,7 @@ from sampling.images import save_png, to_uint8
 # The sampler of a set of options.
 
 # Few-step solvers (sampling/solvers.py, docs/few-step.md); euler and heun stay EDM's ablation solvers.
-FEW_STEP = [name for name in solvers.SOLVERS if name != 'euler']
+FEW_STEP = [name for name in solvers.SAMPLERS if name != 'euler']
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling') # any of them: EDM's ablation sampler
 
 # The names sampling.json records for each sampler (kept from the modules they lived in before sampling/).
@@ -59,6 +59,8 @@ def describe(sampler):
     levels = [f'{float(s):.4g}' for s in sampler.levels]
     shown = levels if len(levels) <= 8 else levels[:4] + ['...'] + levels[-2:]
     steps = f'{sampler.kwargs["solver"]}, {len(levels)} levels' if sampler.few_step else f'{sampler.kwargs["num_steps"]} steps'
+    if 'eta' in sampler.kwargs: # a stochastic few-step sampler
+        steps += f', eta {sampler.kwargs["eta"]:g}, noise scale {sampler.kwargs["s_noise"]:g}'
     return f'Sampler: {sampler.fn.__name__}, {steps}, {sampler.nfe} NFE per image; sigma {", ".join(shown + ([] if sampler.few_step else ["0"]))}'
 
 class LevelsError(ValueError):
@@ -76,9 +78,10 @@ def few_step_kwargs(options, net):
         sigma_min = max(options.get('sigma_min', 0.002), float(net.sigma_min)) # the network's supported range
         sigma_max = min(options.get('sigma_max', 80), float(net.sigma_max))
         sigmas = get_sigmas(options.get('discretization', 'edm'), options['num_steps'], sigma_min, sigma_max, options['rho'])
-    # The defaults filled in (order, variant), so that the record of how the images were made names them.
+    # The defaults filled in (order, variant, eta, s_noise), so that the record of how the images were made names them.
+    # The stochastic samplers' noise scale is EDM's S_noise option (default 1).
     return dict(solver=options['solver'], sigmas=sigmas, **solvers.check_solver(options['solver'], sigmas,
-                options.get('order'), options.get('afs', False), options.get('variant')))
+                options.get('order'), options.get('afs', False), options.get('variant'), options.get('eta'), options.get('S_noise')))
 
 def choose_sampler(net, options):
     """(sampler_fn, its keyword arguments) for sampler options (None values dropped; generate.py's

@@ -1,5 +1,6 @@
 """Few-step ODE solvers for EDM's probability flow ODE dx/dsigma = (x - D(x; sigma)) / sigma, and
-the noise levels they step through.
+the noise levels they step through; beside them k-diffusion's stochastic euler_ancestral and
+dpmpp_2m_sde, which add fresh noise every step (drawn from the per-seed generators).
 
 Every solver is a function solver(net, x, sigmas, class_labels=None, ...) -> x at sigmas[-1], in the
 style of k-diffusion's sampling.py: x is the state at sigmas[0] (already scaled: latents * sigmas[0]),
@@ -240,20 +241,94 @@ def unipc(net, x, sigmas, class_labels=None, order=3, variant='bh2', afs=False, 
     return x
 
 #----------------------------------------------------------------------------
+# Stochastic samplers of k-diffusion (sampling.py): each step adds fresh noise, eta * s_noise of it.
+# noise(x) returns standard normal noise shaped like x: sample() passes the per-seed generators'
+# randn_like (sampling/seeds.py), so that an image depends on its seed only, as with EDM's churn;
+# without it, torch.randn_like (k-diffusion's default_noise_sampler). k-diffusion's dpmpp_2m_sde
+# defaults to a BrownianTreeNoiseSampler (torchsde, not a dependency here); it, too, takes
+# independent Gaussian noise per step when given default_noise_sampler, which is what runs here.
+# Noise is not drawn when its scale eta * s_noise is 0 (as EDM skips churn noise at S_churn = 0),
+# which keeps the per-seed noise stream of a deterministic run. The levels end at sigma_min, not 0
+# (as every solver here): the last step is an ordinary step, not k-diffusion's denoising jump to 0.
+
+def ancestral_step(sigma, sigma_next, eta=1.0):
+    """(sigma_down, sigma_up): the level a deterministic step goes down to, and the noise added back
+    so that the variance at sigma_next is right (DDPM's ancestral step for eta = 1)."""
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+def step_noise(noise, x, scale):
+    """scale * standard normal noise shaped like x (0 without a draw when scale is 0)."""
+    if scale == 0:
+        return 0
+    return scale * (torch.randn_like(x) if noise is None else noise(x))
+
+def euler_ancestral(net, x, sigmas, class_labels=None, eta=1.0, s_noise=1.0, afs=False, noise=None, callback=None):
+    """k-diffusion's euler_ancestral: an Euler step down to sigma_down, then noise of level sigma_up
+    (ancestral_step); one evaluation per step. eta = 0 is Euler's method."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised, d = denoise(net, x, sigmas[i], class_labels, analytic=afs and i == 0)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        x_next = x + (sigma_down - s[i]) * d + step_noise(noise, x, s_noise * sigma_up)
+        report(callback, i, sigmas, x, denoised, x_next)
+        x = x_next
+    return x
+
+def dpmpp_2m_sde(net, x, sigmas, class_labels=None, eta=1.0, s_noise=1.0, solver_type='midpoint', afs=False,
+                 noise=None, callback=None):
+    """k-diffusion's DPM-Solver++(2M) SDE: the exponential integrator of the SDE in lambda = -log(sigma)
+    on the data prediction, second order from the previous step's (solver_type midpoint|heun: how the
+    difference of the two predictions enters), with noise sigma_next * sqrt(1 - exp(-2 eta h)). One
+    evaluation per step. eta = 0 is k-diffusion's deterministic DPM-Solver++(2M) (midpoint)."""
+    if solver_type not in ('midpoint', 'heun'):
+        raise ValueError(f'unknown solver_type {solver_type!r}: choose midpoint or heun')
+    s = sigmas.tolist()
+    previous = None # (h, denoised) of the last step
+    for i in range(len(s) - 1):
+        denoised, _ = denoise(net, x, sigmas[i], class_labels, analytic=afs and i == 0)
+        h = np.log(s[i]) - np.log(s[i + 1])
+        eta_h = eta * h
+        decay = -np.expm1(-h - eta_h) # 1 - exp(-(1 + eta) h)
+        x_next = (s[i + 1] / s[i]) * np.exp(-eta_h) * x + decay * denoised
+        if previous is not None:
+            h_last, old_denoised = previous
+            gap = (h / h_last) * (denoised - old_denoised)
+            x_next = x_next + (0.5 * decay if solver_type == 'midpoint' else decay / (-h - eta_h) + 1) * gap
+        x_next = x_next + step_noise(noise, x, s[i + 1] * np.sqrt(-np.expm1(-2 * eta_h)) * s_noise)
+        report(callback, i, sigmas, x, denoised, x_next)
+        previous = (h, denoised)
+        x = x_next
+    return x
+
+#----------------------------------------------------------------------------
 # Solvers by name, what they need, and sample(): generate.py's sampler interface.
 
+# The ODE solvers (deterministic: what tools/schedule_search.py and bench/fewstep_study.py compare
+# against an ODE teacher), then k-diffusion's stochastic samplers; SAMPLERS names them all.
 SOLVERS = {'euler': euler, 'ipndm': ipndm, 'ipndm-v': ipndm_v, 'dpmpp': dpm_solver_pp,
            'unipc': unipc, 'deis': deis, 'dpm2': dpm_solver_2}
-DEFAULT_ORDER = {'euler': 1, 'ipndm': 4, 'ipndm-v': 4, 'dpmpp': 3, 'unipc': 3, 'deis': 3, 'dpm2': 2}
+STOCHASTIC = {'euler_ancestral': euler_ancestral, 'dpmpp_2m_sde': dpmpp_2m_sde}
+SAMPLERS = {**SOLVERS, **STOCHASTIC}
+DEFAULT_ORDER = {'euler': 1, 'ipndm': 4, 'ipndm-v': 4, 'dpmpp': 3, 'unipc': 3, 'deis': 3, 'dpm2': 2,
+                 'euler_ancestral': 1, 'dpmpp_2m_sde': 2}
 VARIABLE_ORDER = ('ipndm', 'ipndm-v', 'dpmpp', 'unipc', 'deis') # the others have one fixed order
 UNIPC_VARIANTS = ('bh1', 'bh2')
 
-def check_solver(solver, sigmas, order=None, afs=False, variant=None):
-    """The solver's keyword arguments (order with its default; UniPC's variant), or ValueError.
-    Levels: a multistep solver of order K needs K steps (K + 1 levels) so that its K-th order is
-    used; AFS needs 2 steps, so that one network evaluation remains."""
-    if solver not in SOLVERS:
-        raise ValueError(f'unknown solver {solver!r}: choose {", ".join(SOLVERS)}')
+def check_solver(solver, sigmas, order=None, afs=False, variant=None, eta=None, s_noise=None):
+    """The solver's keyword arguments (order with its default; UniPC's variant; the stochastic
+    samplers' eta and s_noise, default 1), or ValueError. Levels: a multistep solver of order K needs
+    K steps (K + 1 levels) so that its K-th order is used; AFS needs 2 steps, so that one network
+    evaluation remains."""
+    if solver not in SAMPLERS:
+        raise ValueError(f'unknown solver {solver!r}: choose {", ".join(SAMPLERS)}')
+    if solver not in STOCHASTIC and (eta is not None or s_noise not in (None, 1)):
+        raise ValueError(f'eta and the noise scale are the stochastic samplers\' ({", ".join(STOCHASTIC)}); {solver} is deterministic')
+    for name, value in [('eta', eta), ('noise scale', s_noise)]:
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise ValueError(f'the {name} must be a finite number >= 0, got {value}')
     max_order = DEFAULT_ORDER[solver]
     if solver not in VARIABLE_ORDER and order not in (None, max_order):
         raise ValueError(f'{solver} has the fixed order {max_order}; drop the order')
@@ -275,6 +350,8 @@ def check_solver(solver, sigmas, order=None, afs=False, variant=None):
         kwargs['order'] = order
     if solver == 'unipc':
         kwargs['variant'] = variant or 'bh2'
+    if solver in STOCHASTIC:
+        kwargs.update(eta=1.0 if eta is None else float(eta), s_noise=1.0 if s_noise is None else float(s_noise))
     return kwargs
 
 def nfe(solver, num_levels, afs=False):
@@ -283,15 +360,19 @@ def nfe(solver, num_levels, afs=False):
     return (2 * steps if solver == 'dpm2' else steps) - int(afs)
 
 def sample(net, latents, class_labels=None, randn_like=None, solver='ipndm', sigmas=None, order=None,
-           afs=False, variant=None, guidance=None, dg_weight=2.0,
+           afs=False, variant=None, eta=None, s_noise=None, guidance=None, dg_weight=2.0,
            callback: Optional[Callable[[Step], None]] = None):
     """Images at sigmas[-1] from latents [N, C, H, W] by the named solver: x = latents * sigmas[0].
-    The signature of EDM's samplers (randn_like is unused: the solvers are deterministic), so
-    generate_images and trace_sampler run it alike. guidance: DG on every evaluation (GuidedDenoiser)."""
+    The signature of EDM's samplers, so generate_images and trace_sampler run it alike. randn_like:
+    the stochastic samplers' noise, one call per step (pass the per-seed generators' randn_like, as
+    generate.py does, for images that depend on their seed only); the ODE solvers do not use it.
+    guidance: DG on every evaluation (GuidedDenoiser)."""
     sigmas = check_sigmas(sigmas, device=latents.device)
-    kwargs = check_solver(solver, sigmas, order, afs, variant)
+    kwargs = check_solver(solver, sigmas, order, afs, variant, eta, s_noise)
+    if solver in STOCHASTIC:
+        kwargs['noise'] = randn_like
     if guidance is not None and dg_weight != 0:
         net = GuidedDenoiser(net, guidance, dg_weight)
-    return SOLVERS[solver](net, latents.to(torch.float64) * sigmas[0], sigmas, class_labels, callback=callback, **kwargs)
+    return SAMPLERS[solver](net, latents.to(torch.float64) * sigmas[0], sigmas, class_labels, callback=callback, **kwargs)
 
 #----------------------------------------------------------------------------

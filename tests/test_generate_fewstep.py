@@ -59,6 +59,11 @@ BAD = {
     'afs with heun':    (['--afs'], '--afs'),
     'too few levels':   (['--solver=ipndm', '--order=4', '--steps=3'], 'levels'),
     'sigmas and disc':  (['--solver=ipndm', '--sigmas=80,1,0.002', '--disc=logsnr'], '--sigmas'),
+    'eta of an ODE':    (['--solver=ipndm', '--eta=0.5'], 'euler_ancestral|dpmpp_2m_sde'),
+    'S_noise of an ODE': (['--solver=dpmpp', '--S_noise=0.9'], '--S_noise'),
+    'eta without solver': (['--eta=1'], '--solver='),
+    'churn of ancestral': (['--solver=euler_ancestral', '--S_churn=10'], '--eta'),
+    'dpmpp_2m_sde order': (['--solver=dpmpp_2m_sde', '--order=1'], 'fixed order'),
 }
 
 @pytest.mark.parametrize('case', list(BAD))
