@@ -15,9 +15,9 @@ import click
 import numpy as np
 import torch
 from metrics.fid import (DETECTOR_NAME, STANDIN, NOT_COMPARABLE, FIDError, TooFewImages, calculate_fid_from_inception_stats,
-    calculate_inception_stats, comparison_fields, compute_precision_recall, default_stats_path, detector_fields,
+    calculate_inception_stats, calculate_kid, comparison_fields, compute_precision_recall, default_stats_path, detector_fields,
     detector_note, images_fingerprint, load_stats, not_standard, open_detector, open_images, rank0_first, save_stats,
-    build_detector)
+    build_detector, kid_subset, KID_REF_FEATURES, KID_SUBSETS, KID_SUBSET_SIZE)
 from torch_utils import distributed as dist
 
 #----------------------------------------------------------------------------
@@ -67,6 +67,11 @@ def main():
     python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset.npz --save-features
 
     \b
+    # With KID: the reference keeps a random subset of its features
+    python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset-kid.npz --kid
+    python fid.py calc --images=fid-tmp --ref=fid-refs/my-dataset-kid.npz --kid
+
+    \b
     # Without internet access: a quick FID with the built-in stand-in, NOT comparable to published FID
     python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset-standin.npz --detector=standin
     python fid.py calc --images=fid-tmp --ref=fid-refs/my-dataset-standin.npz --detector=standin
@@ -81,6 +86,10 @@ def refuse_other_detector(ref, ref_path, detector):
         raise click.ClickException(f'{ref_path} was computed with detector {made_by}, not the standard {DETECTOR_NAME}; '
                                    f'pass --detector={hint} (as for "fid.py ref")')
 
+def ref_kid_features(ref):
+    """The reference's features for KID: all of them (--save-features) or its KID subset (--kid); None without."""
+    return ref.get('features', ref.get('kid_features'))
+
 #----------------------------------------------------------------------------
 
 detector_option = click.option('--detector', help=f'Feature detector other than the standard Inception-v3, or "{STANDIN}" for the built-in stand-in (no download); results are NOT comparable to published FID', metavar='PATH|URL|standin', type=str, default=None)
@@ -93,12 +102,13 @@ workers_option = click.option('--workers', help='Data loader worker processes  [
 @click.option('--seed',                 help='Random seed for selecting the images', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--batch',                help='Maximum batch size', metavar='INT',                   type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--pr',                   help='Also report precision and recall (k=3); --ref needs features', is_flag=True)
+@click.option('--kid',                  help=f'Also report KID (mean and std over {KID_SUBSETS} subsets of {KID_SUBSET_SIZE}); --ref needs features', is_flag=True)
 @click.option('--save-stats', 'stats_path', help='Where to keep the statistics of the images  [default: IMAGES.fid-stats.npz]', metavar='NPZ', type=str, default=None)
 @detector_option
 @workers_option
 
 @flag_errors
-def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detector, workers):
+def calc(image_path, ref_path, num_expected, seed, batch, pr, kid, stats_path, detector, workers):
     """Calculate FID for a given set of images.
 
     With a detector other than the standard Inception, the FID line also gives, as a point of
@@ -115,6 +125,9 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
         ref = load_stats(ref_path)
         if pr and 'features' not in ref:
             raise click.ClickException(f'{ref_path}: no features for --pr; make the reference with "fid.py ref --save-features"')
+        if kid and ref_kid_features(ref) is None:
+            raise click.ClickException(f'{ref_path}: no features for --kid (it holds only {"/".join(k for k in ["mu", "sigma"] if k in ref)}, '
+                f'as EDM\'s reference files do); make the reference with "fid.py ref --kid" (or --save-features)')
     dataset_obj = open_images(image_path, num_expected, seed) # before any download
     if rank == 0:
         refuse_other_detector(ref, ref_path, detector)
@@ -130,7 +143,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
         if os.path.isfile(stats_path):
             try:
                 saved = dict(np.load(stats_path))
-                if all(str(saved.get(k)) == str(v) for k, v in key.items()) and (not pr or 'features' in saved) \
+                if all(str(saved.get(k)) == str(v) for k, v in key.items()) and (not (pr or kid) or 'features' in saved) \
                         and (det.standard or 'halves_fd' in saved):
                     gen = saved
                     dist.print0(f'Reusing statistics from "{stats_path}" (images unchanged)')
@@ -142,12 +155,12 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
 
     if not reuse.item():
         result = calculate_inception_stats(image_path=image_path, num_expected=num_expected, seed=seed, max_batch_size=batch,
-            num_workers=workers, device=device, detector_net=build_detector(det, device), return_features=(pr or not det.standard),
+            num_workers=workers, device=device, detector_net=build_detector(det, device), return_features=(pr or kid or not det.standard),
             dataset_obj=dataset_obj)
         if rank == 0:
             gen = dict(mu=result[0], sigma=result[1], **detector_fields(det), **{k: v for k, v in key.items() if k != 'detector'})
             gen.update(comparison_fields(det, result))
-            if pr:
+            if pr or kid:
                 gen['features'] = result[2].cpu().numpy()
             try:
                 save_stats(stats_path, **gen)
@@ -163,6 +176,14 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
                 torch.as_tensor(gen['features'], device=device), k=3, progress=True)
             print(f'precision {precision:g}{detector_note(det)}')
             print(f'recall {recall:g}{detector_note(det)}')
+        if kid:
+            ref_features = ref_kid_features(ref)
+            if ref_features.shape[1] != gen['features'].shape[1]:
+                raise click.ClickException(f'{ref_path} has {ref_features.shape[1]}-d features, the detector gives {gen["features"].shape[1]}-d')
+            dist.print0('Calculating KID...')
+            size = min(KID_SUBSET_SIZE, len(ref_features), len(gen['features']))
+            kid_mean, kid_std = calculate_kid(gen['features'], ref_features)
+            print(f'KID {kid_mean:g} std {kid_std:g} ({KID_SUBSETS} subsets of {size}){detector_note(det)}')
         dist.print0('Calculating FID...')
         fid = calculate_fid_from_inception_stats(gen['mu'], gen['sigma'], ref['mu'], ref['sigma'])
         print(f'{fid:g}{detector_note(det, ref, gen)}')
@@ -174,12 +195,13 @@ def calc(image_path, ref_path, num_expected, seed, batch, pr, stats_path, detect
 @click.option('--data', 'dataset_path', help='Path to the dataset', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--dest', 'dest_path',    help='Destination .npz file (must not exist)', metavar='NPZ',    type=str, required=True)
 @click.option('--batch',                help='Maximum batch size', metavar='INT',       type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--save-features',        help='Also store the features (for calc --pr)', is_flag=True)
+@click.option('--save-features',        help='Also store the features (for calc --pr and --kid)', is_flag=True)
+@click.option('--kid',                  help=f'Also store a random subset of at most {KID_REF_FEATURES} features (for calc --kid)', is_flag=True)
 @detector_option
 @workers_option
 
 @flag_errors
-def ref(dataset_path, dest_path, batch, save_features, detector, workers):
+def ref(dataset_path, dest_path, batch, save_features, kid, detector, workers):
     """Calculate dataset reference statistics needed by 'calc'."""
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init()
@@ -191,12 +213,14 @@ def ref(dataset_path, dest_path, batch, save_features, detector, workers):
     dataset_obj = open_images(dataset_path)
     det = open_detector_of(detector, dist.get_rank())
     result = calculate_inception_stats(image_path=dataset_path, max_batch_size=batch, num_workers=workers, device=device,
-        detector_net=build_detector(det, device), return_features=(save_features or not det.standard), dataset_obj=dataset_obj)
+        detector_net=build_detector(det, device), return_features=(save_features or kid or not det.standard), dataset_obj=dataset_obj)
     dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
     if dist.get_rank() == 0:
         stats = dict(mu=result[0], sigma=result[1], **detector_fields(det), **comparison_fields(det, result))
         if save_features:
             stats['features'] = result[2].cpu().numpy()
+        elif kid:
+            stats['kid_features'] = kid_subset(result[2].cpu().numpy())
         save_stats(dest_path, **stats)
         if not det.standard:
             print(f'Warning: {dest_path} is {not_standard(det)}')

@@ -302,6 +302,36 @@ def test_standin_detector_without_download(env):
     found = re.search(r"; for comparison, these images' two random halves score (\S+)\)$", fid_line(r)[1])
     assert 'Reusing statistics' in r.stdout and found and float(found.group(1)) == pytest.approx(halves(b), rel=1e-4), r.stdout
 
+@pytest.mark.slow
+def test_ref_kid_keeps_edm_format_and_calc_kid_matches_features(env):
+    # ref --kid: EDM's mu/sigma plus kid_features (all 80: fewer than the cap); calc --kid prints the KID
+    # of the detector's features of the decoded images, and the FID stays the last line.
+    ref_path = os.path.join(env['tmp'], 'ref-a-kid.npz')
+    r = run('ref', f'--data={env["a"]}', f'--dest={ref_path}', f'--detector={env["det"]}', '--kid', '--workers=0', tmp=env['tmp'])
+    assert r.returncode == 0, r.stderr
+    ref = np.load(ref_path, allow_pickle=False)
+    assert 'features' not in ref and ref['kid_features'].shape == (80, 64) and ref['kid_features'].dtype == np.float32
+    with torch.no_grad():
+        net = load_detector(env['det'])
+        a, b = net(decode_folder(env['a']), return_features=True).numpy(), net(decode_folder(env['b']), return_features=True).numpy()
+    np.testing.assert_allclose(ref['kid_features'], a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref['mu'], a.astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+    r = calc(env, env['b'], f'--ref={ref_path}', '--num=80', f'--detector={env["det"]}', '--kid',
+        '--save-stats=' + os.path.join(env['tmp'], 'b-kid.npz'))
+    fid_line(r)
+    found = re.search(r'^KID (\S+) std (\S+) \(100 subsets of 80\)  \(NOT comparable', r.stdout, re.M)
+    assert found, r.stdout
+    expected = fid.calculate_kid(b, a)
+    assert float(found.group(1)) == pytest.approx(expected[0], rel=1e-4) and float(found.group(2)) == pytest.approx(expected[1], rel=1e-3, abs=1e-9)
+    assert float(found.group(1)) > 0
+    # A reference with all features (--save-features) serves too. Against its own 80 images (each subset
+    # all of them) the unbiased estimate is slightly negative (-2/m times the diagonal's excess), near 0.
+    r = calc(env, env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det"]}', '--kid',
+        '--save-stats=' + os.path.join(env['tmp'], 'a-kid.npz'))
+    own = float(re.search(r'^KID (\S+) std', r.stdout, re.M).group(1))
+    assert own == pytest.approx(fid.calculate_kid(a, a)[0], rel=1e-4)
+    assert abs(own) < 0.1 * float(found.group(1)), (own, found.group(1))
+
 #----------------------------------------------------------------------------
 # Errors: non-zero exit and a one-line message naming the problem.
 
@@ -350,6 +380,7 @@ def errors(env):
         'default_det':  [env['a'], f'--ref={os.path.join(tmp, "ref-edm.npz")}', '--num=80'],
         'mismatch':     [env['a'], f'--ref={env["ref"]}', '--num=80', f'--detector={env["det2"]}'],
         'pr_features':  [env['a'], f'--ref={os.path.join(tmp, "ref-nofeat.npz")}', '--num=80', det, '--pr'],
+        'kid_edm':      [os.path.join(tmp, 'missing'), f'--ref={os.path.join(tmp, "ref-edm.npz")}', '--num=80', '--kid'], # before images, download
         'standin_ref':  [env['a'], f'--ref={env["ref"]}', '--num=80', '--detector=standin'],
         'images_first': [os.path.join(tmp, 'missing'), f'--ref={os.path.join(tmp, "ref-edm.npz")}', '--num=80'],
     }
@@ -420,6 +451,14 @@ def test_error_detector_mismatch_with_ref(errors):
 @pytest.mark.slow
 def test_error_pr_needs_ref_features(errors):
     assert_error(errors['pr_features'], r'no features for --pr', r'--save-features')
+
+@pytest.mark.slow
+def test_error_kid_needs_ref_features_before_any_work(errors):
+    # EDM's reference (mu, sigma only), images that do not exist, the standard detector: the missing
+    # features are named first, before the images are looked at or the detector downloaded.
+    r = errors['kid_edm']
+    assert_error(r, r'ref-edm\.npz: no features for --kid \(it holds only mu/sigma', r'"fid\.py ref --kid"')
+    assert 'Loading images' not in r.stdout and 'download' not in r.stderr.lower(), (r.stdout, r.stderr)
 
 #----------------------------------------------------------------------------
 
