@@ -2,8 +2,10 @@
 searched noise levels, with and without AFS, at small NFE, on each --network, against EDM's Heun.
 
 `run`, for each network:
-- truncation error: RMS over pixels of (result - 511-NFE solution) from the same latents (seeds
-  --error-seeds), mean over seeds. The few-step solvers end at sigma_min, as does their reference
+- truncation error: RMS over pixels of (result - 511-NFE solution) from the same latents, mean over
+  seeds, on two disjoint seed sets: --select-seeds pick the best configuration per NFE (the tables'
+  "best levels" cells, the FD-digits candidates, the plots' points) and --error-seeds report its error,
+  so that the reported error is not the minimum of many noisy ones. The few-step solvers end at sigma_min, as does their reference
   (iPNDM on 512 EDM levels); Heun (rho 7, 72, 90) ends at 0, as does its reference (Heun, 256 steps).
   GITS's levels come from one teacher run on --search-seeds (held out from the errors); iPNDM also
   gets levels from tools/schedule_search.py's --metric=solver at --solver-search-nfe;
@@ -12,6 +14,11 @@ searched noise levels, with and without AFS, at small NFE, on each --network, ag
   rho 90 at 27 NFE and rho 72 at 29); a second seed draw for Heun at 35 NFE and the best per NFE;
 - the fewest NFE at which a few-step configuration, and Heun, come within 10% of Heun's FD-digits at 35 NFE.
 `report` merges runs (one network per process uses both cores) into markdown tables and two plots.
+Each run records its provenance (commit and uncommitted changes, torch, thread count, CPU, command).
+A check of part of the study: --solvers, --levels, --nfe and --heun-nfe take subsets, --no-fd skips
+FD-digits (and needs no --data), e.g.
+
+    python bench/fewstep_study.py run --network=AOT.pkl --name=AOT --solvers=ipndm,unipc --levels=edm,logsnr --no-fd --out=out/check.json
 
     python bench/fewstep_study.py run --data=datasets/uci-digits-16x16.zip --network=AOT.pkl --name=AOT --out=out/fewstep/aot.json
     python bench/fewstep_study.py run --data=datasets/uci-digits-16x16.zip --network=EDM.pkl --name=EDM --out=out/fewstep/edm.json
@@ -29,6 +36,7 @@ import torch
 import tqdm
 
 from bench.digits_fd import frechet, load_digits, quantize, train_classifier
+from bench.report import provenance, provenance_line
 from tools import schedule_search
 from tools.trajectory import heun_steps, parse_int_list, pyplot
 from sampling import schedules, solvers
@@ -38,6 +46,22 @@ from training.network_io import load_network
 
 LEVELS = ('edm', 'logsnr', 'gits') # EDM's rho 7, uniform in log-SNR, GITS's search (metric dev)
 HEUN_RHOS = (7, 72, 90) # EDM's, and the AOT paper's conditional / unconditional choices
+
+def picked_by(r):
+    """The error a configuration is picked by: the selection seeds' (an older run's: the reported one)."""
+    return r.get('select_error', r['error'])
+
+def pick(rows):
+    """The configuration of least selection error, or None."""
+    return min(rows, key=picked_by) if rows else None
+
+def names_list(text, choices, what):
+    """A comma-separated subset of `choices`, in the order given."""
+    out = [s.strip() for s in text.split(',') if s.strip()]
+    bad = [s for s in out if s not in choices]
+    if bad or not out:
+        raise click.BadParameter(f'{",".join(bad) or "nothing"}: choose from {",".join(choices)}', param_hint=what)
+    return out
 
 def levels_for(solver, nfe, afs):
     """Number of noise levels giving exactly `nfe` evaluations, or None when impossible."""
@@ -73,6 +97,11 @@ class Levels:
         cost, _ = schedule_search.teacher_costs(net, draws(net, search_seeds, batch), self.teacher_sigmas, 'dev')
         self.cost = cost.numpy()
 
+    @classmethod
+    def fixed(cls):
+        """The fixed formulas only (no teacher run: GITS's levels not asked for)."""
+        return cls.__new__(cls)
+
     def __call__(self, kind, num):
         if kind == 'gits':
             return self.teacher_sigmas[schedule_search.best_path(self.cost, num, coeff=1.15)]
@@ -88,17 +117,21 @@ def cli():
     """Few-step sampling study: `run` measures networks, `report` writes tables and plots."""
 
 @cli.command()
-@click.option('--data', help='Labelled digits dataset', metavar='ZIP|DIR', required=True)
+@click.option('--data', help='Labelled digits dataset (for FD-digits)', metavar='ZIP|DIR')
 @click.option('--network', 'networks', help='Network snapshot; repeat', metavar='PATH', multiple=True, required=True)
 @click.option('--name', 'names', help='Label of each --network', metavar='STR', multiple=True, required=True)
+@click.option('--solvers', 'solver_names', help='Few-step solvers to run', metavar='LIST', default=','.join(solvers.SOLVERS), show_default=True)
+@click.option('--levels', 'level_names', help='Noise levels to run', metavar='LIST', default=','.join(LEVELS), show_default=True)
 @click.option('--nfe', help='NFE budgets of the few-step solvers', metavar='LIST', default='4,5,6,8,10,12,15', show_default=True)
-@click.option('--heun-nfe', help='NFE budgets of Heun (odd)', metavar='LIST', default='7,9,11,15,19,27,29,35', show_default=True)
+@click.option('--heun-nfe', help='NFE budgets of Heun (odd; empty: none)', metavar='LIST', default='7,9,11,15,19,27,29,35', show_default=True)
 @click.option('--heun-fd-nfe', help='Heun budgets with FD-digits (rho 7; rho 90 at 27, rho 72 at 29 where listed)', metavar='LIST', default='7,11,19,27,35', show_default=True)
-@click.option('--error-seeds', help='Seeds of the truncation error', metavar='LIST', default='0-31', show_default=True)
+@click.option('--error-seeds', help='Seeds of the reported truncation error (evaluation set)', metavar='LIST', default='0-31', show_default=True)
+@click.option('--select-seeds', help='Seeds that pick the best configuration per NFE (disjoint from --error-seeds)', metavar='LIST', default='2000-2031', show_default=True)
 @click.option('--search-seeds', help='Warm-up seeds of the searches (held out from the errors)', metavar='LIST', default='1000-1127', show_default=True)
 @click.option('--solver-search-seeds', help='Warm-up seeds of --metric=solver (its cost grows with them)', metavar='LIST', default='1000-1031', show_default=True)
-@click.option('--solver-search-nfe', help='NFE at which --metric=solver levels are searched for iPNDM', metavar='LIST', default='5,8,10', show_default=True)
+@click.option('--solver-search-nfe', help='NFE at which --metric=solver levels are searched for iPNDM (empty: none)', metavar='LIST', default='5,8,10', show_default=True)
 @click.option('--sweeps', help='Coordinate-descent sweeps of --metric=solver', type=int, default=4, show_default=True)
+@click.option('--no-fd', help='Skip FD-digits (truncation errors only)', is_flag=True)
 @click.option('--fd-top', help='Configurations with FD-digits per NFE: the best by error, distinct solvers', type=int, default=2, show_default=True)
 @click.option('--fd-seeds', help='Seeds of FD-digits', metavar='LIST', default='0-499', show_default=True)
 @click.option('--fd-seeds2', help='Second seed draw: Heun 35 and the best per NFE', metavar='LIST', default='500-999', show_default=True)
@@ -106,55 +139,74 @@ def cli():
 @click.option('--batch', help='Images per sampler call', type=int, default=250, show_default=True)
 @click.option('--out', help='Output JSON', metavar='FILE', required=True)
 @torch.no_grad()
-def run(data, networks, names, nfe, heun_nfe, heun_fd_nfe, error_seeds, search_seeds, solver_search_seeds, solver_search_nfe, sweeps, fd_top,
-        fd_seeds, fd_seeds2, epochs, batch, out):
+def run(data, networks, names, solver_names, level_names, nfe, heun_nfe, heun_fd_nfe, error_seeds, select_seeds, search_seeds, solver_search_seeds,
+        solver_search_nfe, sweeps, no_fd, fd_top, fd_seeds, fd_seeds2, epochs, batch, out):
     """Measure each --network: truncation errors of every configuration, FD-digits of the best."""
     if len(names) != len(networks):
         raise click.BadParameter('give one --name per --network', param_hint='--name')
-    nfes, heun_nfes, heun_fd_nfes, search_nfes = [parse_int_list(s, 'NFE') for s in (nfe, heun_nfe, heun_fd_nfe, solver_search_nfe)]
+    run_solvers, run_levels = names_list(solver_names, solvers.SOLVERS, '--solvers'), names_list(level_names, LEVELS, '--levels')
+    nfes, heun_fd_nfes = [parse_int_list(s, 'NFE') for s in (nfe, heun_fd_nfe)]
+    heun_nfes, search_nfes = [parse_int_list(s, 'NFE') if s.strip() else [] for s in (heun_nfe, solver_search_nfe)]
+    search_nfes = search_nfes if 'ipndm' in run_solvers else []
     if any(n % 2 == 0 for n in heun_nfes + heun_fd_nfes):
         raise click.BadParameter('Heun costs an odd NFE (2 x steps - 1)', param_hint='--heun-nfe')
-    error_seeds, search_seeds, solver_search_seeds, fd_seeds, fd_seeds2 = [parse_int_list(s, 'seed') for s in (error_seeds, search_seeds, solver_search_seeds, fd_seeds, fd_seeds2)]
+    if not no_fd and (data is None or max(heun_fd_nfes) not in heun_nfes):
+        raise click.UsageError('FD-digits needs --data and Heun at the largest --heun-fd-nfe in --heun-nfe; or give --no-fd')
+    error_seeds, select_seeds, search_seeds, solver_search_seeds, fd_seeds, fd_seeds2 = [
+        parse_int_list(s, 'seed') for s in (error_seeds, select_seeds, search_seeds, solver_search_seeds, fd_seeds, fd_seeds2)]
+    if set(select_seeds) & set(error_seeds):
+        raise click.BadParameter('the selection seeds must be disjoint from --error-seeds', param_hint='--select-seeds')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     warnings.filterwarnings('ignore', category=scipy.linalg.LinAlgWarning)
-    images, labels = load_digits(data)
-    with torch.enable_grad():
-        classifier, accuracy, _ = train_classifier(images, labels, epochs=epochs)
-    real = classifier.features(images)
-    fd = lambda x: frechet(classifier.features(quantize(x)), real)
-    result = dict(settings=dict(data=data, nfe=nfes, heun_nfe=heun_nfes, error_seeds=len(error_seeds), search_seeds=len(search_seeds), solver_search_seeds=len(solver_search_seeds),
-                                fd_seeds=len(fd_seeds), fd_seeds2=len(fd_seeds2), sweeps=sweeps, classifier_accuracy=accuracy), networks={})
+    accuracy = None
+    if not no_fd:
+        images, labels = load_digits(data)
+        with torch.enable_grad():
+            classifier, accuracy, _ = train_classifier(images, labels, epochs=epochs)
+        real = classifier.features(images)
+        fd = lambda x: frechet(classifier.features(quantize(x)), real)
+    picking = f'best configuration per NFE picked on seeds {select_seeds[0]}-{select_seeds[-1]} ({len(select_seeds)}), ' \
+              f'errors reported on seeds {error_seeds[0]}-{error_seeds[-1]} ({len(error_seeds)})'
+    result = dict(settings=dict(data=data, solvers=run_solvers, levels=run_levels, nfe=nfes, heun_nfe=heun_nfes, error_seeds=len(error_seeds),
+                                select_seeds=len(select_seeds), search_seeds=len(search_seeds), solver_search_seeds=len(solver_search_seeds),
+                                fd=not no_fd, fd_seeds=len(fd_seeds), fd_seeds2=len(fd_seeds2), sweeps=sweeps, classifier_accuracy=accuracy,
+                                picking=picking, provenance=provenance()), networks={})
 
     for name, path in zip(names, networks):
         net = load_network(path)
-        res = result['networks'][name] = dict(path=path, rows=[])
+        res = result['networks'][name] = dict(path=path, picking=picking, provenance=result['settings']['provenance'], rows=[])
         rows = res['rows']
         # Truncation errors. The few-step solvers end at sigma_min, as does their reference (iPNDM on
-        # 512 EDM levels); Heun ends at 0, as does its reference (Heun, 256 steps).
-        ref = run_solver(net, error_seeds, 'ipndm', schedules.get_sigmas('edm', 512), False, batch)
-        heun_ref = run_heun(net, error_seeds, 511, 7, batch)
-        levels = Levels(net, search_seeds, 61, batch)
-        configs = [(s, lv, afs, n) for s in solvers.SOLVERS for lv in LEVELS for afs in (False, True) for n in nfes]
+        # 512 EDM levels); Heun ends at 0, as does its reference (Heun, 256 steps). Each configuration
+        # is measured on the evaluation seeds (error) and the selection seeds (select_error).
+        edm512 = schedules.get_sigmas('edm', 512)
+        refs = {key: run_solver(net, seeds, 'ipndm', edm512, False, batch) for key, seeds in (('error', error_seeds), ('select_error', select_seeds))}
+        errors = lambda solver, sigmas, afs: {key: rms_error(run_solver(net, seeds, solver, sigmas, afs, batch), refs[key])
+                                              for key, seeds in (('error', error_seeds), ('select_error', select_seeds))}
+        heun_ref = run_heun(net, error_seeds, 511, 7, batch) if heun_nfes else None
+        levels = Levels(net, search_seeds, 61, batch) if 'gits' in run_levels else Levels.fixed()
+        configs = [(s, lv, afs, n) for s in run_solvers for lv in run_levels for afs in (False, True) for n in nfes]
         for solver, lv, afs, n in tqdm.tqdm(configs, desc=f'{name} errors'):
             num = levels_for(solver, n, afs)
             if num is not None:
                 sigmas = levels(lv, num)
-                rows.append(dict(solver=solver, levels=lv, afs=afs, nfe=n, sigmas=sigmas.tolist(),
-                                 error=rms_error(run_solver(net, error_seeds, solver, sigmas, afs, batch), ref)))
+                rows.append(dict(solver=solver, levels=lv, afs=afs, nfe=n, sigmas=sigmas.tolist(), **errors(solver, sigmas, afs)))
         for n in tqdm.tqdm(search_nfes, desc=f'{name} solver search'): # --metric=solver for iPNDM
             sigmas, _ = schedule_search.search(net, draws(net, solver_search_seeds, batch), levels_for('ipndm', n, False), metric='solver',
                                                solver='ipndm', sweeps=sweeps, progress=False)
-            rows.append(dict(solver='ipndm', levels='solver-search', afs=False, nfe=n, sigmas=sigmas.tolist(),
-                             error=rms_error(run_solver(net, error_seeds, 'ipndm', sigmas, False, batch), ref)))
-        for rho in HEUN_RHOS:
+            rows.append(dict(solver='ipndm', levels='solver-search', afs=False, nfe=n, sigmas=sigmas.tolist(), **errors('ipndm', sigmas, False)))
+        for rho in HEUN_RHOS: # nothing is picked among Heun's rows: the evaluation seeds only
             for n in heun_nfes:
                 rows.append(dict(solver='heun', levels=f'edm-rho{rho}', afs=False, nfe=n,
                                  error=rms_error(run_heun(net, error_seeds, n, rho, batch), heun_ref)))
         save(out, result)
+        if no_fd:
+            print(f'{name}: truncation errors only (--no-fd); {picking}')
+            continue
 
-        # FD-digits: per NFE the fd_top configurations of least error (one per solver); Heun.
+        # FD-digits: per NFE the fd_top configurations of least selection error (one per solver); Heun.
         for n in tqdm.tqdm(nfes, desc=f'{name} FD'):
-            ranked, seen = sorted((r for r in rows if r['nfe'] == n and r['solver'] != 'heun'), key=lambda r: r['error']), set()
+            ranked, seen = sorted((r for r in rows if r['nfe'] == n and r['solver'] != 'heun'), key=picked_by), set()
             for r in ranked:
                 if r['solver'] not in seen and len(seen) < fd_top:
                     seen.add(r['solver'])
@@ -172,7 +224,7 @@ def run(data, networks, names, nfe, heun_nfe, heun_fd_nfe, error_seeds, search_s
         res['fewest'] = fewest_within(rows, 1.1 * heun35['fd'])
         save(out, result)
         print(f'{name}: Heun {heun35["nfe"]} NFE FD-digits {heun35["fd"]:.2f}; fewest NFE within 10%: ' +
-              (', '.join(f'{k} {v["nfe"]}' for k, v in res['fewest'].items()) or 'none'))
+              (', '.join(f'{k} {v["nfe"]}' for k, v in res['fewest'].items()) or 'none') + f'; {picking}')
     print(f'Wrote "{out}"; tables and plots: python bench/fewstep_study.py report --out=PREFIX {out}')
 
 def label(r):
@@ -208,11 +260,14 @@ def write_tables(networks, path):
         few = [r for r in rows if r['solver'] != 'heun']
         nfes = sorted({r['nfe'] for r in few})
         head = lambda first: ['| ' + first + ' | ' + ' | '.join(f'{n} NFE' for n in nfes) + ' |', '|---|' + '---:|' * len(nfes)]
-        best = lambda cand, key: min(cand, key=lambda r: r[key]) if cand else None
-        lines += [f'### {name}: truncation error (RMS vs the 511-NFE solution), best levels per cell', ''] + head('solver')
+        lines += [f'### {name}: truncation error (RMS vs the 511-NFE solution), best levels per cell', '',
+                  f'{res.get("picking") or "best configuration per NFE picked on the seeds that report its error (an older run: optimistic)"}.', '']
+        if res.get('provenance'):
+            lines += [f'Made at {provenance_line(res["provenance"])}.', '']
+        lines += head('solver')
         for solver in solvers.SOLVERS:
             for afs in (False, True):
-                cells = [best([r for r in few if r['solver'] == solver and r['afs'] == afs and r['nfe'] == n], 'error') for n in nfes]
+                cells = [pick([r for r in few if r['solver'] == solver and r['afs'] == afs and r['nfe'] == n]) for n in nfes]
                 lines.append(f'| {solver}{" + AFS" if afs else ""} | ' + ' | '.join(f'{b["error"]:.4f} ({b["levels"]})' if b else '' for b in cells) + ' |')
         lines += ['', f'iPNDM (no AFS) by noise levels:', ''] + head('levels')
         for lv in LEVELS + ('solver-search',):
@@ -254,7 +309,9 @@ def plot(networks, out):
                     pts = {}
                     for r in res['rows']:
                         if r['solver'] == solver and r['afs'] == afs and key in r and (solver != 'heun' or r['levels'] == 'edm-rho7'):
-                            pts[r['nfe']] = min(pts.get(r['nfe'], float('inf')), r[key])
+                            pts.setdefault(r['nfe'], []).append(r)
+                    # errors: the configuration picked on the selection seeds; FD-digits: the least measured
+                    pts = {n: pick(c)['error'] if key == 'error' else min(r[key] for r in c) for n, c in pts.items()}
                     if pts:
                         xs = sorted(pts)
                         ax.plot(xs, [pts[x] for x in xs], marker='o', linestyle='--' if afs else '-',

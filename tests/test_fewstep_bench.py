@@ -1,6 +1,7 @@
 """bench/fewstep_speed.py at tiny sizes, so that it keeps running: both tables, every sampler at its
 NFE, ratios that are numbers. No absolute time is checked."""
 
+import os
 import re
 
 import pytest
@@ -79,9 +80,10 @@ def test_study_runs_every_configuration_and_reports(tmp_path):
     assert all(s in teacher for r in few if r['levels'] == 'gits' for s in r['sigmas'])
     assert {(r['levels'], r['nfe']) for r in rows if r['solver'] == 'heun'} == {(f'edm-rho{rho}', n) for rho in (7, 72, 90) for n in (3, 5)}
     # FD-digits: the 2 least-error configurations of distinct solvers per NFE, a second draw of the best.
+    # Ranked by the selection seeds' error, not by the reported one.
     for n in (4, 5):
         measured = [r for r in few if r['nfe'] == n and 'fd' in r]
-        ranked = sorted((r for r in few if r['nfe'] == n), key=lambda r: r['error'])
+        ranked = sorted((r for r in few if r['nfe'] == n), key=lambda r: r['select_error'])
         assert len(measured) == 2 and len({r['solver'] for r in measured}) == 2 and ranked[0] in measured
         assert [r for r in measured if 'fd2' in r] == [min(measured, key=lambda r: r['fd'])]
     result = CliRunner().invoke(fewstep_study.cli, ['report', f'--out={tmp_path / "s"}', str(tmp_path / 'r.json')])
@@ -93,3 +95,60 @@ def test_study_runs_every_configuration_and_reports(tmp_path):
 def test_study_refuses_even_heun_nfe():
     result = CliRunner().invoke(fewstep_study.cli, ['run', '--data=x', '--network=x', '--name=x', '--heun-nfe=8', '--out=x.json'])
     assert result.exit_code != 0 and 'odd NFE' in result.output
+
+def test_study_refuses_what_it_cannot_run():
+    run = lambda *args: CliRunner().invoke(fewstep_study.cli, ['run', '--network=x', '--name=x', '--out=x.json', *args])
+    result = run('--solvers=ipndm,rk4', '--no-fd')
+    assert result.exit_code != 0 and 'rk4: choose from euler,ipndm' in result.output, result.output
+    result = run('--levels=edm,cosine', '--no-fd')
+    assert result.exit_code != 0 and 'cosine: choose from edm,logsnr,gits' in result.output, result.output
+    result = run('--select-seeds=30-40', '--no-fd') # overlaps --error-seeds 0-31
+    assert result.exit_code != 0 and 'disjoint' in result.output, result.output
+    result = run() # FD-digits without --data
+    assert result.exit_code != 0 and '--no-fd' in result.output, result.output
+
+def test_study_runs_a_subset_without_fd_and_records_provenance(tmp_path):
+    import json, subprocess, torch
+    tiny_digits_network(tmp_path / 'tiny.safetensors')
+    args = ['run', f'--network={tmp_path / "tiny.safetensors"}', '--name=tiny', '--solvers=unipc,ipndm', '--levels=logsnr,edm', '--nfe=4',
+            '--heun-nfe=3', '--solver-search-nfe=5', '--error-seeds=0-1', '--select-seeds=2-3', '--batch=4', '--no-fd', f'--out={tmp_path / "r.json"}']
+    result = CliRunner().invoke(fewstep_study.cli, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert 'picked on seeds 2-3 (2), errors reported on seeds 0-1 (2)' in result.output
+    record = json.loads((tmp_path / 'r.json').read_text())
+    rows = record['networks']['tiny']['rows']
+    few = [r for r in rows if r['solver'] != 'heun']
+    # Only the solvers and levels asked for (the solver search too: iPNDM is among them), no FD-digits.
+    assert {(r['solver'], r['levels'], r['afs'], r['nfe']) for r in few} == {
+        (s, lv, afs, 4) for s in ('unipc', 'ipndm') for lv in ('logsnr', 'edm') for afs in (False, True)} | {('ipndm', 'solver-search', False, 5)}
+    assert {(r['levels'], r['nfe']) for r in rows if r['solver'] == 'heun'} == {(f'edm-rho{rho}', 3) for rho in (7, 72, 90)}
+    assert not any('fd' in r or 'fd2' in r for r in rows) and 'heun_fd' not in record['networks']['tiny']
+    assert record['settings']['fd'] is False and record['settings']['classifier_accuracy'] is None
+    # Two disjoint seed sets: a selection error beside the reported one, from other latents.
+    assert all(r['select_error'] > 0 and r['error'] > 0 and r['select_error'] != r['error'] for r in few)
+    assert all('select_error' not in r for r in rows if r['solver'] == 'heun')
+    # Provenance: this checkout's commit, torch, the thread count it ran with.
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    prov = record['settings']['provenance']
+    assert prov['commit'] == head and isinstance(prov['dirty'], bool) and prov['torch'] == torch.__version__
+    assert prov['threads'] == torch.get_num_threads() == 1 and prov['cores'] == os.cpu_count() and prov['cpu']
+    assert record['networks']['tiny']['provenance'] == prov
+    result = CliRunner().invoke(fewstep_study.cli, ['report', f'--out={tmp_path / "s"}', str(tmp_path / 'r.json')])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    table = (tmp_path / 's.md').read_text()
+    assert f'Made at commit {head[:12]}' in table and 'picked on seeds 2-3' in table and '| unipc + AFS |' in table
+
+def test_report_picks_on_the_selection_seeds(tmp_path):
+    import json
+    row = lambda lv, error, select: dict(solver='ipndm', levels=lv, afs=False, nfe=4, sigmas=[80, 0.002], error=error, select_error=select)
+    # logsnr has the least reported error, edm the least selection error: edm is picked, with its own error.
+    rows = [row('logsnr', 0.1, 0.3), row('edm', 0.2, 0.1), row('gits', 0.3, 0.2)]
+    (tmp_path / 'r.json').write_text(json.dumps(dict(networks=dict(net=dict(rows=rows, picking='picked on 2 held-out seeds')))))
+    old = [{k: v for k, v in r.items() if k != 'select_error'} for r in rows] # an older run: picked on the reported error
+    (tmp_path / 'old.json').write_text(json.dumps(dict(networks=dict(old=dict(rows=old)))))
+    result = CliRunner().invoke(fewstep_study.cli, ['report', f'--out={tmp_path / "s"}', str(tmp_path / 'r.json'), str(tmp_path / 'old.json')])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    table = (tmp_path / 's.md').read_text()
+    net, old_table = table.split('### old:', 1)
+    assert '| ipndm | 0.2000 (edm) |' in net and 'picked on 2 held-out seeds' in net
+    assert '| ipndm | 0.1000 (logsnr) |' in old_table and 'an older run: optimistic' in old_table
