@@ -113,11 +113,6 @@ def probe_dataset(c, opts):
         res = dataset_obj.resolution
         if res < 4 or res & (res - 1):
             fail(f'Dataset resolution {res} is not a power of two; convert with dataset_tool.py --resolution')
-        if opts.aot > len(dataset_obj):
-            size = len(dataset_obj)
-            larger = f'Warning: --aot={opts.aot} is larger than the dataset ({size} images)'
-            repeat = f'{larger}: every pool holds some images more than once.'
-            dist.print0(f'{repeat} Use --aot={size} or less for distinct images in a pool.')
         interface = dict(img_resolution=res, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
         return dataset_obj.name, interface
     except click.ClickException:
@@ -125,7 +120,7 @@ def probe_dataset(c, opts):
     except (IOError, OSError, ValueError) as err:
         fail(f'Cannot use dataset --data={opts.data}: {err}')
 
-def check_sizes(opts, label_dim, world):
+def check_sizes(opts, label_dim, world, num_images):
     """The per-GPU batch; refuses what EDM-AOT silently got wrong (dropped or empty slices)."""
     if opts.batch % world:
         fail(f'--batch={opts.batch} is not divisible by the number of GPUs ({world}); use a multiple of {world}')
@@ -145,6 +140,12 @@ def check_sizes(opts, label_dim, world):
         cost = f'minutes per pool and {opts.aot ** 2 * 8 / 2**30:.0f} GiB'
         fail(f'--aot-solver={opts.aot_solver} would solve exact assignments of {opts.aot} noises: {cost}; '
              f'use --aot-solver=knn (within 1% of exact, docs/aot-scale.md) or at most {MAX_EXACT_POOL}')
+    if opts.aot > num_images:
+        # The suggestion must pass the check above: a multiple of the per-GPU batch.
+        fit = num_images // batch_gpu * batch_gpu
+        larger = f'Warning: --aot={opts.aot} is larger than the dataset ({num_images} images): every pool holds some images more than once.'
+        dist.print0(f'{larger} Use --aot={fit} or less for distinct images in a pool.' if fit else
+                    f'{larger} No pool of distinct images is a multiple of the per-GPU batch {batch_gpu}; a smaller --batch allows one.')
     return batch_gpu
 
 def setup_training_config(opts):
@@ -191,7 +192,7 @@ def setup_training_config(opts):
     c.update(state_dump_minutes=opts.dump_minutes or None)
     c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, grid_images=opts.grid)
     c.update(metric_every=opts.metric_every, metric_images=opts.metric_images, metric_detector=opts.metric_detector)
-    c.batch_gpu = check_sizes(opts, interface['label_dim'], world) # the loop takes it as checked here
+    c.batch_gpu = check_sizes(opts, interface['label_dim'], world, c.dataset_kwargs.max_size) # the loop takes it as checked here
     c.seed = opts.seed if opts.seed is not None else int(torch.randint(1 << 31, size=[]))
 
     # Transfer learning and resume, checked before the run folder exists. A resumed transfer run

@@ -51,7 +51,15 @@ def test_find_state(tmp_path):
     assert run_dir.find_state(outdir=str(tmp_path), in_place=True) == newest
     assert run_dir.find_state(outdir=str(tmp_path)) is None # not in place: a new run
     assert run_dir.find_state(resume=str(tmp_path)) == newest
-    assert run_dir.find_state(resume='some/training-state-000004.pt') == 'some/training-state-000004.pt'
+    (tmp_path / 'training-state-000004.pt').write_bytes(b'')
+    assert run_dir.find_state(resume=str(tmp_path / 'training-state-000004.pt')) == str(tmp_path / 'training-state-000004.pt')
+    # A typo: the folder does not exist; the message says so and lists the folders beside it.
+    (tmp_path / '00000-digits').mkdir()
+    err = refusal(run_dir.find_state, resume=str(tmp_path / '00000-digit'))
+    assert err.kind == 'missing'
+    assert err.message(flag) == f'--resume={tmp_path / "00000-digit"}: no such run folder or state file; check the path: {tmp_path} holds 00000-digits'
+    err = refusal(run_dir.find_state, resume=str(tmp_path / 'nowhere' / 'run'))
+    assert err.message(flag).endswith(f'; check the path ({tmp_path / "nowhere"} does not exist)')
     (tmp_path / 'empty').mkdir()
     assert run_dir.find_state(outdir=str(tmp_path / 'empty'), in_place=True) is None
     err = refusal(run_dir.find_state, resume=str(tmp_path / 'empty'))

@@ -335,6 +335,22 @@ def test_warning_pool_larger_than_dataset(tmp_path, data):
     result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--aot=128', '--dry-run'] + TINY)
     assert result.exit_code == 0 and 'Warning: --aot=128 is larger than the dataset (64 images)' in result.output
 
+def test_error_resume_folder_that_does_not_exist(tmp_path):
+    # A typo in --resume: said as such (not "records no options"), with the run folders beside it.
+    (tmp_path / 'runs' / '00000-digits').mkdir(parents=True)
+    line = expect_cli_error(tmp_path, ['--resume', str(tmp_path / 'runs' / '00000-digit')], 'no such run folder or state file')
+    assert line.endswith(f'check the path: {tmp_path / "runs"} holds 00000-digits'), line
+
+def test_pool_larger_than_dataset_suggests_a_pool_that_is_accepted(tmp_path):
+    # 200 images at --batch=64: 200 would be refused (not a multiple of 64); 192 is the largest that is not.
+    data = make_dataset(tmp_path / 'data200', n=200, res=8)
+    result = cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--aot=256', '--dry-run'] + TINY + ['--batch=64'])
+    assert result.exit_code == 0 and 'Use --aot=192 or less for distinct images' in result.output, result.output[-2000:]
+    assert cli(['--outdir', str(tmp_path / 'out'), '--data', data, '--aot=192', '--dry-run'] + TINY + ['--batch=64']).exit_code == 0
+    small = make_dataset(tmp_path / 'data40', n=40, res=8)
+    result = cli(['--outdir', str(tmp_path / 'out'), '--data', small, '--aot=64', '--dry-run'] + TINY + ['--batch=64'])
+    assert result.exit_code == 0 and 'No pool of distinct images is a multiple of the per-GPU batch 64' in result.output, result.output[-2000:]
+
 @pytest.mark.parametrize('solver,workers', [('scipy', 1), ('knn', 0)])
 def test_workers_auto_on_cuda_keeps_knn_pools_in_the_training_process(tmp_path, data, monkeypatch, solver, workers):
     # On a GPU --workers auto means worker processes (here 1: two cores), but knn pools are built in

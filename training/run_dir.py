@@ -97,7 +97,18 @@ def find_state(resume=None, outdir=None, in_place=False):
         if found is None:
             raise RunDirError('no-state', Opt('resume', resume), ': no training-state-*.pt in that directory')
         return found
+    if resume is not None and not dnnlib.util.is_url(resume) and not os.path.exists(resume):
+        raise RunDirError('missing', Opt('resume', resume), ': no such run folder or state file' + _nearby_runs(resume))
     return resume
+
+def _nearby_runs(path):
+    # A typo in a run folder's name: list the run folders beside it, which is what the user meant.
+    parent = os.path.dirname(os.path.normpath(path)) or '.'
+    runs = sorted(d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))) if os.path.isdir(parent) else []
+    if not runs:
+        return f'; check the path ({parent} {"holds no folders" if os.path.isdir(parent) else "does not exist"})'
+    shown = ', '.join(runs[-5:]) + (f' and {len(runs) - 5} more' if len(runs) > 5 else '')
+    return f'; check the path: {parent} holds {shown}'
 
 #----------------------------------------------------------------------------
 # Recorded options: which continue a run.
