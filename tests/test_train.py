@@ -95,6 +95,13 @@ def test_resume_continues(resume_runs):
     assert (state['batch_size'], state['aot_pool'], state['world_size']) == (16, 48, 1)
 
 @pytest.mark.slow
+def test_resume_with_other_data_says_what_each_has(resume_runs, tmp_path):
+    # The run trained on 8x8 RGB images with 4 classes; other data of 16x16 grey images without labels.
+    other = make_dataset(tmp_path / 'other', n=16, res=16, channels=1, labels=False)
+    line = expect_cli_error(tmp_path, ['--resume', str(resume_runs / 'full'), '--data', other], 'these differ: ')
+    assert ': it trained on 8x8x3 images, 4 classes, the new data has 16x16x1 images, no labels)' in line, line
+
+@pytest.mark.slow
 def test_resume_refuses_every_difference_at_once(resume_runs, data, tmp_path):
     # expect_cli_error adds --outdir (another one) and --duration=0.000016 (shorter than the run's)
     line = expect_cli_error(tmp_path, ['--resume', str(resume_runs / 'full'), '--data', data, '--aot=32', '--batch=48', '--seed=1', '--cbase=8'],

@@ -16,6 +16,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import network_io
+from training.dataset import ImageFolderDataset
 
 STATE_FORMAT = 'edm-aot-training-state/1'
 ROLLING_STATE = 'training-state-latest.pt' # replaced every --dump-minutes and on a stop signal
@@ -130,6 +131,23 @@ def recorded_options(state):
     except (OSError, ValueError, AttributeError):
         return None
 
+def _images(interface):
+    r, c, n = (interface.get(attr) for attr in INTERFACE)
+    return f'{r}x{r}x{c} images, ' + (f'{n} classes' if n else 'no labels')
+
+def _data_note(state, data):
+    # Another dataset is most often another resolution or labelling: say what each has, from the
+    # state file (which records it) and the dataset's own header. Nothing when either cannot be read.
+    try:
+        was = state_interface(load_training_state(state))
+        found = ImageFolderDataset(path=data, use_labels=True)
+        now = dict(img_resolution=found.resolution, img_channels=found.num_channels, label_dim=found.label_dim)
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError):
+        return ''
+    if not was or was == now:
+        return ''
+    return f': it trained on {_images(was)}, the new data has {_images(now)}'
+
 def continue_options(opts, given, state):
     """(options, folder to continue in, None = a new one) for a run given `opts`, of which the names in
     `given` were given explicitly, resuming from `state` (None = afresh). A state whose run folder
@@ -150,7 +168,8 @@ def continue_options(opts, given, state):
         if (name == 'duration' and opts['duration'] >= recorded['duration']) or name in WATCHING:
             continue # training on for longer, or watching it otherwise: allowed
         if comparable(name, opts[name]) != comparable(name, recorded[name]):
-            differ += [', ' if differ else '', Opt(name, opts[name]), f' (the run has {recorded[name]})']
+            note = _data_note(state, opts[name]) if name == 'data' else ''
+            differ += [', ' if differ else '', Opt(name, opts[name]), f' (the run has {recorded[name]}{note})']
     if differ:
         may_change = ['only a longer ', Opt('duration'), ', ', Opt('dump_minutes'), ' and the ', Opt('metric_*'),
                       ' options may change']
