@@ -113,7 +113,7 @@ def probe_dataset(c, opts):
         res = dataset_obj.resolution
         if res < 4 or res & (res - 1):
             fail(f'Dataset resolution {res} is not a power of two; convert with dataset_tool.py --resolution')
-        interface = dict(img_resolution=res, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
+        interface = dataset_obj.interface
         return dataset_obj.name, interface
     except click.ClickException:
         raise

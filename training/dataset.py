@@ -156,6 +156,11 @@ class Dataset(torch.utils.data.Dataset):
         return self.label_shape[0]
 
     @property
+    def interface(self):
+        """The network interface this data asks for: img_resolution, img_channels, label_dim."""
+        return dict(img_resolution=self.resolution, img_channels=self.num_channels, label_dim=self.label_dim)
+
+    @property
     def has_labels(self):
         return any(x != 0 for x in self.label_shape)
 

@@ -140,8 +140,7 @@ def _data_note(state, data):
     # state file (which records it) and the dataset's own header. Nothing when either cannot be read.
     try:
         was = state_interface(load_training_state(state))
-        found = ImageFolderDataset(path=data, use_labels=True)
-        now = dict(img_resolution=found.resolution, img_channels=found.num_channels, label_dim=found.label_dim)
+        now = ImageFolderDataset(path=data, use_labels=True).interface
     except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError):
         return ''
     if not was or was == now:
