@@ -17,17 +17,20 @@ TINY = ['--batch=4', '--steps=5', '--rounds=1', '--search-seeds=0-4', '--search-
 def test_bench_runs_and_reports_every_ratio():
     result = CliRunner().invoke(fewstep_speed.main, TINY)
     assert result.exit_code == 0, result.output + repr(result.exception)
-    table = re.findall(r'^\| (heun \(EDM, no --solver\)|`--solver=[a-z0-9-]+`) \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) '
+    table = re.findall(r'^\| (heun \(EDM, no --solver\)|`--solver=[a-z0-9_-]+`) \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) '
                        r'\(([0-9.]+)-([0-9.]+)\) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$', result.output, re.M)
     rows = {name: (int(nfe), *map(float, numbers)) for name, nfe, *numbers in table}
-    # 5 levels: Heun 2*5-1 NFE, DPM-Solver-2 two per step, the multistep solvers one per step.
+    # 5 levels: Heun 2*5-1 NFE, DPM-Solver-2 two per step, the multistep and stochastic solvers one per step.
     assert {name: row[0] for name, row in rows.items()} == {
         'heun (EDM, no --solver)': 9, '`--solver=ipndm`': 4, '`--solver=ipndm-v`': 4, '`--solver=dpmpp`': 4,
-        '`--solver=unipc`': 4, '`--solver=deis`': 4, '`--solver=dpm2`': 8}
+        '`--solver=unipc`': 4, '`--solver=deis`': 4, '`--solver=dpm2`': 8,
+        '`--solver=euler_ancestral`': 4, '`--solver=dpmpp_2m_sde`': 4}
     for name, (nfe, loop, floor, direct, low, high, rest, ratio, solver, solver_ratio) in rows.items():
         assert low <= direct <= high and 0 < rest < loop and 0 < solver < loop, name # without the network: much less
         assert abs(floor / loop - direct) < 0.01 + 1e-3 / loop and 0 < ratio < 1 and 0 < solver_ratio < 1, name
-    assert re.search(r'Lowest floor / \(floor \+ rest\): [a-z0-9-]+ at [0-9.]+: (meets|misses) the goal', result.output)
+    lowest = re.search(r'^Lowest floor / \(floor \+ rest\): ([a-z0-9_-]+) at ([0-9.]+): (meets|misses) the goal', result.output, re.M)
+    assert lowest, result.output
+    assert float(lowest[2]) == min(row[7] for row in rows.values()) and (lowest[3] == 'meets') == (float(lowest[2]) >= 0.95), lowest[0]
     search = re.findall(r'^\| (generate.py loop|search without|search:)[^|]* \| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$',
                         result.output, re.M)
     assert [(name, int(nfe)) for name, nfe, *_ in search] == [('generate.py loop', 6), ('search without', 6), ('search:', 6 + 12)]
