@@ -129,6 +129,10 @@ def check_sizes(opts, label_dim, world, num_images):
     if per_gpu % batch_gpu:
         split = f'--batch={opts.batch} over {world} GPU(s) is {per_gpu} per GPU'
         fail(f'{split}, not a multiple of --batch-gpu={batch_gpu}')
+    if opts.nearest_of == 1:
+        fail('--nearest-of=1 is plain EDM noise; use --nearest-of=K with K >= 2, or 0 for off')
+    if opts.nearest_of and opts.aot:
+        fail(f'--nearest-of={opts.nearest_of} and --aot={opts.aot} are two couplings of noise to images; use --aot=0 with --nearest-of')
     if opts.aot and opts.aot % batch_gpu:
         nearest = max(opts.aot // batch_gpu, 1) * batch_gpu
         fail(f'--aot={opts.aot} is not a multiple of the per-GPU batch {batch_gpu}; use e.g. --aot={nearest}')
@@ -190,7 +194,7 @@ def setup_training_config(opts):
         fail('--bf16 and --fp16=1 are two kinds of mixed precision; choose one')
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap or None, state_dump_ticks=opts.dump or None)
     c.update(state_dump_minutes=opts.dump_minutes or None)
-    c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, grid_images=opts.grid)
+    c.update(aot_pool=opts.aot, aot_solver=opts.aot_solver, nearest_of=opts.nearest_of, grid_images=opts.grid)
     c.update(metric_every=opts.metric_every, metric_images=opts.metric_images, metric_detector=opts.metric_detector)
     c.batch_gpu = check_sizes(opts, interface['label_dim'], world, c.dataset_kwargs.max_size) # the loop takes it as checked here
     c.seed = opts.seed if opts.seed is not None else int(torch.randint(1 << 31, size=[]))
@@ -202,7 +206,7 @@ def setup_training_config(opts):
     if opts.transfer is not None and opts.resume is None:
         c.update(checked(run_dir.transfer_from, opts.transfer, c.network_kwargs, interface))
     elif opts.resume is not None:
-        pools_from = dict(batch=opts.batch, aot=opts.aot, seed=opts.seed)
+        pools_from = dict(batch=opts.batch, aot=opts.aot, nearest_of=opts.nearest_of, seed=opts.seed)
         c.update(checked(run_dir.resume_from, opts.resume, c.network_kwargs, interface, world, **pools_from))
     c.seed = dist.broadcast_object(c.seed)
 
@@ -261,6 +265,8 @@ def launch(c, command_line):
               type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
 @click.option('--aot',           help='AOT pool per GPU: images paired with noise at once, 0 = plain EDM',
               metavar='INT', type=click.IntRange(min=0), default=512, show_default=True)
+@click.option('--nearest-of',    help='Nearest of K fresh noises per image instead of AOT (K >= 2; --aot then defaults to 0)',
+              metavar='K', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--aot-solver',    help='Assignment solver: exact (scipy, lap), or knn for pools of thousands',
               metavar='scipy|lap|knn', type=click.Choice(aot.SOLVERS), default='scipy',
               show_default=True)
@@ -359,6 +365,8 @@ def main(**kwargs):
     """
     source = click.get_current_context().get_parameter_source
     given = {name for name in kwargs if source(name) == click.core.ParameterSource.COMMANDLINE}
+    if kwargs['nearest_of'] and 'aot' not in given:
+        kwargs['aot'] = 0 # --aot's default pool is AOT's coupling; --nearest-of is another
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init()
 

@@ -184,7 +184,7 @@ def our_state(path, **changes):
     net = network()
     state = dict(format=run_dir.STATE_FORMAT, net=net.state_dict(), ema=net.state_dict(),
                  optimizer_state=torch.optim.Adam(net.parameters()).state_dict(), seed=7, cur_nimg=1000, cur_tick=1,
-                 batch_size=64, aot_pool=256, world_size=1, **INTERFACE)
+                 batch_size=64, aot_pool=256, nearest_of=0, world_size=1, **INTERFACE)
     torch.save(dict(state, **changes), path)
     return str(path)
 
@@ -194,10 +194,10 @@ def test_resume_from_our_state(tmp_path):
     assert resume(None) == dict(seed=7, resume_state_dump=path)
     assert resume(7) == dict(resume_state_dump=path)
 
-@pytest.mark.parametrize('option,value,run_has', [('batch', 32, 64), ('aot', 128, 256), ('seed', 1, 7)])
+@pytest.mark.parametrize('option,value,run_has', [('batch', 32, 64), ('aot', 128, 256), ('nearest_of', 4, 0), ('seed', 1, 7)])
 def test_resume_refuses_other_pools(tmp_path, option, value, run_has):
     path = our_state(tmp_path / 'training-state-000001.pt')
-    pools_from = {**dict(batch=64, aot=256, seed=None), option: value}
+    pools_from = {**dict(batch=64, aot=256, nearest_of=0, seed=None), option: value}
     err = refusal(run_dir.resume_from, path, NETWORK, INTERFACE, 1, **pools_from)
     assert err.kind == 'pools-differ'
     had = f'the interrupted run had --{option}={run_has}, this one --{option}={value}'

@@ -294,6 +294,32 @@ def unpaired_stats(images, noise, labels=None):
     before = _mean_distance(x, n)
     return _stats(before, before, _groups(labels, x.shape[0]), x.shape[0])
 
+def nearest(images, candidates):
+    """Nearest-of-K noise (Improved Immiscible Diffusion, Li et al. 2025): each image [N, ...] takes
+    the nearest (Euclidean, float32 as assign) of its own K candidate noises [N, K, ...]; no noise is
+    shared, so classes need no grouping and no matrix exceeds N x K.
+
+    Returns (noise [N, ...] from candidates, stats): assign's stats, with cost_before the mean
+    distance to each image's first candidate (what plain EDM would have drawn)."""
+    if images.ndim < 2 or candidates.ndim != images.ndim + 1 or candidates.shape[:1] + candidates.shape[2:] != images.shape:
+        raise ValueError(f'nearest-of-K candidates {list(candidates.shape)} must be [N, K, ...] for images {list(images.shape)}')
+    x = images.detach().flatten(1).to(torch.float32)
+    c = candidates.detach().flatten(2).to(torch.float32)
+    dist = (c - x[:, None]).norm(dim=2) # [N, K]
+    choice = dist.argmin(dim=1)
+    rows = torch.arange(len(x), device=x.device)
+    before, after = torch.stack([dist[:, 0].mean(), dist[rows, choice].mean()]).tolist() # one read from the device
+    return candidates[rows, choice], dict(cost_before=before, cost_after=after, alone=0.0)
+
+def noise_stats(images, noise):
+    """How far paired noise [N, ...] leans towards its images: mean norm over sqrt(D) (1 for standard
+    normal noise, which AOT's permutation keeps) and mean projection on the image's direction (0 with
+    standard deviation 1/sqrt(N) for independent noise). 0-dim tensors on the noise's device, so that
+    no read waits for it (training_stats takes them as they are)."""
+    x, n = _flat(images, noise)
+    unit = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return dict(noise_norm=n.norm(dim=1).mean() / x.shape[1] ** 0.5, noise_proj=(n * unit).sum(dim=1).mean())
+
 def pairing_cost(images, noise, idx=None):
     """Summed Euclidean distance between images[i] and noise[idx[i]] in float64 (identity pairing
     when idx is None)."""

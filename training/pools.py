@@ -16,6 +16,9 @@ CPU) and noise from generators of their own seeded by (seed, r, k) (so the train
 are never touched). A resumed run therefore rebuilds exactly the pools, pairings included, that the
 interrupted run would have seen. On the CPU both places give identical pools; a CUDA generator draws
 other noise than the CPU's.
+
+Nearest-of-K (--nearest-of) replaces the pairing: the candidates of each image are drawn on the CPU
+from a generator seeded by its position in the sample sequence, and the nearest is kept.
 """
 
 import math
@@ -43,6 +46,18 @@ _EPOCH_TAG = 0x65706f6368 # 'epoch': keeps permutation seeds apart from pool see
 
 def _epoch_seed(seed, epoch):
     return _mix(_EPOCH_TAG, seed, epoch)
+
+_NEAREST_TAG = 0x6e656172 # 'near': keeps candidate seeds apart from pool and epoch seeds
+
+def nearest_candidates(seed, positions, k, shape):
+    """Nearest-of-K candidates [N, k, *shape] on the CPU: those of the image at position p of the
+    endless sample sequence (PoolStream.pool_positions) come from a generator seeded by (seed, p)
+    alone, so they are the same for any number of processes, pool size and resume point, and on any
+    device."""
+    out = torch.empty([len(positions), k, *shape])
+    for i, p in enumerate(positions):
+        torch.randn([k, *shape], generator=torch.Generator().manual_seed(_mix(_NEAREST_TAG, seed, p)), out=out[i])
+    return out
 
 def auto_workers(pool_size, num_classes, cpu_cores_per_gpu, cuda, solver='scipy'):
     """Pool worker processes per GPU for train.py --workers auto: 1 on the CPU (a spare core); on
@@ -72,10 +87,12 @@ class PoolStream(torch.utils.data.IterableDataset):
     mean image-noise distance before and after pairing, fraction of images alone in their class).
 
     pool_size: P images per pool and rank. pair=False gives plain EDM (noise left unpaired).
+    nearest_of=K >= 2 (with pair=False): each image takes the nearest of K candidate noises of its
+    own (aot.nearest, nearest_candidates) instead.
     device: where augmentation, noise and distances run (the CPU in DataLoader workers).
     """
     def __init__(self, dataset, pool_size, seed=0, rank=0, num_replicas=1, augment_pipe=None,
-                 pair=True, solver='scipy', start_pool=0, device='cpu'):
+                 pair=True, solver='scipy', start_pool=0, device='cpu', nearest_of=0):
         super().__init__()
         self.dataset = dataset
         self.pool_size = int(pool_size)
@@ -87,6 +104,8 @@ class PoolStream(torch.utils.data.IterableDataset):
         self.solver = solver
         self.start_pool = int(start_pool)
         self.device = torch.device(device)
+        self.nearest_of = int(nearest_of)
+        assert not (pair and self.nearest_of), 'AOT pairing and nearest-of-K are two couplings; choose one'
         self._perm_cache = {}
 
     def _epoch_perm(self, epoch):
@@ -96,12 +115,16 @@ class PoolStream(torch.utils.data.IterableDataset):
             self._perm_cache = {epoch: perm}
         return perm
 
+    def pool_positions(self, k):
+        """Positions of pool k's images in the endless sequence of samples that all ranks share."""
+        start = (k * self.num_replicas + self.rank) * self.pool_size
+        return np.arange(start, start + self.pool_size)
+
     def pool_indices(self, k):
         """Dataset indices of pool k: consecutive slices of an endless sequence of seeded epoch
         permutations, so ranks see disjoint images and every epoch covers the data."""
         n = len(self.dataset)
-        start = (k * self.num_replicas + self.rank) * self.pool_size
-        pos = np.arange(start, start + self.pool_size)
+        pos = self.pool_positions(k)
         out = np.empty(self.pool_size, dtype=np.int64)
         for epoch in np.unique(pos // n):
             sel = pos // n == epoch
@@ -109,7 +132,8 @@ class PoolStream(torch.utils.data.IterableDataset):
         return out
 
     def make_pool(self, k):
-        """Pool k: load -> augment -> draw noise -> aot.assign -> permute the noise."""
+        """Pool k: load -> augment -> draw noise -> aot.assign -> permute the noise (or, nearest-of-K:
+        draw K candidates per image -> aot.nearest)."""
         idx = self.pool_indices(k)
         items = [self.dataset[int(i)] for i in idx]
         # Labels stay on the host for the class groups; uploads are pinned and asynchronous.
@@ -123,15 +147,19 @@ class PoolStream(torch.utils.data.IterableDataset):
         augment_labels = None
         if self.augment_pipe is not None:
             images, augment_labels = self.augment_pipe(images, generator=gen)
-        if self.device.type != 'cpu':
-            gen = torch.Generator(self.device).manual_seed(_pool_seed(self.seed, self.rank, k))
-        noise = torch.randn(images.shape, device=self.device, generator=gen)
-
-        if self.pair:
-            perm, stats = aot.assign(images, noise, labels, self.solver)
-            noise = noise[perm]
+        if self.nearest_of:
+            candidates = nearest_candidates(self.seed, self.pool_positions(k), self.nearest_of, images.shape[1:])
+            noise, stats = aot.nearest(images, aot.upload(candidates, self.device))
         else:
-            stats = aot.unpaired_stats(images, noise, labels)
+            if self.device.type != 'cpu':
+                gen = torch.Generator(self.device).manual_seed(_pool_seed(self.seed, self.rank, k))
+            noise = torch.randn(images.shape, device=self.device, generator=gen)
+            if self.pair:
+                perm, stats = aot.assign(images, noise, labels, self.solver)
+                noise = noise[perm]
+            else:
+                stats = aot.unpaired_stats(images, noise, labels)
+        stats.update(aot.noise_stats(images, noise))
         return dict(images=images, labels=aot.upload(labels, self.device), augment_labels=augment_labels,
                     indices=torch.from_numpy(idx), noise=noise, stats=stats)
 

@@ -27,7 +27,7 @@ PER_INVOCATION = ['resume', 'dry_run']
 # Options that change what is watched or saved, never what is trained: a resume may give them anew.
 WATCHING = ['metric_every', 'metric_images', 'metric_detector', 'dump_minutes']
 # Options the pools (images, noise, pairings) and their order follow from, and their keys in a state.
-POOL_OPTIONS = {'batch': 'batch_size', 'aot': 'aot_pool', 'seed': 'seed'}
+POOL_OPTIONS = {'batch': 'batch_size', 'aot': 'aot_pool', 'nearest_of': 'nearest_of', 'seed': 'seed'}
 INTERFACE = ('img_resolution', 'img_channels', 'label_dim')
 
 #----------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def transfer_from(path, network_kwargs, interface):
                     'this run starts that layer from random weights.')
     return dict(resume_pkl=path)
 
-def resume_from(path, network_kwargs, interface, world_size, batch, aot, seed):
+def resume_from(path, network_kwargs, interface, world_size, batch, aot, seed, nearest_of=0):
     """The loop's arguments to resume the network of these kwargs and interface from the state file
     at path (ours or EDM's mid-run dump, whose EMA weights are in the snapshot beside it), after
     checking that the state continues a run of these pool options (seed None = the state's) and
@@ -305,7 +305,7 @@ def resume_from(path, network_kwargs, interface, world_size, batch, aot, seed):
     dst = planned_network(network_kwargs, interface)
     plan = {}
     if state.get('format') == STATE_FORMAT:
-        for option, value in dict(batch=batch, aot=aot, seed=seed).items():
+        for option, value in dict(batch=batch, aot=aot, nearest_of=nearest_of, seed=seed).items():
             key = POOL_OPTIONS[option]
             if value is not None and key in state and state[key] != value:
                 had, this = Opt(option, state[key]), Opt(option, value)

@@ -201,6 +201,7 @@ def training_loop(
     cudnn_benchmark     = True,     # Enable torch.backends.cudnn.benchmark?
     aot_pool            = 512,      # AOT pool per GPU: images paired with noise at once, 0 = plain EDM.
     aot_solver          = 'scipy',  # Assignment solver for training.aot.assign.
+    nearest_of          = 0,        # Nearest of K candidate noises per image instead of AOT (aot_pool = 0), 0 = off.
     grid_images         = 64,       # Images in the sample grid saved with each snapshot, 0 = none.
     grid_steps          = 18,       # Heun steps for the sample grid.
     metric_every        = 0,        # Ticks between FD metrics of EMA samples (training/monitor.py), 0 = none.
@@ -312,7 +313,7 @@ def training_loop(
     in_process = data_loader_kwargs.get('num_workers', 0) == 0
     pool_stream = PoolStream(dataset_obj, pool_size, seed=seed, rank=dist.get_rank(), num_replicas=dist.get_world_size(),
         augment_pipe=augment_pipe, pair=aot_pool > 0, solver=aot_solver, start_pool=slices_done // slices_per_pool,
-        device=device if in_process else 'cpu')
+        device=device if in_process else 'cpu', nearest_of=nearest_of)
     if in_process:
         pools = iter(pool_stream)
     else: # the DataLoader draws its workers' base seed from a generator of its own: the trainer's streams stay as with --workers 0
@@ -331,6 +332,8 @@ def training_loop(
         training_stats.report('AOT/cost_before', stats['cost_before'])
         training_stats.report('AOT/cost_after', stats['cost_after'])
         training_stats.report('AOT/alone_frac', stats['alone'])
+        training_stats.report('AOT/noise_norm', stats['noise_norm'])
+        training_stats.report('AOT/noise_proj', stats['noise_proj'])
         if aot_pool and stats['alone'] >= 0.25 and not warned_alone:
             warned_alone.append(True)
             dist.print0(f'Warning: {stats["alone"]:.0%} of the images of a pool are alone in their class among the {aot_pool} '
@@ -344,7 +347,8 @@ def training_loop(
     requests = StopRequests(state_dump_minutes * 60 if state_dump_minutes else None, device)
     stopped = False
     dist.print0(f'Training for {total_kimg} kimg: batch {batch_size} ({batch_gpu} per GPU x {num_accumulation_rounds} rounds x {dist.get_world_size()} GPUs), '
-                + (f'AOT pool {aot_pool} per GPU ({aot_solver})' if aot_pool else 'AOT off (plain EDM noise)'))
+                + (f'AOT pool {aot_pool} per GPU ({aot_solver})' if aot_pool else f'nearest of {nearest_of} noises per image' if nearest_of
+                   else 'AOT off (plain EDM noise)'))
     dist.print0()
     tick_start_nimg = cur_nimg if tick_start_nimg is None else tick_start_nimg
     tick_start_time = time.time()
@@ -361,7 +365,7 @@ def training_loop(
         state = dict(format=STATE_FORMAT, net=net.state_dict(), ema=ema.state_dict(), optimizer_state=optimizer.state_dict(),
                      seed=seed, cur_nimg=cur_nimg, cur_tick=next_tick, tick_start_nimg=next_tick_start_nimg,
                      rng_states=_gather_objects(_rng_state(device)), batch_size=batch_size, aot_pool=aot_pool, # train.py checks
-                     world_size=dist.get_world_size(), **interface)                                         # these on resume
+                     nearest_of=nearest_of, world_size=dist.get_world_size(), **interface)                  # these on resume
         path = os.path.join(run_dir, name) if dist.get_rank() == 0 else None
         if path is not None:
             with dnnlib.util.atomic_write(path) as tmp:
@@ -437,9 +441,9 @@ def training_loop(
             nonfinite_steps.zero_()
             training_stats.default_collector.update()
             fields.insert(2, f"loss {training_stats.default_collector['Loss/loss']:<8.4f}")
-            if aot_pool: # how much closer the pairing brought each image's noise (mean distance)
+            if aot_pool or nearest_of: # how much closer the pairing brought each image's noise (mean distance)
                 before, after = training_stats.default_collector['AOT/cost_before'], training_stats.default_collector['AOT/cost_after']
-                fields.insert(3, f"aot_gain {1 - after / max(before, 1e-8):<5.1%}")
+                fields.insert(3, f"{'aot' if aot_pool else 'nearest'}_gain {1 - after / max(before, 1e-8):<5.1%}")
             if bad_steps:
                 fields += [f'nonfinite_steps {bad_steps}']
             if metric_field:
