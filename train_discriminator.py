@@ -48,15 +48,19 @@ def perturb(images, noise, t):
     x0 = images.to(torch.float32) / 127.5 - 1
     return mean[:, None, None, None] * x0 + std[:, None, None, None] * noise
 
-def make_pool(real, fake, pool, gen, aot_pool):
+def make_pool(real, fake, pool, gen, aot_pool, nearest_of=0):
     """One pool: pool/2 real and pool/2 fake images (indices drawn at random), unit noise per image
     and VP times; with AOT the noise is paired with the images by training.aot.assign, separately for
-    real and fake and per class. Returns (images, labels or None, targets, noise, t), shuffled."""
+    real and fake and per class; with nearest_of=K each image keeps the nearest of K noises of its
+    own (training.aot.nearest). Returns (images, labels or None, targets, noise, t), shuffled."""
     parts = []
     for (images, labels), target in [(real, 1.0), (fake, 0.0)]:
         idx = torch.randint(len(images), [pool // 2], generator=gen)
         x, y = images[idx], (None if labels is None else labels[idx])
-        z = torch.randn(x.shape, generator=gen)
+        if nearest_of:
+            z = aot.nearest(x.float() / 127.5 - 1, torch.randn([len(x), nearest_of, *x.shape[1:]], generator=gen))[0]
+        else:
+            z = torch.randn(x.shape, generator=gen)
         if aot_pool:
             z = z[aot.assign(x.float() / 127.5 - 1, z, y)[0]]
         parts.append((x, y, torch.full([len(idx)], target), z))
@@ -124,6 +128,7 @@ def renumber_optimizer_state(opt_state, saved_names, names):
 @click.option('--outdir',     help='Where to write discriminator-*.safetensors, logs and the training state', metavar='DIR', type=str, required=True)
 @click.option('--cond',       help='Class-conditional discriminator head', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--aot',        help='DG-AOT pool: images paired with their perturbation noise at once, 0 = independent noise (DG)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--nearest-of', help='Each image keeps the nearest of K noises instead (K >= 2), 0 = off', metavar='K', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--classifier', help="DG's ADM classifier as feature extractor (32x32_classifier.pt)  [default: a small encoder trained here]", metavar='PATH|URL', type=str)
 @click.option('--width',      help='Channels of the small encoder and head (without --classifier)', metavar='INT', type=click.IntRange(min=32), default=32, show_default=True)
 @click.option('--kimg',       help='Training duration in thousands of images', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=5000, show_default=True)
@@ -132,7 +137,7 @@ def renumber_optimizer_state(opt_state, saved_names, names):
 @click.option('--holdout',    help='Fraction of real and of fake images held out for the accuracy', metavar='FLOAT', type=click.FloatRange(min=0, max=0.5), default=0.1, show_default=True)
 @click.option('--snap',       help='Snapshot and held-out accuracy every KIMG', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=500, show_default=True)
 @click.option('--seed',       help='Random seed', metavar='INT', type=int, default=0, show_default=True)
-def main(data, fakes, outdir, cond, aot, classifier, width, kimg, batch, lr, holdout, snap, seed):
+def main(data, fakes, outdir, cond, aot, nearest_of, classifier, width, kimg, batch, lr, holdout, snap, seed):
     """Train a DG discriminator (DG-AOT with --aot P). Re-running with the same --outdir resumes.
 
     \b
@@ -148,6 +153,8 @@ def main(data, fakes, outdir, cond, aot, classifier, width, kimg, batch, lr, hol
     device, rank, world = dist.device(), dist.get_rank(), dist.get_world_size()
     if batch % (2 * world):
         fail(f'--batch {batch} must be a multiple of 2 x {world} processes (half real, half fake on each)')
+    if nearest_of == 1 or (nearest_of and aot):
+        fail(f'--nearest-of={nearest_of}: use K >= 2 (1 is independent noise), and not with --aot (two couplings of noise to images)')
     batch_gpu = batch // world
     pool = aot if aot else batch_gpu
     if pool % batch_gpu or pool % 2:
@@ -206,7 +213,7 @@ def main(data, fakes, outdir, cond, aot, classifier, width, kimg, batch, lr, hol
     dist.print0(f'Feature extractor: {extractor}')
     dist.print0(f'Real {len(sets["real"][0])} + held-out {len(sets["real_held"][0])}, fake {len(sets["fake"][0])} + held-out '
                 f'{len(sets["fake_held"][0])} images, {res}x{res}x{channels}, {"conditional on " + str(real_dim) + " classes" if cond else "unconditional"}; '
-                f'{"DG-AOT pool " + str(aot) if aot else "independent noise (DG)"}; batch {batch}, lr {lr:g}, {kimg:g} kimg')
+                f'{"DG-AOT pool " + str(aot) if aot else f"nearest of {nearest_of} noises" if nearest_of else "independent noise (DG)"}; batch {batch}, lr {lr:g}, {kimg:g} kimg')
 
     total_steps = int(np.ceil(kimg * 1000 / batch))
     steps_per_pool = pool // batch_gpu
@@ -216,7 +223,7 @@ def main(data, fakes, outdir, cond, aot, classifier, width, kimg, batch, lr, hol
     sums = torch.zeros(3)
     bar = tqdm.tqdm(total=total_steps, initial=step, unit='step', disable=(rank != 0), dynamic_ncols=True)
     while step < total_steps:
-        x, y, target, z, t = make_pool(sets['real'], sets['fake'], pool, gen, aot)
+        x, y, target, z, t = make_pool(sets['real'], sets['fake'], pool, gen, aot, nearest_of)
         for k in range(steps_per_pool):
             s = slice(k * batch_gpu, (k + 1) * batch_gpu)
             xt = perturb(x[s], z[s], t[s]).to(device)

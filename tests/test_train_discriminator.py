@@ -87,13 +87,33 @@ def test_aot_pool_pairs_noise_per_class_and_keeps_it_standard_normal():
         assert abs(aot.pairing_cost(images[m], z1[m]) - best) <= 1e-6 * best
     assert tg0.sum() == 16
 
+def test_nearest_of_keeps_each_images_nearest_noise(monkeypatch):
+    gen_images = torch.Generator().manual_seed(0)
+    real = (torch.randint(0, 256, [50, 1, 8, 8], generator=gen_images, dtype=torch.uint8), torch.arange(50) % 3)
+    fake = (torch.randint(0, 256, [50, 1, 8, 8], generator=gen_images, dtype=torch.uint8), torch.arange(50) % 3)
+    calls, nearest = [], aot.nearest
+    monkeypatch.setattr(aot, 'nearest', lambda x, c: calls.append((x, c)) or nearest(x, c))
+    x, y, target, z, t = td.make_pool(real, fake, 32, torch.Generator().manual_seed(5), 0, 4)
+    # Every image of the pool has its own 4 candidates and keeps the nearest of them.
+    assert [c.shape for _, c in calls] == [torch.Size([16, 4, 1, 8, 8])] * 2
+    best = {}
+    for images, candidates in calls:
+        d = (candidates - images[:, None]).flatten(2).norm(dim=2)
+        for image, row, i in zip(images, candidates, d.argmin(dim=1)):
+            best.setdefault(image.numpy().tobytes(), []).append(row[i])
+    images = x.float() / 127.5 - 1
+    assert all(any(torch.equal(noise, b) for b in best[image.numpy().tobytes()]) for image, noise in zip(images, z))
+    again = td.make_pool(real, fake, 32, torch.Generator().manual_seed(5), 0, 4)
+    assert all(torch.equal(a, b) for a, b in zip((x, y, target, z, t), again)) # reproducible from the generator
+
 @pytest.mark.slow
-@pytest.mark.parametrize('case', ['no labels', 'resolution', 'pool', 'batch'])
+@pytest.mark.parametrize('case', ['no labels', 'resolution', 'pool', 'batch', 'nearest'])
 def test_errors(case, data, tmp_path):
     args = {'no labels': ['--fakes', data['fake_nolabels'], '--cond=1'], 'resolution': ['--fakes', data['fake16']],
-            'pool': ['--fakes', data['fake'], '--aot=12', '--batch=8'], 'batch': ['--fakes', data['fake'], '--batch=7']}[case]
+            'pool': ['--fakes', data['fake'], '--aot=12', '--batch=8'], 'batch': ['--fakes', data['fake'], '--batch=7'],
+            'nearest': ['--fakes', data['fake'], '--aot=16', '--nearest-of=4']}[case]
     expected = {'no labels': 'no dataset.json (generate.py writes it', 'resolution': '--fakes images are [1, 16, 16]',
-                'pool': 'multiple of the per-process batch 8', 'batch': 'multiple of 2'}[case]
+                'pool': 'multiple of the per-process batch 8', 'batch': 'multiple of 2', 'nearest': 'not with --aot'}[case]
     code, out, err = run(['--data', data['real'], '--outdir', str(tmp_path / 'out'), '--kimg=0.01', *args])
     lines = err.strip().splitlines()
     assert code != 0 and 'Traceback' not in err and lines[-1].startswith('Error:') and expected in lines[-1], err
