@@ -203,3 +203,36 @@ def test_damaged_image_is_one_line_also_from_a_worker(tmp_path):
     with pytest.raises(DamagedImageError) as wrapped:
         next(iter(loader))
     assert str(wrapped.value) == message
+
+@pytest.mark.parametrize('kind', ['dir', 'zip'])
+def test_check_images_finds_every_damaged_image(tmp_path, kind):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    rnd = np.random.RandomState(0)
+    for i in range(6):
+        PIL.Image.fromarray(rnd.randint(0, 256, (8, 8, 3), np.uint8)).save(folder / f'img{i}.png')
+    path = folder
+    if kind == 'zip':
+        path = tmp_path / 'data.zip'
+        with zipfile.ZipFile(path, 'w') as z:
+            for i in range(6):
+                z.write(folder / f'img{i}.png', f'img{i}.png')
+    ImageFolderDataset(str(path)).check_images() # intact: no error
+
+    for i in [1, 4]:
+        truncate(folder / f'img{i}.png')
+    if kind == 'zip':
+        path = tmp_path / 'damaged.zip'
+        with zipfile.ZipFile(path, 'w') as z:
+            for i in range(6):
+                z.write(folder / f'img{i}.png', f'img{i}.png')
+    with pytest.raises(DamagedImageError) as err:
+        ImageFolderDataset(str(path)).check_images()
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f'{path}: cannot decode image img1.png (') and ') and 1 other image; remove or re-save them' in message
+    assert f'dataset_tool.py --source={path} ' in message
+    # Only the images in use: a subset without the damaged ones passes.
+    subset = ImageFolderDataset(str(path), max_size=4, random_seed=7)
+    assert subset._raw_idx.tolist() == [0, 2, 3, 5]
+    subset.check_images()

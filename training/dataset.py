@@ -212,6 +212,18 @@ class ImageFolderDataset(Dataset):
         if self._use_labels:
             self._get_raw_labels() # fail now, not in a DataLoader worker, when dataset.json is broken
 
+    def check_images(self):
+        """Decode every image in use once, as the pools will, so that a damaged one stops train.py before it
+        makes a run folder rather than minutes into the run (about 0.1 ms per 32x32 PNG: docs/datasets.md)."""
+        damaged = [] # (file name, reason)
+        for raw_idx in np.unique(self._raw_idx):
+            try:
+                self._load_raw_image(raw_idx)
+            except DamagedImageError as err:
+                damaged.append((self._image_fnames[raw_idx], err.__cause__))
+        if damaged:
+            raise self._damaged(*damaged[0], others=len(damaged) - 1)
+
     def _check_sizes(self):
         # One size for all images, checked now from the headers (Image.open reads no pixels) rather
         # than when a DataLoader worker meets the odd one out in the middle of a run.
@@ -296,10 +308,12 @@ class ImageFolderDataset(Dataset):
                 f'make all images the same size with dataset_tool.py --resolution')
         return image
 
-    def _damaged(self, fname, err):
+    def _damaged(self, fname, err, others=0):
         reason = ' '.join(str(err).split()) or type(err).__name__
-        return DamagedImageError(f'{self._path}: cannot decode image {fname} ({reason}); to list every damaged image at once, '
-            f'run: python dataset_tool.py --source={shlex.quote(self._path)} --dest=DEST.zip (it writes DEST.zip only if none is damaged)')
+        more = f' and {others} other image{"s" if others > 1 else ""}' if others else ''
+        return DamagedImageError(f'{self._path}: cannot decode image {fname} ({reason}){more}; remove or re-save '
+            f'{"them" if others else "it"}, or list every damaged image and make a clean copy with: python dataset_tool.py '
+            f'--source={shlex.quote(self._path)} --dest=DEST.zip (it writes DEST.zip only if none is damaged)')
 
     def _load_raw_labels(self):
         fname = 'dataset.json'
