@@ -105,6 +105,29 @@ def test_float_labels(tmp_path):
     np.testing.assert_array_equal(ds[2][1], np.array([2, 0.5], np.float32))
     assert ds[2][0].shape == (1, 4, 4) and ds[2][0].max() == 2
 
+def test_class_names(tmp_path):
+    """dataset.json's "class_names" (index = label) beside "labels": the same labels (EDM's loader reads
+    only json['labels'] too), the names as Dataset.class_names; None without the key or labels."""
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        z.extractall(tmp_path / 'named')
+    meta = json.loads((tmp_path / 'named' / 'dataset.json').read_text())
+    assert 'class_names' not in meta
+    names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    (tmp_path / 'named' / 'dataset.json').write_text(json.dumps(dict(meta, class_names=names)))
+    plain, named = ImageFolderDataset(CIFAR_ZIP, use_labels=True), ImageFolderDataset(str(tmp_path / 'named'), use_labels=True)
+    assert plain.class_names is None and named.class_names == names
+    assert named.label_shape == plain.label_shape == [10]
+    np.testing.assert_array_equal([named.get_label(i) for i in range(30)], [plain.get_label(i) for i in range(30)])
+    edm_view = dict(json.loads((tmp_path / 'named' / 'dataset.json').read_text())['labels'])
+    assert [edm_view[f] for f in named._image_fnames] == CIFAR_LABELS
+    assert ImageFolderDataset(str(tmp_path / 'named')).class_names is None # use_labels=False: no labels, no names
+    assert pickle.loads(pickle.dumps(named)).class_names == names # as a DataLoader worker gets it
+
+    for bad in [names[:9], 'airplane', [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]:
+        (tmp_path / 'named' / 'dataset.json').write_text(json.dumps(dict(meta, class_names=bad)))
+        with pytest.raises(IOError, match=r'dataset.json "class_names" must be a list of at least 10 strings, one per label; fix or remove it'):
+            ImageFolderDataset(str(tmp_path / 'named'), use_labels=True)
+
 #----------------------------------------------------------------------------
 # Broken archives: IOError (which train.py and fid.py report in one line) naming the file.
 
