@@ -1,5 +1,6 @@
 """Make dataset archives in EDM's format: a folder or an uncompressed zip of PNGs
-(00000/img00000000.png, ...) plus dataset.json with {"labels": [[name, label], ...]}.
+(00000/img00000000.png, ...) plus dataset.json with {"labels": [[name, label], ...]} and, where the
+source names its classes, "class_names": [name of label 0, ...] (EDM's loader reads only "labels").
 
 Reads the CIFAR-10 python tarball, MNIST idx gz, image folders and zips, LSUN lmdb folders
 (needs the `lmdb` package) and the UCI handwritten digits CSV. The newer spelling
@@ -26,7 +27,7 @@ import PIL.Image
 from tqdm import tqdm
 
 import dnnlib
-from training.dataset import DamagedImageError
+from training.dataset import DamagedImageError, class_list, class_names_error
 
 #----------------------------------------------------------------------------
 # Helpers.
@@ -53,18 +54,26 @@ def decode_image(file, name):
     return np.array(img)
 
 def labels_for_files(arch_fnames, meta, source):
-    """Labels from dataset.json when present, else from top-level folder names (when there are several)."""
+    """({file: label}, class names or None) from dataset.json when present, else from top-level folder
+    names (when there are several; label = index of the name in sorted order)."""
     if meta is not None:
         try:
-            labels = json.loads(meta)['labels']
-            return dict(labels) if labels is not None else {}
+            meta = json.loads(meta)
+            labels, class_names = meta['labels'], meta.get('class_names')
+            labels = dict(labels) if labels is not None else {}
+            count = max((x + 1 for x in labels.values() if isinstance(x, int)), default=0)
+            if class_names is not None and (error := class_names_error(class_names, count)):
+                raise TypeError(error)
+            return labels, class_names if labels else None
         except (ValueError, KeyError, TypeError) as err:
-            raise click.ClickException(f'{source}: dataset.json must hold {{"labels": [[name, label], ...]}} ({err!r})')
+            raise click.ClickException(f'{source}: dataset.json must hold {{"labels": [[name, label], ...]}} '
+                f'and optionally {{"class_names": [name, ...]}} ({err!r})')
     toplevel = {f: f.split('/')[0] if '/' in f else '' for f in arch_fnames}
-    classes = {name: idx for idx, name in enumerate(sorted(set(toplevel.values())))}
-    if len(classes) > 1:
-        return {f: classes[name] for f, name in toplevel.items()}
-    return {}
+    class_names = sorted(set(toplevel.values()))
+    if len(class_names) > 1:
+        classes = {name: idx for idx, name in enumerate(class_names)}
+        return {f: classes[name] for f, name in toplevel.items()}, class_names
+    return {}, None
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR-10 batches are pickles: allow only what they need (numpy arrays), so no code runs."""
@@ -78,7 +87,8 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
 
 #----------------------------------------------------------------------------
-# Sources. Each returns (number of images, iterator of dict(img=uint8 HW or HWC, label=int or None, name=str));
+# Sources. Each returns (number of images, iterator of dict(img=uint8 HW or HWC, label=int or None, name=str),
+# class names: [name of label 0, ...] or None);
 # a file that does not decode comes as dict(img=None, damage=reason, ...), so that all of them are reported at once.
 
 def decode_entry(file, name, label):
@@ -93,14 +103,14 @@ def open_image_folder(source_dir, *, max_images):
     arch_fnames = {f: f.relative_to(source_dir).as_posix() for f in input_images}
     meta_path = os.path.join(source_dir, 'dataset.json')
     meta = Path(meta_path).read_text(encoding='utf8') if os.path.isfile(meta_path) else None
-    labels = labels_for_files(arch_fnames.values(), meta, source_dir)
+    labels, class_names = labels_for_files(arch_fnames.values(), meta, source_dir)
     input_images = input_images[:max_images]
 
     def iterate_images():
         for fname in input_images:
             with open(fname, 'rb') as file:
                 yield decode_entry(file, str(fname), labels.get(arch_fnames[fname]))
-    return len(input_images), iterate_images()
+    return len(input_images), iterate_images(), class_names
 
 def open_image_zip(source, *, max_images):
     try:
@@ -110,7 +120,7 @@ def open_image_zip(source, *, max_images):
             meta = z.read('dataset.json').decode('utf8') if 'dataset.json' in z.namelist() else None
     except zipfile.BadZipFile as err:
         raise click.ClickException(f'--source {source}: not a valid zip file ({err})')
-    labels = labels_for_files(input_images, meta, source)
+    labels, class_names = labels_for_files(input_images, meta, source)
     input_images = input_images[:max_images]
 
     def iterate_images():
@@ -118,7 +128,7 @@ def open_image_zip(source, *, max_images):
             for fname in input_images:
                 with z.open(fname, 'r') as file:
                     yield decode_entry(file, f'{source}:{fname}', labels.get(fname))
-    return len(input_images), iterate_images()
+    return len(input_images), iterate_images(), class_names
 
 def open_lmdb(lmdb_dir, *, max_images):
     try:
@@ -140,15 +150,15 @@ def open_lmdb(lmdb_dir, *, max_images):
                     tqdm.write(f'Skipping undecodable image {name}: {err}')
                     continue
                 yield dict(img=img, label=None, name=name)
-    return num, iterate_images()
+    return num, iterate_images(), None
 
-def array_source(images, labels, max_images, name):
-    """(count, iterator) over in-memory uint8 images and integer labels; name(idx) names image idx in errors."""
+def array_source(images, labels, max_images, name, class_names=None):
+    """A source over in-memory uint8 images and integer labels; name(idx) names image idx in errors."""
     num = len(images) if max_images is None else min(len(images), max_images)
     def iterate_images():
         for idx in range(num):
             yield dict(img=images[idx], label=int(labels[idx]), name=name(idx))
-    return num, iterate_images()
+    return num, iterate_images(), class_names
 
 def open_cifar10(tarball, *, max_images):
     images, labels = [], []
@@ -159,13 +169,15 @@ def open_cifar10(tarball, *, max_images):
                     data = NumpyOnlyUnpickler(file, encoding='latin1').load()
                 images.append(np.asarray(data['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.append(np.asarray(data['labels'], dtype=np.int64))
+            with tar.extractfile('cifar-10-batches-py/batches.meta') as file:
+                class_names = [str(x) for x in NumpyOnlyUnpickler(file, encoding='latin1').load()['label_names']]
     except (tarfile.TarError, KeyError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise click.ClickException(f'--source {tarball}: not a CIFAR-10 python tarball (cifar-10-python.tar.gz): {err}')
     images = np.concatenate(images).transpose([0, 2, 3, 1]) # NCHW => NHWC
     labels = np.concatenate(labels)
     if len(images) != len(labels):
         raise click.ClickException(f'--source {tarball}: {len(images)} images but {len(labels)} labels')
-    return array_source(images, labels, max_images, lambda idx: f'{tarball}:{idx}')
+    return array_source(images, labels, max_images, lambda idx: f'{tarball}:{idx}', class_names)
 
 def read_idx_gz(path, magic, what):
     try:
@@ -190,7 +202,7 @@ def open_mnist(images_gz, *, max_images):
             f'found {images.size} pixels and {len(labels)} labels')
     images = images.reshape(-1, rows, cols)
     images = np.pad(images, [(0, 0), (2, 2), (2, 2)], 'constant', constant_values=0) # 28x28 => 32x32, as EDM
-    return array_source(images, labels, max_images, lambda idx: f'{images_gz}:{idx}')
+    return array_source(images, labels, max_images, lambda idx: f'{images_gz}:{idx}', [str(x) for x in range(10)])
 
 def open_digits_csv(path, *, max_images):
     """UCI handwritten digits as distributed by scikit-learn: per line 64 pixels (0..16, 8x8 row-major) and the label."""
@@ -368,7 +380,7 @@ def main(source, dest, max_images, transform, resolution):
     save_bytes, commit, abort = open_dest(dest)
 
     try:
-        num_files, input_iter = open_dataset(source, max_images=max_images)
+        num_files, input_iter, class_names = open_dataset(source, max_images=max_images)
         if num_files == 0:
             raise click.ClickException(f'--source {source}: no images found')
         dataset_attrs = None
@@ -409,6 +421,8 @@ def main(source, dest, max_images, transform, resolution):
         if 0 < sum(x is None for x in labels) < len(labels):
             tqdm.write(f'Warning: {sum(x is None for x in labels)} of {len(labels)} images have no label; writing dataset.json without labels')
         metadata = {'labels': labels if all(x is not None for x in labels) else None}
+        if metadata['labels'] and class_names is not None:
+            metadata['class_names'] = class_names # index = label; EDM's loader ignores the key
         save_bytes('dataset.json', json.dumps(metadata))
     except BaseException:
         abort()
@@ -416,8 +430,10 @@ def main(source, dest, max_images, transform, resolution):
     commit()
     width, height, channels = dataset_attrs
     classes = len({label for _, label in labels}) if metadata['labels'] else 0
+    names = metadata.get('class_names')
     print(f'Wrote {dest}: {len(labels)} images, {width}x{height}, {channels} channel{"s" if channels > 1 else ""} '
-        f'({"RGB" if channels == 3 else "grayscale"}), ' + (f'{classes} classes' if classes else 'no labels'))
+        f'({"RGB" if channels == 3 else "grayscale"}), ' + (f'{classes} classes' if classes else 'no labels')
+        + (f' ({class_list(names)})' if names else ''))
 
 #----------------------------------------------------------------------------
 

@@ -147,7 +147,7 @@ def continue_command():
 @click.option('--seeds',                   help='Seeds and ranges, e.g. 0-49999 or 1,2,5-10 (each below 2^32)', metavar='LIST', type=SeedList(), default='0-63', show_default=True)
 @click.option('--subdirs',                 help='One folder per 1000 seeds',                                        is_flag=True)
 @click.option('--force',                   help='Generate again the seeds whose PNG is already in --outdir',         is_flag=True)
-@click.option('--class', 'class_idx',      help='Class of every image  [default: random per seed]', metavar='INT',  type=click.IntRange(min=0), default=None)
+@click.option('--class', 'class_idx',      help='Class of every image, its label (log.txt of a run names them)  [default: random per seed]', metavar='INT',  type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Images per network call and process, at most', metavar='INT',     type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--grid',                    help=f'Also write a grid of the first {GRID_MAX_IMAGES} images', metavar='PATH', type=str, default=None)
 @click.option('--device',                  help='Torch device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)

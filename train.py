@@ -113,6 +113,7 @@ def probe_dataset(c, opts):
         res = dataset_obj.resolution
         if res < 4 or res & (res - 1):
             fail(f'Dataset resolution {res} is not a power of two; convert with dataset_tool.py --resolution')
+        dataset_obj.check_images() # a damaged image stops the run here, before its folder exists
         interface = dataset_obj.interface
         return dataset_obj.name, interface
     except click.ClickException:

@@ -105,6 +105,29 @@ def test_float_labels(tmp_path):
     np.testing.assert_array_equal(ds[2][1], np.array([2, 0.5], np.float32))
     assert ds[2][0].shape == (1, 4, 4) and ds[2][0].max() == 2
 
+def test_class_names(tmp_path):
+    """dataset.json's "class_names" (index = label) beside "labels": the same labels (EDM's loader reads
+    only json['labels'] too), the names as Dataset.class_names; None without the key or labels."""
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        z.extractall(tmp_path / 'named')
+    meta = json.loads((tmp_path / 'named' / 'dataset.json').read_text())
+    assert 'class_names' not in meta
+    names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    (tmp_path / 'named' / 'dataset.json').write_text(json.dumps(dict(meta, class_names=names)))
+    plain, named = ImageFolderDataset(CIFAR_ZIP, use_labels=True), ImageFolderDataset(str(tmp_path / 'named'), use_labels=True)
+    assert plain.class_names is None and named.class_names == names
+    assert named.label_shape == plain.label_shape == [10]
+    np.testing.assert_array_equal([named.get_label(i) for i in range(30)], [plain.get_label(i) for i in range(30)])
+    edm_view = dict(json.loads((tmp_path / 'named' / 'dataset.json').read_text())['labels'])
+    assert [edm_view[f] for f in named._image_fnames] == CIFAR_LABELS
+    assert ImageFolderDataset(str(tmp_path / 'named')).class_names is None # use_labels=False: no labels, no names
+    assert pickle.loads(pickle.dumps(named)).class_names == names # as a DataLoader worker gets it
+
+    for bad in [names[:9], 'airplane', [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]:
+        (tmp_path / 'named' / 'dataset.json').write_text(json.dumps(dict(meta, class_names=bad)))
+        with pytest.raises(IOError, match=r'dataset.json "class_names" must be a list of at least 10 strings, one per label; fix or remove it'):
+            ImageFolderDataset(str(tmp_path / 'named'), use_labels=True)
+
 #----------------------------------------------------------------------------
 # Broken archives: IOError (which train.py and fid.py report in one line) naming the file.
 
@@ -203,3 +226,36 @@ def test_damaged_image_is_one_line_also_from_a_worker(tmp_path):
     with pytest.raises(DamagedImageError) as wrapped:
         next(iter(loader))
     assert str(wrapped.value) == message
+
+@pytest.mark.parametrize('kind', ['dir', 'zip'])
+def test_check_images_finds_every_damaged_image(tmp_path, kind):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    rnd = np.random.RandomState(0)
+    for i in range(6):
+        PIL.Image.fromarray(rnd.randint(0, 256, (8, 8, 3), np.uint8)).save(folder / f'img{i}.png')
+    path = folder
+    if kind == 'zip':
+        path = tmp_path / 'data.zip'
+        with zipfile.ZipFile(path, 'w') as z:
+            for i in range(6):
+                z.write(folder / f'img{i}.png', f'img{i}.png')
+    ImageFolderDataset(str(path)).check_images() # intact: no error
+
+    for i in [1, 4]:
+        truncate(folder / f'img{i}.png')
+    if kind == 'zip':
+        path = tmp_path / 'damaged.zip'
+        with zipfile.ZipFile(path, 'w') as z:
+            for i in range(6):
+                z.write(folder / f'img{i}.png', f'img{i}.png')
+    with pytest.raises(DamagedImageError) as err:
+        ImageFolderDataset(str(path)).check_images()
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f'{path}: cannot decode image img1.png (') and ') and 1 other image; remove or re-save them' in message
+    assert f'dataset_tool.py --source={path} ' in message
+    # Only the images in use: a subset without the damaged ones passes.
+    subset = ImageFolderDataset(str(path), max_size=4, random_seed=7)
+    assert subset._raw_idx.tolist() == [0, 2, 3, 5]
+    subset.check_images()

@@ -22,6 +22,7 @@ GOLDEN = ROOT / 'tests' / 'golden' / 'dataset'
 import dataset_tool
 from training.dataset import ImageFolderDataset
 
+CIFAR_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 README = json.loads((GOLDEN / 'README.json').read_text())['files']
 DECODED = np.load(GOLDEN / 'decoded.npz', allow_pickle=False)
 
@@ -61,11 +62,13 @@ def test_cifar10_golden(tmp_path):
     dest = tmp_path / 'cifar10-32x32.zip'
     res = run_tool('--source', GOLDEN / 'cifar-10-python.tar.gz', '--dest', dest)
     assert res.exit_code == 0, res.output
-    assert res.output.rstrip().endswith(f'Wrote {dest}: 30 images, 32x32, 3 channels (RGB), 10 classes')
+    assert res.output.rstrip().endswith(f'Wrote {dest}: 30 images, 32x32, 3 channels (RGB), 10 classes '
+        '(0=airplane, 1=automobile, 2=bird, 3=cat, 4=deer, 5=dog, 6=frog, 7=horse, 8=ship, 9=truck)')
     ref = README['cifar10-32x32.zip']
     names, meta, images = read_archive(dest)
     assert names == ref['entries']
-    assert meta == ref['dataset_json']
+    # EDM's file plus the tarball's label names (batches.meta), which EDM's loader does not read.
+    assert meta == dict(ref['dataset_json'], class_names=CIFAR_NAMES)
     assert all(info.compress_type == zipfile.ZIP_STORED for info in zipfile.ZipFile(dest).infolist())
     np.testing.assert_array_equal(images, DECODED['cifar_train_images'])
     assert [l for _, l in meta['labels']] == DECODED['cifar_train_labels'].tolist()
@@ -136,6 +139,7 @@ def test_mnist(tmp_path, as_folder):
     np.testing.assert_array_equal(out[:, 2:30, 2:30], images)
     assert out[:, :2].max() == 0 and out[:, :, 30:].max() == 0
     assert [l for _, l in meta['labels']] == labels.tolist()
+    assert meta['class_names'] == [str(d) for d in range(10)]
 
 def test_mnist_without_labels_file(tmp_path):
     make_mnist(tmp_path / 'mnist', np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.uint8))
@@ -158,7 +162,7 @@ def test_digits_csv(tmp_path):
     names, meta, out = read_archive(tmp_path / 'out')
     assert out.shape == (3, 8, 8)
     assert (out[0] == 255).all() and out[1, 1, 1] == 128 and out[1].sum() == 128 and out[2].max() == 0
-    assert [l for _, l in meta['labels']] == [7, 0, 9]
+    assert [l for _, l in meta['labels']] == [7, 0, 9] and 'class_names' not in meta # the CSV names no classes
     assert PIL.Image.open(tmp_path / 'out' / '00000' / 'img00000000.png').mode == 'L'
 
 def test_bundled_digits_source_rebuilds_the_bundled_archive(tmp_path):
@@ -177,7 +181,17 @@ def test_labels_from_toplevel_folders_and_max_images(tmp_path):
     names, meta, out = read_archive(tmp_path / 'out.zip')
     assert len(out) == 5
     assert [l for _, l in meta['labels']] == [0, 0, 1, 1, 2]
+    assert meta['class_names'] == ['cats', 'dogs', 'zebras']
     np.testing.assert_array_equal(out[2], np.array(PIL.Image.open(tmp_path / 'src' / 'dogs' / '0.png')))
+    assert res.output.rstrip().endswith('3 classes (0=cats, 1=dogs, 2=zebras)')
+
+    # An archive as the source keeps its names, also for classes that --max-images leaves out.
+    res = run_tool('--source', tmp_path / 'out.zip', '--dest', tmp_path / 'again', '--max-images=3')
+    assert res.exit_code == 0, res.output
+    _, meta, _ = read_archive(tmp_path / 'again')
+    assert [l for _, l in meta['labels']] == [0, 0, 1] and meta['class_names'] == ['cats', 'dogs', 'zebras']
+    ds = ImageFolderDataset(str(tmp_path / 'again'), use_labels=True)
+    assert ds.label_dim == 2 and ds.class_names == ['cats', 'dogs', 'zebras']
 
 def test_other_image_modes(tmp_path):
     """Palette and RGBA images become RGB, 16-bit grayscale is rescaled to 8 bits (not clipped)."""
@@ -224,6 +238,8 @@ def bad_inputs(tmp_path, image_folder):
     (tmp_path / 'badpng' / 'b.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
     write_png(tmp_path / 'badjson' / 'a.png', np.zeros((16, 16), np.uint8))
     (tmp_path / 'badjson' / 'dataset.json').write_text('{"labels": [["a.png", 0]')
+    write_png(tmp_path / 'badnames' / 'a.png', np.zeros((16, 16), np.uint8))
+    (tmp_path / 'badnames' / 'dataset.json').write_text('{"labels": [["a.png", 1]], "class_names": ["zero"]}')
     (tmp_path / 'existing.zip').write_bytes(b'keep me')
     (tmp_path / 'nonempty').mkdir()
     (tmp_path / 'nonempty' / 'file').write_text('keep me')
@@ -246,6 +262,7 @@ def bad_inputs(tmp_path, image_folder):
         'mixed sizes':       (['--source', tmp_path / 'mixed', '--dest', tmp_path / 'o.zip'], '--resolution'),
         'bad png':           (['--source', tmp_path / 'badpng', '--dest', tmp_path / 'o.zip'], 'b.png'),
         'bad dataset.json':  (['--source', tmp_path / 'badjson', '--dest', tmp_path / 'o.zip'], 'dataset.json must hold'),
+        'too few names':     (['--source', tmp_path / 'badnames', '--dest', tmp_path / 'o.zip'], 'at least 2 strings, one per label'),
         'existing zip':      (['--source', cifar, '--dest', tmp_path / 'existing.zip'], 'already exists'),
         'non-empty folder':  (['--source', cifar, '--dest', tmp_path / 'nonempty'], 'not an empty folder'),
         'bad resolution':    (['--source', cifar, '--dest', tmp_path / 'o.zip', '--resolution=big'], 'WxH'),

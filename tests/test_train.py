@@ -573,5 +573,13 @@ def test_edm_state_resume_loads_the_weights(learned, tmp_path):
     assert_near(state['ema'], ema, weights)
     assert state['cur_nimg'] == 1000032
 
+def test_loop_prints_the_class_names(tmp_path, capsys):
+    data = make_dataset(tmp_path / 'named', n=16, num_classes=2)
+    meta = json.loads(open(os.path.join(data, 'dataset.json')).read())
+    with open(os.path.join(data, 'dataset.json'), 'w') as f:
+        json.dump(dict(meta, class_names=['cat', 'dog']), f)
+    train_in_process(['--data', data, '--cond=1', '--aot=16', '--duration=0.000032'] + TINY, tmp_path / 'run') # two steps: a state to return
+    assert '\nClasses: 0=cat, 1=dog\n' in capsys.readouterr().out # in the run's log.txt when train.py runs it
+
 def test_error_bf16_with_fp16(tmp_path, data):
     expect_cli_error(tmp_path, ['--data', data, '--aot=16', '--bf16', '--fp16=1'] + TINY, '--bf16 and --fp16=1')

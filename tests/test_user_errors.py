@@ -1,10 +1,12 @@
 """Mistakes a new user makes with the data, reported by train.py as one line: non-square images and
 images of two sizes (before anything is written; they used to fail in a DataLoader worker after the
-run directory existed), and a damaged image, which only decoding finds (in a DataLoader worker)."""
+run directory existed), and a damaged image, which only decoding finds (train.py decodes every image
+before it makes the run folder)."""
 
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import PIL.Image
@@ -36,19 +38,25 @@ def test_train_refuses_bad_image_sizes(tmp_path, sizes, message, dry_run):
     assert len(lines) == 1 and lines[0].startswith('Error: ') and message in lines[0], proc.stderr[-2000:]
     assert not outdir.exists() or not any(outdir.iterdir()) # no run directory left behind
 
-@pytest.mark.slow
-def test_train_reports_a_damaged_image_in_one_line(tmp_path):
-    # The header is intact, so the size check passes and the damage shows when a worker decodes the image.
+@pytest.mark.parametrize('as_zip', [False, True])
+def test_train_refuses_a_damaged_image_before_the_run_folder(tmp_path, as_zip):
+    # The header is intact, so the size check passes; only decoding finds the damage.
     data = write_folder(tmp_path / 'data', [(8, 8)] * 8)
     damaged = os.path.join(data, 'img5.png')
     with open(damaged, 'rb') as f:
         png = f.read()
     with open(damaged, 'wb') as f:
         f.write(png[:len(png) // 2])
-    proc = subprocess.run([sys.executable, 'train.py', f'--outdir={tmp_path / "runs"}', f'--data={data}', *TINY],
+    if as_zip:
+        with zipfile.ZipFile(tmp_path / 'data.zip', 'w') as z:
+            for name in sorted(os.listdir(data)):
+                z.write(os.path.join(data, name), name)
+        data = str(tmp_path / 'data.zip')
+    outdir = tmp_path / 'runs'
+    proc = subprocess.run([sys.executable, 'train.py', f'--outdir={outdir}', f'--data={data}', *TINY],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    output = proc.stdout + proc.stderr # once training runs, its log takes stderr too
     assert proc.returncode != 0
-    assert 'Traceback' not in output, output[-3000:]
-    errors = [line for line in output.splitlines() if line.startswith('Error: ')]
-    assert len(errors) == 1 and f'{data}: cannot decode image img5.png' in errors[0] and 'dataset_tool.py --source=' in errors[0], output[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('Error: ') and f'{data}: cannot decode image img5.png (' in lines[0], proc.stderr[-2000:]
+    assert 'remove or re-save it' in lines[0] and f'dataset_tool.py --source={data} ' in lines[0], lines[0]
+    assert not outdir.exists() # found before the run folder is made

@@ -1,5 +1,6 @@
 # Datasets in EDM's archive format: a folder or uncompressed zip of PNGs (or other images that
-# Pillow reads) plus an optional dataset.json with {"labels": [[name, label], ...]}.
+# Pillow reads) plus an optional dataset.json with {"labels": [[name, label], ...]} and, in archives
+# of this dataset_tool.py, "class_names": [name of label 0, ...] (EDM reads only "labels").
 # Errors about the data are raised as IOError (unreadable; DamagedImageError for an image file that
 # does not decode) or ValueError (images of different sizes; `resolution` of non-square images) so
 # that programs can report them in one line.
@@ -55,6 +56,7 @@ class Dataset(torch.utils.data.Dataset):
         self._cached_images = dict() # {raw_idx: np.ndarray, ...}
         self._raw_labels = None
         self._label_shape = None
+        self._class_names = None # set by _load_raw_labels where the data names its classes
 
         # Apply max_size: a random subset chosen by random_seed, kept in the original order.
         self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
@@ -161,12 +163,30 @@ class Dataset(torch.utils.data.Dataset):
         return dict(img_resolution=self.resolution, img_channels=self.num_channels, label_dim=self.label_dim)
 
     @property
+    def class_names(self):
+        """Name of each label ([name of label 0, ...]), None when the data names none or labels are off."""
+        self._get_raw_labels()
+        return self._class_names
+
+    @property
     def has_labels(self):
         return any(x != 0 for x in self.label_shape)
 
     @property
     def has_onehot_labels(self):
         return self._get_raw_labels().dtype == np.int64
+
+def class_names_error(names, count):
+    """Why `names` (dataset.json's "class_names") cannot name labels 0..count-1; None if it can. More names
+    than labels are fine: a subset of the images (dataset_tool.py --max-images) keeps the names of all."""
+    if not isinstance(names, list) or not all(isinstance(x, str) for x in names) or len(names) < count:
+        return f'"class_names" must be a list of at least {count} strings, one per label'
+    return None
+
+def class_list(names, limit=10):
+    """'0=airplane, 1=automobile, ...': which label is which class (the first `limit`, None = all)."""
+    shown = ', '.join(f'{idx}={name}' for idx, name in enumerate(names[:limit]))
+    return shown + (f', ... ({len(names)} names in dataset.json)' if limit is not None and len(names) > limit else '')
 
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4} # IHDR colour type => channels as decoded (palette: indices)
 
@@ -211,6 +231,18 @@ class ImageFolderDataset(Dataset):
         super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
         if self._use_labels:
             self._get_raw_labels() # fail now, not in a DataLoader worker, when dataset.json is broken
+
+    def check_images(self):
+        """Decode every image in use once, as the pools will, so that a damaged one stops train.py before it
+        makes a run folder rather than minutes into the run (about 0.1 ms per 32x32 PNG: docs/datasets.md)."""
+        damaged = [] # (file name, reason)
+        for raw_idx in np.unique(self._raw_idx):
+            try:
+                self._load_raw_image(raw_idx)
+            except DamagedImageError as err:
+                damaged.append((self._image_fnames[raw_idx], err.__cause__))
+        if damaged:
+            raise self._damaged(*damaged[0], others=len(damaged) - 1)
 
     def _check_sizes(self):
         # One size for all images, checked now from the headers (Image.open reads no pixels) rather
@@ -296,10 +328,12 @@ class ImageFolderDataset(Dataset):
                 f'make all images the same size with dataset_tool.py --resolution')
         return image
 
-    def _damaged(self, fname, err):
+    def _damaged(self, fname, err, others=0):
         reason = ' '.join(str(err).split()) or type(err).__name__
-        return DamagedImageError(f'{self._path}: cannot decode image {fname} ({reason}); to list every damaged image at once, '
-            f'run: python dataset_tool.py --source={shlex.quote(self._path)} --dest=DEST.zip (it writes DEST.zip only if none is damaged)')
+        more = f' and {others} other image{"s" if others > 1 else ""}' if others else ''
+        return DamagedImageError(f'{self._path}: cannot decode image {fname} ({reason}){more}; remove or re-save '
+            f'{"them" if others else "it"}, or list every damaged image and make a clean copy with: python dataset_tool.py '
+            f'--source={shlex.quote(self._path)} --dest=DEST.zip (it writes DEST.zip only if none is damaged)')
 
     def _load_raw_labels(self):
         fname = 'dataset.json'
@@ -307,11 +341,20 @@ class ImageFolderDataset(Dataset):
             return None
         try:
             with self._open_file(fname) as f:
-                labels = json.load(f)['labels']
+                meta = json.load(f)
+            labels, class_names = meta['labels'], meta.get('class_names')
         except Exception as err:
             raise IOError(f'{self._path}: cannot read labels from {fname} ({err})') from err
         if labels is None:
             return None
+        labels = self._parse_labels(labels, fname)
+        count = int(labels.max()) + 1 if labels.dtype == np.int64 else labels.shape[1]
+        if class_names is not None and (error := class_names_error(class_names, count)):
+            raise IOError(f'{self._path}: {fname} {error}; fix or remove it')
+        self._class_names = class_names
+        return labels
+
+    def _parse_labels(self, labels, fname):
         labels = dict(labels)
         missing = [name for name in self._image_fnames if name not in labels]
         if missing:

@@ -23,6 +23,7 @@ from torch_utils import misc
 from torch_utils import training_stats
 from training import network_io
 from training import sampling
+from training.dataset import class_list
 from sampling.images import save_image_grid, to_uint8
 from training.monitor import Monitor
 from training.pools import PoolStream, iterate_slices
@@ -237,6 +238,8 @@ def training_loop(
     # Load dataset.
     dist.print0('Loading dataset...')
     dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    if dataset_obj.class_names is not None: # which label is which class, also in the run's log.txt
+        dist.print0(f'Classes: {class_list(dataset_obj.class_names, limit=None)}')
 
     # Construct network.
     dist.print0('Constructing network...')
