@@ -151,6 +151,18 @@ def test_weights_fit():
     assert reasons(network(), dst, strict=True) == []
     assert reasons(network().state_dict(), dst, strict=True, interface=INTERFACE) == []
 
+@pytest.mark.parametrize('precond', ['VP', 'VE', 'EDM', 'iDDPM'])
+def test_planned_network_of_every_precond(precond):
+    # Built on the meta device, where VP's and iDDPM's constructors once crashed on float() of a
+    # meta tensor; their constants are still EDM's, computed on the CPU.
+    real = network(class_name=f'training.networks.{precond}Precond')
+    planned = run_dir.planned_network(dict(NETWORK, class_name=f'training.networks.{precond}Precond'), INTERFACE)
+    assert next(planned.parameters()).is_meta
+    assert (planned.sigma_min, planned.sigma_max) == (real.sigma_min, real.sigma_max)
+    if precond == 'iDDPM':
+        assert torch.equal(planned.u, real.u)
+    assert reasons(real, planned, strict=True) == []
+
 def test_weights_that_do_not_fit_say_why():
     dst = run_dir.planned_network(NETWORK, INTERFACE)
     assert reasons(network(img_resolution=16), dst, strict=False) == ['resolution 16x16 in SRC, 8x8 in --data']

@@ -419,7 +419,7 @@ def train_in_process(args, run_dir, **loop_kwargs):
     result = cli(args + ['--outdir', str(run_dir), '--dry-run', '--dump=1', '--workers=0'])
     assert result.exit_code == 0, result.output
     c = dnnlib.EasyDict(json.loads(result.output.split('Training options:\n', 1)[1].split('\nOutput directory:', 1)[0]))
-    c.update(run_dir=str(run_dir), snapshot_ticks=None, grid_images=0, **loop_kwargs)
+    c.update(dict(run_dir=str(run_dir), snapshot_ticks=None, grid_images=0), **loop_kwargs) # loop_kwargs may override
     c.loss_kwargs = dict(class_name=f'{__name__}.RecordingLoss', inner=c.loss_kwargs)
     os.makedirs(run_dir, exist_ok=True)
     RecordingLoss.calls.clear()
@@ -557,6 +557,21 @@ def test_transfer_loads_the_weights(learned, tmp_path):
     assert 'unpickling runs code' in output
     assert_same_weights(RecordingLoss.first_weights, weights) # trained from the snapshot's weights ...
     assert_near(state['ema'], weights, learned.first)          # ... and the EMA starts there too
+
+@pytest.mark.parametrize('precond', ['vp', 've', 'edm'])
+def test_resume_and_transfer_every_precond(data, tmp_path, precond):
+    # The weights are checked against the planned network, built on the meta device, where VP's
+    # constructor once crashed (float() of a meta tensor). Two steps with a snapshot; resumed for a
+    # third step; and a new run transferred from the snapshot.
+    common = ['--data', data, '--cond=1', '--aot=16', '--augment=0', f'--precond={precond}'] + TINY
+    _, state, _ = train_in_process(common + ['--duration=0.000032'], tmp_path / 'run', snapshot_ticks=1)
+    dump, [snapshot, *_] = latest_state(tmp_path / 'run'), sorted((tmp_path / 'run').glob('network-snapshot-*.pkl'), reverse=True)
+    _, resumed, _ = train_in_process(common + ['--duration=0.000048', '--resume', dump], tmp_path / 'resumed')
+    assert_same_weights(RecordingLoss.first_weights, state['net'])
+    assert resumed['cur_nimg'] == 48 and len(RecordingLoss.calls) == 1
+    _, _, output = train_in_process(common + ['--duration=0.000032', '--transfer', str(snapshot)], tmp_path / 'transferred')
+    assert 'unpickling runs code' in output
+    assert_same_weights(RecordingLoss.first_weights, network_io.load_network(str(snapshot), verbose=False).state_dict())
 
 def test_edm_state_resume_loads_the_weights(learned, tmp_path):
     # EDM's state dump pickles the network being trained; the EMA comes from the snapshot beside

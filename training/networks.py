@@ -501,8 +501,9 @@ class VPPrecond(_Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        with torch.device('cpu'): # EDM's values, on the CPU even under run_dir.planned_network's 'meta'
+            self.sigma_min = float(self.sigma(epsilon_t))
+            self.sigma_max = float(self.sigma(1))
         self._build(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
 
     def scalings(self, sigma):
@@ -560,10 +561,12 @@ class iDDPMPrecond(_Precond):
         self.M = M
         self._build(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs, out_channels=img_channels*2)
 
-        # u[j] = sigma at DDPM step M-j, by EDM's float32 recursion (so the values match bit for bit).
-        u = torch.zeros(M + 1)
-        for j in range(M, 0, -1):
-            u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+        # u[j] = sigma at DDPM step M-j, by EDM's float32 recursion (so the values match bit for bit),
+        # on the CPU as in VPPrecond; the buffer follows the network's device on .to().
+        with torch.device('cpu'):
+            u = torch.zeros(M + 1)
+            for j in range(M, 0, -1):
+                u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
         self.register_buffer('u', u)
         self.sigma_min = float(u[M - 1])
         self.sigma_max = float(u[0])
