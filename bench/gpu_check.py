@@ -80,6 +80,7 @@ CUDA_TESTS = {
     'sigint': ['tests/test_train.py::test_sigint_then_resume_by_folder_equals_uninterrupted',
                'tests/test_train_ddp.py::test_stop_agreed_over_nccl'],
     'pools':  ['tests/test_pools.py::test_cuda_pool_has_the_cpu_pools_augmentation',
+               'tests/test_nearest_of.py::test_cuda_nearest_pool_has_the_cpu_pools_noise',
                'tests/test_train.py::test_foreach_updates_match_edm_bit_for_bit'],
     'images': ['tests/test_augment.py::test_device_matches_golden', 'tests/test_augment.py::test_cuda_chunks_bound_memory',
                'tests/test_generate.py::test_cuda_images_match_the_sampler_on_cuda'],

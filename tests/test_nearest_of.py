@@ -78,6 +78,15 @@ def test_kept_noise_leans_towards_its_image(dataset):
     assert nearest['noise_norm'] < plain['noise_norm'] - 0.01 and nearest['noise_proj'] > 4 / 8
     assert nearest['cost_after'] < nearest['cost_before']
 
+def test_cuda_nearest_pool_has_the_cpu_pools_noise(dataset):
+    if not torch.cuda.is_available():
+        pytest.skip('needs CUDA: compares a nearest-of-K pool built on the GPU with the same pool built on the CPU')
+    # The candidates are drawn on the CPU for both; the choice is made on the pool's device.
+    gpu, cpu = (PoolStream(dataset, 64, seed=3, pair=False, nearest_of=8, device=d).make_pool(1) for d in ('cuda', 'cpu'))
+    same = (gpu['noise'].cpu() == cpu['noise']).flatten(1).all(dim=1)
+    assert same.float().mean() >= 0.95, same.float().mean() # float32 distances may break a near-tie otherwise
+    assert gpu['stats']['cost_after'] == pytest.approx(cpu['stats']['cost_after'], rel=1e-4)
+
 #----------------------------------------------------------------------------
 # train.py --nearest-of: refused with AOT, resumed exactly, under 2-process torchrun.
 
