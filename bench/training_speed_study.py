@@ -6,7 +6,8 @@ unconditional, with the same budget, seeds and schedule (docs/training-speed.md)
 under --outdir; a re-run continues every unfinished run from its newest state (Ctrl-C saves it), so
 the study spreads over sittings. Pools are built in the training process (--workers=0): the
 pairing's cost is in each run's seconds per kimg (and its share in aot_wait).
-`eval` measures every snapshot not measured yet (results in OUTDIR/eval.json): FD-digits of
+`eval` measures every snapshot at a multiple of --every kimg not measured yet (results in
+OUTDIR/eval.json): FD-digits of
 --fd-seeds samples (Heun at 11 and 35 NFE, rounded to uint8), the truncation error at 11 and 35 NFE
 against the network's own --ref-steps Heun solution (tools/trajectory.py), and for conditional
 networks how often the digit classifier gives a sample the class it was asked for. The classifier
@@ -139,8 +140,9 @@ def measure(net, classifier, real_feat, fd_seeds, error_seeds, ref_steps, batch)
 @click.option('--error-seeds', help='Seeds of the truncation errors', metavar='LIST', default='0-31', show_default=True)
 @click.option('--ref-steps', help='Heun steps of the reference solution', type=click.IntRange(min=18), default=256, show_default=True)
 @click.option('--batch', help='Images per sampler call', type=click.IntRange(min=1), default=250, show_default=True)
+@click.option('--every', help='Measure the snapshots at multiples of this many kimg', metavar='KIMG', type=click.IntRange(min=1), default=20, show_default=True)
 @torch.no_grad()
-def evaluate(data, outdir, fd_seeds, error_seeds, ref_steps, batch):
+def evaluate(data, outdir, fd_seeds, error_seeds, ref_steps, batch, every):
     """Measure every snapshot of the study not measured yet."""
     warnings.filterwarnings('ignore', category=scipy.linalg.LinAlgWarning)
     fd_seeds, error_seeds = parse_int_list(fd_seeds, 'seed'), parse_int_list(error_seeds, 'seed')
@@ -156,7 +158,7 @@ def evaluate(data, outdir, fd_seeds, error_seeds, ref_steps, batch):
     for folder in sorted(glob.glob(os.path.join(outdir, '*', 'network-snapshot-*.pkl'))):
         name = os.path.basename(os.path.dirname(folder))
         kimg = int(re.search(r'(\d+)\.pkl$', folder).group(1))
-        if parse_run_name(name) is None or str(kimg) in runs.get(name, {}):
+        if parse_run_name(name) is None or kimg % every or str(kimg) in runs.get(name, {}):
             continue
         print(f'{name} {kimg} kimg', flush=True)
         row = measure(load_network(folder, verbose=False), classifier, real_feat, fd_seeds, error_seeds, ref_steps, batch)

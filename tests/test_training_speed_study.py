@@ -3,6 +3,7 @@ snapshot once with every metric, report writes its table and plots."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,6 +42,11 @@ def test_train_eval_report(tmp_path):
         row = results['runs'][name]['0']
         assert {'fd11', 'fd35', 'error11', 'error35', 'class11', 'class35', 'provenance'} <= row.keys()
         assert row['fd35'] > 0 and 0 < row['error11'] and 0 <= row['class35'] <= 1
+    # Snapshots off the --every grid (20 kimg) wait for a finer one.
+    for name in names:
+        shutil.copy(os.path.join(outdir, name, 'network-snapshot-000000.pkl'), os.path.join(outdir, name, 'network-snapshot-000005.pkl'))
+    assert study(*evaluate).strip().splitlines() == [f'2 snapshots measured in {outdir}/eval.json']
+    assert f'4 snapshots measured in {outdir}/eval.json' in study(*evaluate, '--every=5')
     # Other measuring options would mix two kinds of numbers in one file: refused.
     proc = subprocess.run([sys.executable, 'bench/training_speed_study.py', *evaluate[:-1], '--batch=20', '--fd-seeds=0-9'], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and 'use those options or another --outdir' in proc.stderr
