@@ -14,6 +14,7 @@ from metrics.fid import FIDError
 from torch_utils import distributed as dist
 from training import aot, pools, run_dir, training_loop
 from training.dataset import DamagedImageError
+from training.errors import Opt, OptionError
 
 # Exit status after a stop signal (SIGINT, SIGTERM, SIGUSR1) once the state is saved: EX_TEMPFAIL of
 # sysexits.h, "try again later". torchrun exits 1 instead (docs/training.md, "Preemption").
@@ -60,10 +61,10 @@ class Workers(click.ParamType):
 def fail(msg):
     raise click.ClickException(msg)
 
-def flag(option, value=run_dir.Opt.NONE):
-    """How this program names an option of the run folder's messages: '--batch-gpu', '--resume=DIR'."""
+def flag(option, value=Opt.NONE):
+    """How this program names an option of the library's messages: '--batch-gpu', '--resume=DIR'."""
     name = '--' + option.replace('_', '-')
-    return name if value is run_dir.Opt.NONE else f'{name}={value}'
+    return name if value is Opt.NONE else f'{name}={value}'
 
 def on_rank0(fn, *args):
     """fn(*args) evaluated on rank 0 and sent to every rank; an error there stops all ranks alike."""
@@ -93,10 +94,10 @@ def continue_run(opts, given):
     return run_dir.continue_options(opts, given, decide_resume(opts))
 
 def checked(fn, *args, **kwargs):
-    """fn(...) with the run folder's refusals as this program's errors, naming flags."""
+    """fn(...) with the library's refusals of options as this program's errors, naming flags."""
     try:
         return fn(*args, **kwargs)
-    except run_dir.RunDirError as err:
+    except OptionError as err:
         fail(err.message(flag))
 
 #----------------------------------------------------------------------------
