@@ -4,6 +4,7 @@ OptionError.message), the warnings, and the loop's arguments they give."""
 
 import sys
 
+import PIL.Image
 import pytest
 
 import dnnlib
@@ -102,6 +103,13 @@ def test_dataset_refused(tmp_path):
     bad.write_bytes(b'this is not a zip file')
     err = refusal(config.probe_dataset, dataset_kwargs(str(bad), False), options(data=str(bad)))
     assert err.kind == 'dataset' and str(err).startswith(f'Cannot use dataset data={bad}: ')
+    wide = tmp_path / 'wide' # the dataset's ValueError
+    wide.mkdir()
+    for i in range(2):
+        PIL.Image.new('RGB', (12, 8)).save(wide / f'img{i}.png')
+    with pytest.raises(OptionError, match='training needs square images') as info: # and says how, with dataset_tool.py
+        config.probe_dataset(dataset_kwargs(str(wide), False), options(data=str(wide)))
+    assert str(info.value).startswith(f'Cannot use dataset data={wide}: ')
 
 #----------------------------------------------------------------------------
 # The whole configuration.
