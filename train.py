@@ -245,7 +245,7 @@ def main(**kwargs):
     # it sees, and sent to all ranks (on several nodes the others may see another --outdir, or none).
     opts, continued_dir = on_rank0(continue_run, dnnlib.EasyDict(kwargs), given)
     command_line = run_dir.options_record(opts)
-    c, desc = checked(config.training_config, opts, dist.get_world_size(), flag)
+    c, desc = checked(config.training_config, opts, dist.get_world_size(), name=flag)
     command_line['seed'] = c.seed # a re-run draws the same pools
     if dist.get_rank() != 0:
         c.run_dir = None
