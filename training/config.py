@@ -48,7 +48,8 @@ def probe_dataset(dataset_kwargs, opts):
         raise OptionError('dataset', 'Cannot use dataset ', Opt('data', opts.data), f': {err}') from err
 
 def check_sizes(opts, label_dim, world, num_images, name=plain_name):
-    """The per-GPU batch; refuses what EDM-AOT silently got wrong (dropped or empty slices)."""
+    """The per-GPU batch; refuses what EDM-AOT silently got wrong (dropped or empty slices), and
+    warns of a pool larger than the dataset (options named by name(option, value))."""
     if opts.batch % world:
         raise OptionError('batch', Opt('batch', opts.batch), f' is not divisible by the number of GPUs ({world}); '
                           f'use a multiple of {world}')
