@@ -110,6 +110,12 @@ def test_dataset_refused(tmp_path):
     with pytest.raises(OptionError, match='training needs square images') as info: # and says how, with dataset_tool.py
         config.probe_dataset(dataset_kwargs(str(wide), False), options(data=str(wide)))
     assert str(info.value).startswith(f'Cannot use dataset data={wide}: ')
+    damaged = make_dataset(tmp_path / 'damaged', n=8, labels=False)
+    png = (tmp_path / 'damaged' / 'img0005.png').read_bytes()
+    (tmp_path / 'damaged' / 'img0005.png').write_bytes(png[:len(png) // 2]) # the header reads, the pixels do not
+    with pytest.raises(OptionError, match='cannot decode image img0005.png') as info: # found before the run folder exists
+        config.probe_dataset(dataset_kwargs(damaged, False), options(data=damaged))
+    assert str(info.value).startswith(f'Cannot use dataset data={damaged}: ')
 
 #----------------------------------------------------------------------------
 # The whole configuration.
