@@ -24,6 +24,7 @@ from sampling.image_folder import RECORD, ImageFolder, file_setting, jsonable
 from sampling.images import save_image_grid
 from sampling.seeds import parse_seeds
 from training import guidance
+from training.errors import Opt, OptionError
 from training.network_io import load_network
 
 GRID_MAX_IMAGES = 256 # --grid shows the first images in seed order; a 50k-image grid helps nobody
@@ -51,6 +52,11 @@ def fail_together(error):
             raise click.ClickException(first)
         raise SystemExit(1)
 
+def flag(option, value=Opt.NONE):
+    """How this program names an option of the library's messages: s_noise is EDM's --S_noise."""
+    name = '--S_noise' if option == 's_noise' else f'--{option}'
+    return name if value is Opt.NONE else f'{name}={value}'
+
 # The few-step solvers' options (sampling/solvers.py, docs/few-step.md); euler and heun stay EDM's ablation solvers.
 FEW_STEP_OPTIONS = {'order': '--order', 'variant': '--unipc-variant', 'afs': '--afs', 'sigmas': '--sigmas', 'eta': '--eta'}
 STOCHASTIC = list(solvers.STOCHASTIC) # k-diffusion's stochastic few-step samplers: --eta, and --S_noise as their noise scale
@@ -64,9 +70,10 @@ def check_few_step_options(sampler_kwargs):
     if not few_step:
         return
     stochastic = sampler_kwargs['solver'] in STOCHASTIC
-    noise_options = [option for option, given in [('--eta', 'eta' in sampler_kwargs), ('--S_noise', sampler_kwargs.get('S_noise', 1) != 1)] if given]
-    if noise_options and not stochastic:
-        raise click.BadParameter(f'is the stochastic samplers\' noise; --solver={sampler_kwargs["solver"]} is deterministic: use --solver={"|".join(STOCHASTIC)}', param_hint=noise_options[0])
+    try:
+        solvers.check_noise(sampler_kwargs['solver'], sampler_kwargs.get('eta'), sampler_kwargs.get('S_noise'))
+    except OptionError as err:
+        raise click.UsageError(err.message(flag))
     edm_only = [option for key, option in [('schedule', '--schedule'), ('scaling', '--scaling')] if key in sampler_kwargs]
     edm_only += ['--S_churn'] if sampler_kwargs.get('S_churn', 0) > 0 else []
     if edm_only:

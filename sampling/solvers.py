@@ -26,6 +26,7 @@ import torch
 from sampling.denoisers import Step
 from sampling.guidance import GuidedDenoiser
 from sampling.schedules import check_sigmas, diff_sampler_vp, noise_schedule
+from training.errors import Opt, OptionError
 
 #----------------------------------------------------------------------------
 # One evaluation: the data prediction D(x; sigma) and the slope dx/dsigma.
@@ -317,6 +318,12 @@ DEFAULT_ORDER = {'euler': 1, 'ipndm': 4, 'ipndm-v': 4, 'dpmpp': 3, 'unipc': 3, '
 VARIABLE_ORDER = ('ipndm', 'ipndm-v', 'dpmpp', 'unipc', 'deis') # the others have one fixed order
 UNIPC_VARIANTS = ('bh1', 'bh2')
 
+def check_noise(solver, eta=None, s_noise=None):
+    """OptionError for the stochastic samplers' noise (eta, noise scale s_noise) given to a deterministic solver."""
+    if solver not in STOCHASTIC and (eta is not None or s_noise not in (None, 1)):
+        raise OptionError('deterministic', Opt('eta' if eta is not None else 's_noise'), ' is the stochastic samplers\' noise; ',
+                          Opt('solver', solver), ' is deterministic: use ', Opt('solver', '|'.join(STOCHASTIC)))
+
 def check_solver(solver, sigmas, order=None, afs=False, variant=None, eta=None, s_noise=None):
     """The solver's keyword arguments (order with its default; UniPC's variant; the stochastic
     samplers' eta and s_noise, default 1), or ValueError. Levels: a multistep solver of order K needs
@@ -324,8 +331,7 @@ def check_solver(solver, sigmas, order=None, afs=False, variant=None, eta=None, 
     evaluation remains."""
     if solver not in SAMPLERS:
         raise ValueError(f'unknown solver {solver!r}: choose {", ".join(SAMPLERS)}')
-    if solver not in STOCHASTIC and (eta is not None or s_noise not in (None, 1)):
-        raise ValueError(f'eta and the noise scale are the stochastic samplers\' ({", ".join(STOCHASTIC)}); {solver} is deterministic')
+    check_noise(solver, eta, s_noise)
     for name, value in [('eta', eta), ('noise scale', s_noise)]:
         if value is not None and not (np.isfinite(value) and value >= 0):
             raise ValueError(f'the {name} must be a finite number >= 0, got {value}')

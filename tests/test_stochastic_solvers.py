@@ -11,6 +11,7 @@ import torch
 from sampling import generate as library, schedules, solvers
 from sampling.seeds import StackedRandomGenerator, latents_for_seeds
 from tests.helpers import GaussianDenoiser, tiny_net
+from training.errors import OptionError
 
 #----------------------------------------------------------------------------
 # k-diffusion's formulas (k_diffusion/sampling.py), transcribed here on tensors as k-diffusion
@@ -199,6 +200,15 @@ def test_bad_options(kwargs, message):
         solvers.sample(GaussianDenoiser(), torch.zeros([1, 3, 4, 4]), sigmas=schedules.edm_sigmas(6), **kwargs)
     with pytest.raises(ValueError, match='solver_type'):
         solvers.dpmpp_2m_sde(GaussianDenoiser(), torch.zeros([1, 1, 1, 1]), schedules.edm_sigmas(3), solver_type='euler')
+
+def test_noise_of_a_deterministic_solver_names_the_option():
+    # By key, as the options dict has it: generate.py names the flags (--eta, --S_noise, --solver).
+    for kwargs, option in [(dict(eta=0.0), 'eta'), (dict(s_noise=0.5), 's_noise'), (dict(eta=1.0, s_noise=0.5), 'eta')]:
+        with pytest.raises(OptionError) as info:
+            solvers.check_noise('dpmpp', **kwargs)
+        assert str(info.value) == f"{option} is the stochastic samplers' noise; solver=dpmpp is deterministic: use solver=euler_ancestral|dpmpp_2m_sde"
+    solvers.check_noise('dpmpp', s_noise=1) # the default noise scale, given or not
+    solvers.check_noise('euler_ancestral', eta=0.5, s_noise=0.5)
 
 @pytest.mark.parametrize('solver', list(solvers.STOCHASTIC))
 def test_nfe_and_afs(solver):

@@ -1,9 +1,9 @@
 """The run folder and its rules: what a run records, its newest training state, whether options
 continue the run, and whether weights fit the network a run builds (resume and transfer).
 
-Refusals are RunDirError. Their text names options by their keys in the options dict
-(str(err): 'resume=runs/x: ...'); a program names them its own way with err.message(name)
-(train.py: '--resume=runs/x: ...')."""
+Refusals are RunDirError, an OptionError (training/errors.py): their text names options by their
+keys in the options dict (str(err): 'resume=runs/x: ...'); a program names them its own way with
+err.message(name) (train.py: '--resume=runs/x: ...')."""
 
 import glob
 import json
@@ -17,6 +17,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import network_io
 from training.dataset import ImageFolderDataset
+from training.errors import Opt, OptionError
 
 STATE_FORMAT = 'edm-aot-training-state/1'
 ROLLING_STATE = 'training-state-latest.pt' # replaced every --dump-minutes and on a stop signal
@@ -32,27 +33,8 @@ INTERFACE = ('img_resolution', 'img_channels', 'label_dim')
 
 #----------------------------------------------------------------------------
 
-class Opt:
-    """An option (and its value) inside the text of a RunDirError, named as the reader names it."""
-    NONE = object()
-    def __init__(self, option, value=NONE):
-        self.option, self.value = option, value
-
-    def name(self, name):
-        return name(self.option) if self.value is Opt.NONE else name(self.option, self.value)
-
-def plain_name(option, value=Opt.NONE):
-    return option if value is Opt.NONE else f'{option}={value}'
-
-class RunDirError(ValueError):
-    """A refusal of the run folder's rules. `kind` says which; its text is a list of strings and Opt."""
-    def __init__(self, kind, *text):
-        self.kind, self.text = kind, text
-        super().__init__(self.message())
-
-    def message(self, name=plain_name):
-        """The text, with each option named by name(option) or name(option, value)."""
-        return ''.join(part.name(name) if isinstance(part, Opt) else part for part in self.text)
+class RunDirError(OptionError):
+    """A refusal of the run folder's rules."""
 
 #----------------------------------------------------------------------------
 # Training states and the newest one.
