@@ -116,7 +116,7 @@ def launch(c, command_line):
     except training_loop.Interrupted as stop:
         dist.print0(f'{stop}. Exit status {EXIT_INTERRUPTED}. To continue: train.py --resume={c.run_dir}')
         sys.exit(EXIT_INTERRUPTED)
-    except DamagedImageError as err: # found only when a pool decodes the image
+    except DamagedImageError as err: # an image changed on disk after config.probe_dataset checked it
         fail(str(err))
     except FIDError as err: # the FD metric's detector cannot be had, or does not fit the images
         fail(f'--metric-detector={c.metric_detector}: {err}')
