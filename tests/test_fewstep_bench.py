@@ -116,6 +116,7 @@ def test_study_refuses_what_it_cannot_run():
     result = run() # FD-digits without --data
     assert result.exit_code != 0 and '--no-fd' in result.output, result.output
 
+@pytest.mark.slow # harness: bench/fewstep_study.py run end to end
 def test_study_runs_a_subset_without_fd_and_records_provenance(tmp_path):
     import json, subprocess, torch
     tiny_digits_network(tmp_path / 'tiny.safetensors')

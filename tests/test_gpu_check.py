@@ -262,6 +262,7 @@ def write_tests(path):
                     'def test_broken():\n    assert False\n'
                     'def test_hangs():\n    time.sleep(120)\n')
 
+@pytest.mark.slow # harness: a group that hangs past its timeout
 def test_tests_get_verdicts_per_group_when_one_hangs(tmp_path, monkeypatch):
     tests = tmp_path / 'scratch_tests.py'
     write_tests(tests)
