@@ -13,7 +13,8 @@ against the network's own --ref-steps Heun solution (tools/trajectory.py), and f
 networks how often the digit classifier gives a sample the class it was asked for. The classifier
 is trained once (bench/digits_fd.py) and kept in OUTDIR/classifier.pt, so every sitting measures
 in the same feature space.
-`report` writes tables and plots against kimg and against training time. `shift` measures, on
+`report` writes tables and plots against kimg and against training time (kimg times the run's
+median seconds per kimg). `shift` measures, on
 pools alone, how far each coupling's noise leans towards its images (norm and projection).
 
     python bench/training_speed_study.py train --data=datasets/uci-digits-16x16.zip --outdir=study/speed
@@ -195,25 +196,26 @@ def shift(data, pools, batch):
 #----------------------------------------------------------------------------
 
 def training_log(folder):
-    """Per tick of a run: kimg, cumulative training seconds (sum over ticks, so sittings add up),
-    seconds per kimg, pool-building share, and the coupling's statistics."""
+    """Per tick of a run: kimg, seconds per kimg, pool-building share, and the coupling's statistics."""
     ticks = [json.loads(line) for line in open(os.path.join(folder, 'stats.jsonl'))]
     mean = lambda t, key: t[key]['mean'] if key in t else float('nan')
-    seconds = np.cumsum([mean(t, 'Timing/sec_per_tick') for t in ticks])
-    return [dict(kimg=mean(t, 'Progress/kimg'), seconds=float(s), sec_per_kimg=mean(t, 'Timing/sec_per_kimg'),
-                 wait=mean(t, 'Timing/aot_wait_frac'), **{k: mean(t, f'AOT/{k}') for k in ('cost_before', 'cost_after', 'noise_norm', 'noise_proj')})
-            for t, s in zip(ticks, seconds)]
+    return [dict(kimg=mean(t, 'Progress/kimg'), sec_per_kimg=mean(t, 'Timing/sec_per_kimg'), wait=mean(t, 'Timing/aot_wait_frac'),
+                 **{k: mean(t, f'AOT/{k}') for k in ('cost_before', 'cost_after', 'noise_norm', 'noise_proj')})
+            for t in ticks]
+
+def sec_per_kimg(log):
+    """The run's median over its ticks after the first (start-up): a paused process or a tick slowed
+    by other work on a shared machine moves the median little, where summed tick times take it all."""
+    return float(np.nanmedian([t['sec_per_kimg'] for t in log[1:]] or [float('nan')]))
 
 def curves(outdir, results):
-    """{(coupling, cond): {seed: [(kimg, hours, metrics)]}} of the measured snapshots."""
+    """{(coupling, cond): {seed: [(kimg, hours, metrics)]}} of the measured snapshots; hours are kimg
+    times the run's median seconds per kimg."""
     out = {}
     for name, snaps in results['runs'].items():
         coupling, cond, seed = parse_run_name(name)
-        log = training_log(os.path.join(outdir, name))
-        rows = []
-        for kimg, metrics in sorted(snaps.items(), key=lambda kv: int(kv[0])):
-            at = min(log, key=lambda t: abs(t['kimg'] - int(kimg))) # the tick that saved the snapshot
-            rows.append((int(kimg), at['seconds'] / 3600, metrics))
+        cost = sec_per_kimg(training_log(os.path.join(outdir, name)))
+        rows = [(int(kimg), int(kimg) * cost / 3600, metrics) for kimg, metrics in sorted(snaps.items(), key=lambda kv: int(kv[0]))]
         out.setdefault((coupling, cond), {})[seed] = rows
     return out
 

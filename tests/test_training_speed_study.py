@@ -54,3 +54,16 @@ def test_train_eval_report(tmp_path):
     assert '| edm | 1 |' in report and '| nearest-4 | 1 |' in report
     for suffix in ('.md', '-kimg.png', '-time.png'):
         assert os.path.getsize(str(tmp_path / 'speed') + suffix) > 0
+
+def test_time_axis_is_kimg_times_the_median_cost(tmp_path):
+    """A tick stretched by a pause (or other work on the machine) must not shift the curve after it."""
+    from bench.training_speed_study import curves
+    os.makedirs(tmp_path / 'edm-uncond-s0')
+    ticks = [(0, 30.0), (10, 6.0), (20, 6.0), (30, 600.0), (40, 6.0)] # tick 0: start-up; tick 3: paused
+    with open(tmp_path / 'edm-uncond-s0' / 'stats.jsonl', 'w') as f:
+        for kimg, cost in ticks:
+            f.write(json.dumps({'Progress/kimg': {'mean': kimg}, 'Timing/sec_per_kimg': {'mean': cost},
+                                'Timing/sec_per_tick': {'mean': cost * 10}}) + '\n')
+    results = {'runs': {'edm-uncond-s0': {'40': {'fd35': 1.0}, '20': {'fd35': 2.0}}}}
+    rows = curves(str(tmp_path), results)[('edm', False)][0]
+    assert [(k, round(h * 3600)) for k, h, _ in rows] == [(20, 120), (40, 240)]
