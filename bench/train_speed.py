@@ -8,6 +8,7 @@ slowest rank's share of the tick spent waiting for a pool) and the speed relativ
     python bench/train_speed.py                                   # EDM's CIFAR-10 DDPM++ settings, on random 32x32 data
     python bench/train_speed.py --configs=default,bf16 --train-args='--arch=ddpmpp --cbase=16 --cres=1,2 --batch=32' \\
         --kimg=0.256 --tick=0.064 --no-doc                         # CPU smoke test
+    python bench/train_speed.py --configs=aot0,aot64,default,nearest4,nearest16 ...    # the couplings: docs/training-speed.md
 """
 
 import os
@@ -24,6 +25,9 @@ from training.testdata import make_dataset
 # name: extra train.py options. 'default' is the baseline of the ratios.
 CONFIGS = {
     'aot0':     ['--aot=0'],                       # plain EDM noise, same loop
+    'aot64':    ['--aot=64'],                      # in-batch assignment where the per-GPU batch is 64
+    'nearest4': ['--aot=0', '--nearest-of=4'],     # nearest of 4 noises per image
+    'nearest16': ['--aot=0', '--nearest-of=16'],
     'default':  [],                                # --aot from --train-args, --workers auto, EDM's numerics
     'workers0': ['--workers=0'],                   # pools on the training device, solver in the background
     'workers1': ['--workers=1'],                   # pools in one CPU worker process
