@@ -68,6 +68,16 @@ def test_signal_to_one_rank_then_resume_equals_uninterrupted(tmp_path, data):
     assert a['cur_nimg'] == b['cur_nimg'] == 192
     assert_same_weights(all_tensors(a), all_tensors(b))
 
+def test_ddp_wrap_syncs_no_buffers_per_forward_without_a_warning():
+    # torch 2.13 deprecates broadcast_buffers (a FutureWarning on every rank of every run).
+    import warnings
+    from torch_utils import distributed as dist
+    dist.init()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        ddp = dist.wrap_ddp(torch.nn.BatchNorm1d(3), torch.device('cpu'))
+    assert ddp.broadcast_buffers is False # both releases' name of the per-forward buffer sync
+
 def test_stop_requests_open_no_group_and_see_the_launcher_go(monkeypatch):
     # The agreement runs over the default group (NCCL runs need no gloo group beside it), one step late.
     from torch_utils import distributed as dist
@@ -294,7 +304,7 @@ def test_bf16_compile_under_ddp_compiles_once(data):
     net = networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=8,
                               channel_mult=[1, 1], num_blocks=1, attn_resolutions=[4])
     net.model.register_forward_hook(training_loop._float32_output)
-    ddp = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+    ddp = dist.wrap_ddp(net, torch.device('cpu'))
     graphs = []
     def counting_backend(gm, example_inputs):
         graphs.append(gm)

@@ -11,6 +11,7 @@ collectives works unchanged in both cases.
 import atexit
 import collections
 import datetime
+import inspect
 import os
 import socket
 
@@ -143,6 +144,14 @@ def broadcast_object(obj, src=0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src, device=device())
     return box[0]
+
+def wrap_ddp(module, dev):
+    """DistributedDataParallel with no buffer sync at each forward (EDM's broadcast_buffers=False):
+    the caller broadcasts rank 0's parameters and buffers once. torch 2.13 renamed the flag to
+    forward_sync_buffers and warns at the old name; earlier releases know only the old one."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    flag = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(ddp).parameters else 'broadcast_buffers'
+    return ddp(module, device_ids=[dev] if dev.type == 'cuda' else None, **{flag: False})
 
 def print0(*args, **kwargs):
     if get_rank() == 0:

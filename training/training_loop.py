@@ -247,8 +247,8 @@ def training_loop(
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
     net.train().requires_grad_(True).to(device)
     if dist.get_world_size() > 1:
-        # Ranks were seeded differently; DDP syncs the parameters but, with broadcast_buffers=False,
-        # not the buffers (NCSN++'s random Fourier frequencies): rank 0's values everywhere.
+        # Ranks were seeded differently; before torch 2.13, DDP without a buffer sync at each forward
+        # leaves the buffers (NCSN++'s random Fourier frequencies) unsynced: rank 0's values everywhere.
         for tensor in misc.params_and_buffers(net):
             torch.distributed.broadcast(tensor, src=0)
     if dist.get_rank() == 0:
@@ -265,7 +265,7 @@ def training_loop(
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
     ddp = net
     if dist.get_world_size() > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
+        ddp = dist.wrap_ddp(net, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     forward = ddp
     if bf16: # registered after the EMA copy: snapshots carry no hook
