@@ -199,3 +199,16 @@ def test_cuda_pool_has_the_cpu_pools_augmentation(dataset):
     idx, _ = aot.assign(gpu['images'], gpu['noise'], gpu['labels'])
     assert aot.pairing_cost(gpu['images'], gpu['noise']) == pytest.approx(aot.pairing_cost(gpu['images'], gpu['noise'], idx), rel=1e-6)
 
+
+def test_pool_log_sums_the_wait_and_warns_once_of_images_alone(capsys):
+    from training.training_loop import PoolLog
+    stats = lambda alone: dict(cost_before=2.0, cost_after=1.0, noise_norm=1.0, noise_proj=0.0, alone=alone)
+    log = PoolLog(aot_pool=64)
+    for seconds, alone in [(0.5, 0.1), (0.25, 0.3), (0.25, 0.5)]:
+        log(dict(stats=stats(alone)), seconds)
+    assert log.wait == 1.0
+    out = capsys.readouterr().out
+    assert out.count('alone in their class') == 1 and '30% of the images of a pool are alone in their class among the 64' in out
+    nearest = PoolLog(aot_pool=0) # nearest-of-K pairs no images with each other: nothing to warn of
+    nearest(dict(stats=stats(1.0)), 0.0)
+    assert capsys.readouterr().out == ''

@@ -176,6 +176,26 @@ def settle_ddp_buckets(ddp, loss_fn, shapes, device, bf16=False):
 
 #----------------------------------------------------------------------------
 
+class PoolLog:
+    """Called with each pool as the loop takes it: reports the pairing's statistics and sums the
+    seconds the loop waited for pools (the tick's aot_wait)."""
+    def __init__(self, aot_pool):
+        self.aot_pool, self.wait, self.warned_alone = aot_pool, 0.0, False
+
+    def __call__(self, pool, seconds):
+        self.wait += seconds
+        training_stats.report('Timing/aot_wait_sec', seconds)
+        stats = pool['stats']
+        for key in ('cost_before', 'cost_after', 'noise_norm', 'noise_proj'):
+            training_stats.report(f'AOT/{key}', stats[key])
+        training_stats.report('AOT/alone_frac', stats['alone'])
+        if self.aot_pool and stats['alone'] >= 0.25 and not self.warned_alone:
+            self.warned_alone = True
+            dist.print0(f'Warning: {stats["alone"]:.0%} of the images of a pool are alone in their class among the {self.aot_pool} '
+                        'and keep unpaired noise; a larger --aot pairs more of them.')
+
+#----------------------------------------------------------------------------
+
 def training_loop(
     run_dir             = '.',      # Output directory.
     dataset_kwargs      = {},       # Options for training set.
@@ -327,22 +347,8 @@ def training_loop(
         with _signals_blocked(STOP_SIGNALS):
             pools = iter(torch.utils.data.DataLoader(pool_stream, batch_size=None, worker_init_fn=functools.partial(_pool_worker_init, ending),
                                                      generator=torch.Generator(), **data_loader_kwargs))
-    aot_wait = [0.0]
-    def on_pool(pool, seconds):
-        aot_wait[0] += seconds
-        training_stats.report('Timing/aot_wait_sec', seconds)
-        stats = pool['stats']
-        training_stats.report('AOT/cost_before', stats['cost_before'])
-        training_stats.report('AOT/cost_after', stats['cost_after'])
-        training_stats.report('AOT/alone_frac', stats['alone'])
-        training_stats.report('AOT/noise_norm', stats['noise_norm'])
-        training_stats.report('AOT/noise_proj', stats['noise_proj'])
-        if aot_pool and stats['alone'] >= 0.25 and not warned_alone:
-            warned_alone.append(True)
-            dist.print0(f'Warning: {stats["alone"]:.0%} of the images of a pool are alone in their class among the {aot_pool} '
-                        'and keep unpaired noise; a larger --aot pairs more of them.')
-    warned_alone = []
-    slices = iterate_slices(pools, batch_gpu, skip=slices_done % slices_per_pool, device=device, on_pool=on_pool)
+    pool_log = PoolLog(aot_pool)
+    slices = iterate_slices(pools, batch_gpu, skip=slices_done % slices_per_pool, device=device, on_pool=pool_log)
     if rng_states is not None:
         _set_rng_state(rng_states, device)
 
@@ -423,7 +429,7 @@ def training_loop(
             # Print status line, accumulating the same information in training_stats.
             tick_end_time = time.time()
             tick_time = tick_end_time - tick_start_time
-            wait = torch.tensor(aot_wait[0], device=device)
+            wait = torch.tensor(pool_log.wait, device=device)
             if dist.get_world_size() > 1:
                 torch.distributed.all_reduce(wait, op=torch.distributed.ReduceOp.MAX) # the slowest rank holds up all
             wait_frac = wait.item() / max(tick_time, 1e-8)
@@ -493,7 +499,7 @@ def training_loop(
             tick_start_nimg = cur_nimg
             tick_start_time = time.time()
             maintenance_time = tick_start_time - tick_end_time
-            aot_wait[0] = 0.0
+            pool_log.wait = 0.0
             if done:
                 break
             save_if_asked(stop_signal, rolling_due and not state_dumped)
