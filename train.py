@@ -3,7 +3,6 @@ EDM's training with the noise of each image chosen by an optimal assignment with
 
 import json
 import os
-import re
 import sys
 
 import click
@@ -21,16 +20,6 @@ from training.errors import Opt, OptionError
 EXIT_INTERRUPTED = 75
 
 #----------------------------------------------------------------------------
-
-def parse_int_list(s):
-    """'1,2,5-7' -> [1, 2, 5, 6, 7]."""
-    if isinstance(s, list):
-        return s
-    out = []
-    for part in s.split(','):
-        m = re.fullmatch(r'(\d+)-(\d+)', part)
-        out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
-    return out
 
 class Workers(click.ParamType):
     """--workers: a count, or 'auto' (resolved once the device is known)."""
@@ -150,7 +139,7 @@ def launch(c, command_line):
 @click.option('--batch-gpu',     help='Limit batch size per GPU', metavar='INT',
               type=click.IntRange(min=1))
 @click.option('--cbase',         help='Channel multiplier  [default: varies]', metavar='INT',       type=int)
-@click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=dnnlib.util.parse_int_list)
 @click.option('--lr',            help='Learning rate', metavar='FLOAT',
               type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option('--lr-rampup',     help='Learning rate ramp-up duration', metavar='KIMG',

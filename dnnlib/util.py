@@ -18,6 +18,28 @@ import uuid
 from typing import Any
 
 #----------------------------------------------------------------------------
+# Lists of integers on the command line: '0-4,10'.
+
+def parse_ranges(text, what='number'):
+    """'0-4,10' -> [range(0, 5), range(10, 11)]. Raises ValueError naming the bad part. Ranges rather
+    than a list, so that a caller can check the count before a huge list is built."""
+    ranges = []
+    for part in text.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if m is None:
+            raise ValueError(f'"{part}" is neither a {what} nor a range like 5-7')
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else int(m.group(2))
+        if hi < lo:
+            raise ValueError(f'range "{part}" is empty; write it low-high')
+        ranges.append(range(lo, hi + 1))
+    return ranges
+
+def parse_int_list(text, what='number'):
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]; a list (an option a run folder recorded) is returned as it is."""
+    return text if isinstance(text, list) else [i for r in parse_ranges(text, what) for i in r]
+
+#----------------------------------------------------------------------------
 # Files that appear complete or not at all.
 
 def current_umask() -> int:

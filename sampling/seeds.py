@@ -2,9 +2,9 @@
 them (one torch.Generator per seed), so that a seed names the same image here, in EDM, at any batch
 size and on any number of processes."""
 
-import re
-
 import torch
+
+import dnnlib
 
 MAX_SEEDS = 10_000_000 # per run of generate.py: 200 full FID sets of 50,000; more is better split into runs (the seed list lives in memory on every rank)
 SEED_LIMIT = 1 << 32   # seeds are torch.Generator seeds modulo 2^32 (as in EDM): a larger one would repeat a smaller one's image
@@ -12,16 +12,7 @@ SEED_LIMIT = 1 << 32   # seeds are torch.Generator seeds modulo 2^32 (as in EDM)
 def parse_seeds(text):
     """'0-49999,100,5-7' -> [0, ..., 49999, 100, 5, 6, 7]. Raises ValueError naming the bad part.
     The count is checked before any list is built, so a huge range is an error, not a MemoryError."""
-    ranges = []
-    for part in text.split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if m is None:
-            raise ValueError(f'"{part}" is neither a seed nor a range like 5-7')
-        lo = int(m.group(1))
-        hi = lo if m.group(2) is None else int(m.group(2))
-        if hi < lo:
-            raise ValueError(f'range "{part}" is empty; write it low-high')
-        ranges.append(range(lo, hi + 1))
+    ranges = dnnlib.util.parse_ranges(text, 'seed')
     count = sum(len(r) for r in ranges)
     if count > MAX_SEEDS:
         raise ValueError(f'{count:,} seeds, more than the {MAX_SEEDS:,} one run takes; split them into several runs into the same folder')

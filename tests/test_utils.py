@@ -436,3 +436,11 @@ def test_write_atomic_writes_whole_files_with_umask_permissions(tmp_path, umask)
         os.umask(old)
     assert (tmp_path / 'out.bin').read_bytes() == b'complete' and os.stat(tmp_path / 'out.bin').st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ['dir.bin', 'out.bin'] and not list((tmp_path / 'dir.bin').iterdir())
+
+def test_int_lists_parse_once_for_every_program():
+    from dnnlib.util import parse_int_list
+    assert parse_int_list('1,2,5-7') == [1, 2, 5, 6, 7] and parse_int_list(' 3 - 4 ') == [3, 4]
+    assert parse_int_list([1, 2]) == [1, 2] # an option a run folder recorded
+    for text, message in [('1,x', '"x" is neither a number nor a range like 5-7'), ('7-5', 'range "7-5" is empty'), ('', '"" is neither')]:
+        with pytest.raises(ValueError, match=message):
+            parse_int_list(text)

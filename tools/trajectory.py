@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import tqdm
 
+import dnnlib
 from dnnlib.util import one_line
 from sampling.edm import edm_sampler
 from sampling.seeds import latents_for_seeds
@@ -215,13 +216,11 @@ def write_outputs(results, shapes, settings, outdir):
 #----------------------------------------------------------------------------
 
 def parse_int_list(text, what):
-    out = []
-    for part in text.split(','):
-        lo, _, hi = part.strip().partition('-')
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise click.BadParameter(f'"{part}" is not a number or a range like 5-7 in the {what} list')
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
+    """dnnlib.util.parse_int_list for a Click option: a bad part is a usage error naming it."""
+    try:
+        return dnnlib.util.parse_int_list(text, what)
+    except ValueError as e:
+        raise click.BadParameter(f'{e} in the {what} list')
 
 @click.command()
 @click.option('--network', 'networks', help='Network snapshot (.pkl, URL or .safetensors); repeat to compare', metavar='PATH', multiple=True, required=True)
