@@ -269,8 +269,9 @@ def training_loop(
     if dist.get_world_size() > 1:
         # Ranks were seeded differently; before torch 2.13, DDP without a buffer sync at each forward
         # leaves the buffers (NCSN++'s random Fourier frequencies) unsynced: rank 0's values everywhere.
-        for tensor in misc.params_and_buffers(net):
-            torch.distributed.broadcast(tensor, src=0)
+        with torch.no_grad(): # else autograd records the in-place broadcast into every parameter's graph
+            for tensor in misc.params_and_buffers(net):
+                torch.distributed.broadcast(tensor, src=0)
     if dist.get_rank() == 0:
         with torch.no_grad():
             images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
